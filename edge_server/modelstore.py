@@ -1,0 +1,123 @@
+"""Resolve which GGUF to serve: a path, a file in models/, `REPO/FILE` from Hugging Face, or the demo model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import ModelLoadError
+
+log = logging.getLogger("edge_server.models")
+
+DEFAULT_REPO = "Qwen/Qwen2.5-1.5B-Instruct-GGUF"
+DEFAULT_FILE = "qwen2.5-1.5b-instruct-q4_k_m.gguf"
+HUB_HOST = "huggingface.co"
+GENERATED_DIR = "generated"  # under models/: demo and test models, never picked as "the newest GGUF"
+DEMO_FILE = "edge-demo.gguf"
+DEMO_MODEL_ID = "edge-server-demo"
+DEMO_WARNING = (
+    "OFFLINE DEMO MODEL: no real model was found or downloadable, so edge-server is serving a tiny "
+    "generated model that can only say one sentence. Run `make model` (or `edge-server --model PATH.gguf`) "
+    "when online to serve Qwen2.5."
+)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The file to load, the id clients see, and a warning when it is the demo model."""
+
+    path: Path
+    model_id: str
+    demo_warning: str | None = None
+
+
+def resolve_model(spec: str | None, models_dir: Path, *, alias: str | None = None, timeout: float = 10.0) -> ResolvedModel:
+    """Find or fetch the model named by `--model` (None: newest local GGUF, else default download, else demo)."""
+    if spec:
+        path = _local_model(spec, models_dir) or download(*split_hub_spec(spec), models_dir, timeout=timeout)
+        return ResolvedModel(path, alias or path.stem)
+    local = newest_gguf(models_dir)
+    if local is not None:
+        return ResolvedModel(local, alias or local.stem)
+    try:
+        path = download(DEFAULT_REPO, DEFAULT_FILE, models_dir, timeout=timeout)
+        return ResolvedModel(path, alias or path.stem)
+    except ModelLoadError as error:
+        log.warning("could not download the default model: %s", error)
+    return ResolvedModel(demo_model(models_dir), alias or DEMO_MODEL_ID, DEMO_WARNING)
+
+
+def newest_gguf(models_dir: Path) -> Path | None:
+    """The most recently modified `*.gguf` directly in `models_dir` (generated models excluded)."""
+    candidates = [p for p in Path(models_dir).glob("*.gguf") if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def demo_model(models_dir: Path) -> Path:
+    """The offline demo model, generated on first use."""
+    from .synthetic import DEMO_SCRIPT, write_scripted_model
+
+    path = Path(models_dir) / GENERATED_DIR / DEMO_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_scripted_model(path, DEMO_SCRIPT)
+    return path
+
+
+def split_hub_spec(spec: str) -> tuple[str, str]:
+    """`OWNER/REPO/FILE.gguf` -> (`OWNER/REPO`, `FILE.gguf`); raises `ModelLoadError` for anything else."""
+    parts = spec.strip("/").split("/")
+    if len(parts) < 3 or not spec.endswith(".gguf"):
+        raise ModelLoadError(
+            f"model {spec!r} is neither a file nor a Hugging Face OWNER/REPO/FILE.gguf name"
+        )
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def _local_model(spec: str, models_dir: Path) -> Path | None:
+    for candidate in (Path(spec).expanduser(), Path(models_dir) / spec):
+        if candidate.is_file():
+            return candidate
+    if spec.endswith(".gguf") and spec.count("/") < 2:
+        raise ModelLoadError(f"model file not found: {spec} (looked in . and {models_dir}/)")
+    return None
+
+
+def hub_reachable(timeout: float) -> str | None:
+    """None if Hugging Face answers a TCP connect within `timeout` seconds, else the reason it does not."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as error:
+            outcome.append(f"cannot reach {HUB_HOST}: {error.strerror or error}")
+
+    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer from {HUB_HOST} within {timeout:g}s"
+
+
+def download(repo: str, filename: str, models_dir: Path, *, timeout: float = 10.0) -> Path:
+    """Fetch `repo`/`filename` into `models_dir` with a progress bar (resumable); `ModelLoadError` offline."""
+    reason = hub_reachable(timeout)
+    if reason is not None:
+        raise ModelLoadError(f"offline ({reason}); cannot download {repo}/{filename}")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    log.info("downloading %s/%s into %s/", repo, filename, models_dir)
+    try:
+        return Path(hf_hubdownload(repo, filename, local_dir=models_dir, etag_timeout=timeout))
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"download of {repo}/{filename} failed: {first_line}") from None

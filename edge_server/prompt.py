@@ -1,0 +1,83 @@
+"""Messages (+ tools) -> prompt tokens through the model's own GGUF chat template."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jinja2
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .errors import APIError
+from .schemas import ChatMessage
+
+# Used only when a GGUF carries no template: Qwen models speak ChatML.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+Tokenize = Callable[[bytes, bool, bool], list[int]]
+
+
+def template_message(message: ChatMessage) -> dict[str, Any]:
+    """The dict a Hugging Face style chat template expects for one message."""
+    role = "system" if message.role == "developer" else message.role
+    rendered: dict[str, Any] = {"role": role, "content": message.text()}
+    if message.name is not None:
+        rendered["name"] = message.name
+    if message.tool_call_id is not None:
+        rendered["tool_call_id"] = message.tool_call_id
+    if message.tool_calls:
+        rendered["tool_calls"] = [_with_parsed_arguments(call) for call in message.tool_calls]
+    return rendered
+
+
+def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    # Clients send arguments as a JSON string; templates render them with tojson, which would encode twice.
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass
+    return {**call, "function": function}
+
+
+class PromptRenderer:
+    """Render conversations with the model's chat template and tokenize them."""
+
+    def __init__(self, template: str | None, *, bos_token: str, eos_token: str, add_bos: bool, tokenize: Tokenize):
+        self.has_own_template = bool(template)
+        self._formatter = Jinja2ChatFormatter(
+            template=template or CHATML_TEMPLATE, eos_token=eos_token, bos_token=bos_token
+        )
+        self._add_bos = add_bos
+        self._tokenize = tokenize
+
+    def chat_text(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text for a conversation, ending with the assistant's generation prompt."""
+        try:
+            return self._formatter(messages=[template_message(m) for m in messages], tools=tools).prompt
+        except (jinja2.TemplateError, ValueError, TypeError) as error:
+            raise APIError(f"The model's chat template rejected these messages: {error}", param="messages",
+                           code="invalid_messages") from None
+
+    def chat_tokens(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt tokens for a conversation (control tokens of the template parsed as such)."""
+        text = self.chat_text(messages, tools)
+        # The template already wrote any BOS it wants; adding one again would double it.
+        add_bos = self._add_bos and not self._starts_with_bos(text)
+        return self._tokenize(text.encode("utf-8"), add_bos, True)
+
+    def text_tokens(self, prompt: str) -> list[int]:
+        """Prompt tokens for a legacy completion: the text as is, control tokens included."""
+        return self._tokenize(prompt.encode("utf-8"), self._add_bos, True)
+
+    def _starts_with_bos(self, text: str) -> bool:
+        bos = self._formatter.bos_token
+        return bool(bos) and text.startswith(bos)

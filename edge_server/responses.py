@@ -1,0 +1,155 @@
+"""Serialise a running `Generation` as OpenAI answers: chat or legacy, streamed (SSE) or whole."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import closing
+
+from . import sse
+from .errors import APIError, error_body
+from .generation import HEARTBEAT, ClientGone, Generation, Outcome
+from .schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChunkChoice,
+    CompletionChoice,
+    Delta,
+    TextCompletion,
+    Usage,
+    completion_id,
+    now,
+)
+
+access_log = logging.getLogger("edge_server.access")
+
+
+def _usage(outcome: Outcome) -> Usage:
+    return Usage.of(outcome.prompt_tokens, outcome.completion_tokens)
+
+
+def _raise_if_failed(outcome: Outcome) -> None:
+    if outcome.error:
+        raise APIError(outcome.error, status=500, type="server_error", code="generation_failed")
+
+
+def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seconds: float) -> None:
+    """The access-log line of one generation request."""
+    decode_seconds = seconds - (outcome.first_token_seconds or 0.0)
+    rate = (outcome.completion_tokens - 1) / decode_seconds if outcome.completion_tokens > 1 and decode_seconds > 0 else 0.0
+    ttft = f"{outcome.first_token_seconds * 1000:.0f}ms" if outcome.first_token_seconds is not None else "-"
+    access_log.info(
+        "%s %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s%s",
+        request_id, route, status, outcome.prompt_tokens, outcome.completion_tokens, ttft, rate,
+        outcome.finish_reason, f" error={outcome.error!r}" if outcome.error else "",
+    )
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+def chat_answer(generation: Generation, model: str) -> ChatCompletion:
+    """The whole `chat.completion` once the generation has ended."""
+    text = generation.text()
+    outcome = generation.outcome
+    _raise_if_failed(outcome)
+    return ChatCompletion(
+        id=completion_id(),
+        created=now(),
+        model=model,
+        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=outcome.finish_reason)],
+        usage=_usage(outcome),
+    )
+
+
+def chat_stream(
+    generation: Generation, model: str, *, include_usage: bool, heartbeat_seconds: float,
+    on_end: Callable[[Outcome], None] = lambda outcome: None,
+) -> Iterator[bytes]:
+    """SSE events: role chunk, content deltas, the finish chunk, usage if asked, `[DONE]`."""
+    chunk_id, created = completion_id(), now()
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
+        return sse.event(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, usage=usage))
+
+    yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
+    yield from _stream_body(
+        generation,
+        heartbeat_seconds,
+        delta_event=lambda text: chunk([ChunkChoice(delta=Delta(content=text))]),
+        finish_event=lambda reason: chunk([ChunkChoice(delta=Delta(), finish_reason=reason)]),
+        usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
+        on_end=on_end,
+    )
+
+
+# ---- legacy completions ----------------------------------------------------------------------
+
+def text_answer(generation: Generation, model: str, *, echo_prefix: str = "") -> TextCompletion:
+    """The whole `text_completion` once the generation has ended."""
+    text = generation.text()
+    outcome = generation.outcome
+    _raise_if_failed(outcome)
+    return TextCompletion(
+        id=completion_id("cmpl"),
+        created=now(),
+        model=model,
+        choices=[CompletionChoice(text=echo_prefix + text, finish_reason=outcome.finish_reason)],
+        usage=_usage(outcome),
+    )
+
+
+def text_stream(
+    generation: Generation, model: str, *, include_usage: bool, heartbeat_seconds: float, echo_prefix: str = "",
+    on_end: Callable[[Outcome], None] = lambda outcome: None,
+) -> Iterator[bytes]:
+    """SSE events of a legacy completion: text deltas, the finish chunk, usage if asked, `[DONE]`."""
+    chunk_id, created = completion_id("cmpl"), now()
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return sse.event(TextCompletion(id=chunk_id, created=created, model=model, choices=choices, usage=usage))
+
+    if echo_prefix:
+        yield chunk([CompletionChoice(text=echo_prefix)])
+    yield from _stream_body(
+        generation,
+        heartbeat_seconds,
+        delta_event=lambda text: chunk([CompletionChoice(text=text)]),
+        finish_event=lambda reason: chunk([CompletionChoice(text="", finish_reason=reason)]),
+        usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
+        on_end=on_end,
+    )
+
+
+def _stream_body(
+    generation: Generation,
+    heartbeat_seconds: float,
+    *,
+    delta_event: Callable[[str], bytes],
+    finish_event: Callable[[str], bytes],
+    usage_event: Callable[[Usage], bytes] | None,
+    on_end: Callable[[Outcome], None],
+) -> Iterator[bytes]:
+    outcome = generation.outcome
+    try:
+        with closing(generation.deltas(heartbeat_seconds)) as deltas:
+            for delta in deltas:
+                yield sse.HEARTBEAT if delta is HEARTBEAT else delta_event(delta)
+    except ClientGone:
+        outcome.finish_reason = "cancelled"
+        on_end(outcome)
+        return
+    except GeneratorExit:  # the WSGI server closed us: the client went away mid-write
+        outcome.finish_reason = "cancelled"
+        on_end(outcome)
+        raise
+    if outcome.error:
+        on_end(outcome)
+        yield sse.event(error_body(outcome.error, type="server_error", code="generation_failed"))
+        return
+    yield finish_event(outcome.finish_reason)
+    if usage_event is not None:
+        yield usage_event(_usage(outcome))
+    yield sse.DONE
+    on_end(outcome)

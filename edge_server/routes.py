@@ -1,0 +1,204 @@
+"""The HTTP API blueprint: thin views that validate, submit and serialise."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+from flask import Blueprint, Response, current_app, g, jsonify
+from flask import request as raw_request
+
+from .engine import Job, Sampling
+from .errors import APIError
+from .generation import ClientGone, Generation, Outcome
+from .responses import chat_answer, chat_stream, log_outcome, text_answer, text_stream
+from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields, parse_body
+from .state import ServedModel, ServerState
+
+log = logging.getLogger("edge_server")
+api = Blueprint("api", __name__)
+
+
+def server_state() -> ServerState:
+    """The state of the app handling this request."""
+    return current_app.extensions["edge_server"]
+
+
+def served_model() -> ServedModel:
+    """The loaded model, or a 503 while it is still loading."""
+    served = server_state().served
+    if served is None:
+        raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
+                       status=503, code="model_loading", headers={"Retry-After": "2"})
+    return served
+
+
+@api.before_request
+def _require_api_key():
+    key = server_state().settings.api_key
+    if key is None or not raw_request.path.startswith("/v1/"):
+        return None
+    scheme, _, given = raw_request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError("Missing or wrong API key: send 'Authorization: Bearer <key>'.", status=401,
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+@api.get("/health")
+def health():
+    state = server_state()
+    if state.served is None:
+        return jsonify({"status": "loading"}), 503
+    engine = state.served.engine
+    info = engine.info
+    return jsonify({
+        "status": "ok",
+        "model": state.served.model_id,
+        "demo": state.served.demo_warning is not None,
+        "backend": info.backend,
+        "gpu_layers": info.gpu_layers,
+        "n_ctx": info.n_ctx,
+        "threads": info.threads,
+        "running": engine.running,
+        "queued": engine.queued,
+    })
+
+
+def _model_card(served: ServedModel) -> ModelCard:
+    info = served.engine.info
+    meta = {
+        "file": info.path.name,
+        "n_ctx": info.n_ctx,
+        "n_ctx_train": info.n_ctx_train,
+        "n_vocab": info.n_vocab,
+        "backend": info.backend,
+        "chat_template": "gguf" if served.renderer.has_own_template else "chatml-fallback",
+    }
+    if served.demo_warning:
+        meta.update(demo=True, warning=served.demo_warning)
+    return ModelCard(id=served.model_id, created=int(info.path.stat().st_mtime), meta=meta)
+
+
+@api.get("/v1/models")
+def list_models():
+    return ModelList(data=[_model_card(served_model())]).model_dump()
+
+
+@api.get("/v1/models/<path:model_id>")
+def get_model(model_id: str):
+    served = served_model()
+    if model_id != served.model_id:
+        raise APIError(f"The model '{model_id}' does not exist; this server serves '{served.model_id}'.",
+                       status=404, param="model", code="model_not_found")
+    return _model_card(served).model_dump()
+
+
+@api.post("/v1/chat/completions")
+def chat_completions():
+    request = parse_body(ChatCompletionRequest, raw_request.get_data(cache=False))
+    _log_unknown_fields(request)
+    served = served_model()
+    prompt = served.renderer.chat_tokens(request.messages)
+    generation = _start(served, request, prompt, request.token_limit())
+    model = request.model or served.model_id
+    settings = server_state().settings
+    if request.stream:
+        return _event_stream(chat_stream(generation, model, include_usage=request.include_usage(),
+                                         heartbeat_seconds=settings.heartbeat_seconds, on_end=_access_logger(200)))
+    return _whole(lambda: chat_answer(generation, model).model_dump(), generation)
+
+
+@api.post("/v1/completions")
+def completions():
+    request = parse_body(CompletionRequest, raw_request.get_data(cache=False))
+    _log_unknown_fields(request)
+    if request.suffix:
+        raise APIError("'suffix' (fill-in-the-middle) is not supported by this server.", param="suffix",
+                       code="unsupported_parameter")
+    served = served_model()
+    prompt_text = request.prompt_text()
+    if not prompt_text:
+        raise APIError("'prompt' must not be empty.", param="prompt", code="invalid_value")
+    prompt = served.renderer.text_tokens(prompt_text)
+    generation = _start(served, request, prompt, request.token_limit())
+    model = request.model or served.model_id
+    echo = prompt_text if request.echo else ""
+    settings = server_state().settings
+    if request.stream:
+        return _event_stream(text_stream(generation, model, include_usage=request.include_usage(),
+                                         heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo,
+                                         on_end=_access_logger(200)))
+    return _whole(lambda: text_answer(generation, model, echo_prefix=echo).model_dump(), generation)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def _start(served: ServedModel, request: SamplingFields, prompt: list[int], limit: int | None) -> Generation:
+    info = served.engine.info
+    room = info.n_ctx - len(prompt)
+    if room < 1:
+        raise APIError(
+            f"This model's maximum context length is {info.n_ctx} tokens. However, your request has "
+            f"{len(prompt)} prompt tokens, leaving no room for a completion. Shorten the messages "
+            f"or start the server with a larger --n-ctx.",
+            param="messages", code="context_length_exceeded",
+        )
+    job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=_sampling(request, info.n_vocab))
+    client_gone = raw_request.environ.get("waitress.client_disconnected") or (lambda: False)
+    return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone)
+
+
+def _sampling(request: SamplingFields, n_vocab: int) -> Sampling:
+    bias = {}
+    for key, value in (request.logit_bias or {}).items():
+        token = int(key)
+        if token >= n_vocab:
+            raise APIError(f"logit_bias names token {token}, but the vocabulary has {n_vocab} tokens.",
+                           param="logit_bias", code="invalid_value")
+        bias[token] = value
+    return Sampling(
+        temperature=request.temperature,
+        top_k=request.top_k,
+        top_p=request.top_p,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repeat_penalty=request.repeat_penalty,
+        seed=request.seed,
+        logit_bias=bias,
+    )
+
+
+def _log_unknown_fields(request: SamplingFields) -> None:
+    if request.model_extra:
+        log.debug("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+
+
+def _access_logger(status: int) -> Callable[[Outcome], None]:
+    request_id, route, started = g.request_id, raw_request.path, time.monotonic()
+    return lambda outcome: log_outcome(request_id, route, status, outcome, time.monotonic() - started)
+
+
+def _event_stream(events: Iterator[bytes]) -> Response:
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(events, mimetype="text/event-stream", headers=headers)
+
+
+def _whole(answer: Callable[[], dict], generation: Generation) -> Response:
+    on_end = _access_logger(200)
+    try:
+        body = answer()
+    except ClientGone:
+        # Nobody is left to read an answer; the status only shows in our own access log.
+        generation.outcome.finish_reason = "cancelled"
+        _access_logger(499)(generation.outcome)
+        return Response(status=499)
+    except APIError:
+        on_end(generation.outcome)
+        raise
+    on_end(generation.outcome)
+    return jsonify(body)
+

@@ -1,0 +1,337 @@
+"""Pydantic request and response types with OpenAI wire names and field order."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+
+from .errors import APIError
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class _Strict(BaseModel):
+    # Strict: a string where a number belongs is a client bug worth a 400, not something to coerce.
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class ContentPart(_Strict):
+    """One part of a list-form message content; only text parts can be used by a text model."""
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(f"content part type {self.type!r} is not supported; this server accepts only 'text' parts")
+        if self.text is None:
+            raise ValueError("a 'text' content part needs a 'text' string")
+        return self
+
+
+class ChatMessage(_Strict):
+    """One conversation turn as the client sent it."""
+
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    function_call: dict[str, Any] | None = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined, null as empty)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
+
+
+class StreamOptions(_Strict):
+    """`stream_options`: only `include_usage` has a meaning."""
+
+    include_usage: bool = False
+
+
+class SamplingFields(_Strict):
+    """Fields shared by chat and legacy completions requests."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported: this server generates one choice per request")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        if any(not stop for stop in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (whole numbers as strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {key}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        """The stop strings as a list."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """Body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def token_limit(self) -> int | None:
+        """The client's completion limit (the newer `max_completion_tokens` wins)."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    """Body of POST /v1/completions (legacy prompt completion)."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return value
+
+    def prompt_text(self) -> str:
+        """The single prompt string."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def token_limit(self) -> int | None:
+        """The client's completion limit."""
+        return self.max_tokens
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
+
+
+def completion_id(prefix: str = "chatcmpl") -> str:
+    """A fresh response id such as `chatcmpl-...`."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    """Unix seconds for `created`."""
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        """Usage with the total filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class AssistantMessage(BaseModel):
+    """The assistant turn of a non-streamed answer."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    """The one choice of a non-streamed chat answer."""
+
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed chat answer (`chat.completion`)."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    """What one chunk adds; absent keys are left out on the wire (a null `content` breaks the spec's clients)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChunkChoice(BaseModel):
+    """The one choice of a streamed chunk."""
+
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed chunk (`chat.completion.chunk`); the usage chunk has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_set(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
+
+
+class CompletionChoice(BaseModel):
+    """The one choice of a legacy completion (streamed or not)."""
+
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class TextCompletion(BaseModel):
+    """A legacy completion answer or chunk (`text_completion`)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_set(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "edge-server"
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- request decoding ------------------------------------------------------------------------
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param_path(loc: tuple[Any, ...]) -> str:
+    # Union members show up in the location as tags like "str" or "list[ContentPart]"; they name no field.
+    parts = [str(part) for part in loc if not (isinstance(part, str) and (part in _UNION_TAGS or "[" in part))]
+    return ".".join(parts)
+
+
+def _most_useful_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    # A union reports one error per member; the member's own check (value_error) says what is wrong.
+    for error in errors:
+        if error["type"] == "value_error":
+            return error
+    return min(errors, key=lambda error: len(error["loc"]))
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """Decode and validate a JSON request body, raising a 400 `APIError` that names the bad field."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise APIError(f"Request body is not valid UTF-8 (byte {error.start}).", code="invalid_encoding") from None
+    if not text.strip():
+        raise APIError("Request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise APIError(f"Request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}.",
+                       code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(f"Request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = _most_useful_error(error.errors(include_url=False))
+        param = _param_path(first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "missing":
+            message = "is required"
+        raise APIError(f"Invalid '{param}': {message}." if param else f"{message}.", param=param or None,
+                       code="invalid_value") from None

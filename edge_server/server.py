@@ -1,0 +1,80 @@
+"""Start serving: resolve the model, bind the port, load the model in the background, run waitress."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+from waitress.server import create_server
+
+from . import create_app
+from .engine import Engine, ModelLoadError, check_gguf_file
+from .modelstore import resolve_model
+from .settings import EXIT_CONFIG, Settings
+from .state import ServedModel, ServerState
+
+log = logging.getLogger("edge_server")
+
+
+
+def serve(settings: Settings) -> int:
+    """Serve until interrupted; returns the exit status (2 for an unusable model or port)."""
+    try:
+        resolved = resolve_model(settings.model, settings.models_dir, alias=settings.model_alias,
+                                 timeout=settings.download_timeout)
+        check_gguf_file(resolved.path)
+    except ModelLoadError as error:
+        log.error("%s", error)
+        return EXIT_CONFIG
+    if resolved.demo_warning:
+        log.warning("!" * 78)
+        log.warning("%s", resolved.demo_warning)
+        log.warning("!" * 78)
+    app = create_app(settings)
+    try:
+        server = create_server(
+            app,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.parallel + settings.max_queue + 4,  # every waiting request holds a thread
+            channel_request_lookahead=1,  # lets a request notice its client hang up without writing
+            max_request_body_size=max(4 * settings.max_body_bytes, 64 * 1024 * 1024),
+            ident="edge-server",
+            clear_untrusted_proxy_headers=True,
+        )
+    except OSError as error:
+        log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
+        return EXIT_CONFIG
+    state: ServerState = app.extensions["edge_server"]
+    threading.Thread(target=_load, args=(settings, resolved, state), name="edge-loader", daemon=True).start()
+    log.info("listening on http://%s:%s (model loading; GET /health is 503 until ready)",
+             settings.host, server.effective_port)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        log.info("interrupted; shutting down")
+    finally:
+        if state.served is not None:
+            state.served.engine.close()
+    return 0
+
+
+def _load(settings: Settings, resolved, state: ServerState) -> None:
+    try:
+        engine = Engine.load(resolved.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
+                             threads=settings.threads, max_queue=settings.max_queue)
+    except ModelLoadError as error:
+        log.error("%s", error)
+        logging.shutdown()
+        os._exit(EXIT_CONFIG)  # the HTTP server runs on the main thread; nothing useful is left to serve
+    info = engine.info
+    state.attach(ServedModel.of(engine, resolved.model_id, resolved.demo_warning))
+    log.info(
+        "model ready: %s (id %r) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d parallel=%d%s",
+        info.path, resolved.model_id, info.backend, info.gpu_layers, info.n_layer + 1, info.n_ctx,
+        info.n_ctx_train, info.threads, settings.parallel,
+        "" if info.chat_template else " (no chat template in GGUF: using ChatML)",
+    )
+    sys.stderr.flush()

@@ -1,0 +1,75 @@
+"""One frozen `Settings`: command line > `EDGE_*` environment > defaults, validated before the model loads."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ENV_PREFIX = "EDGE_"
+EXIT_CONFIG = 2  # exit status for bad flags, an unusable model file or a port already taken
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseModel):
+    """Everything the server is configured with; see README's configuration table."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(None, description="GGUF path, file name in models/, or REPO/FILE on Hugging Face")
+    models_dir: Path = Field(Path("models"), description="where downloaded and generated models live")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default min(4096, trained)")
+    n_gpu_layers: int | Literal["auto"] = "auto"
+    threads: int = Field(default_factory=available_cores, ge=1)
+    parallel: int = Field(1, ge=1, le=64)
+    max_queue: int = Field(16, ge=0, le=4096)
+    api_key: str | None = None
+    model_alias: str | None = None
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    heartbeat_seconds: float = Field(2.0, gt=0)
+    download_timeout: float = Field(10.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("n_gpu_layers", mode="before")
+    @classmethod
+    def _parse_gpu_layers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() != "auto":
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError("must be 'auto' or a whole number of layers (-1 = all)") from None
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("api_key", "model_alias", "model", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """Settings named by `EDGE_<FIELD>` environment variables (e.g. EDGE_PORT, EDGE_N_CTX)."""
+    overrides = {}
+    for name in Settings.model_fields:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            overrides[name] = value
+    return overrides
+
+
+def load_settings(cli_values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Merge command-line values (None = not given) over the environment over the defaults."""
+    merged: dict[str, Any] = env_overrides(os.environ if environ is None else environ)
+    merged.update({key: value for key, value in cli_values.items() if value is not None})
+    return Settings.model_validate(merged)

@@ -1,0 +1,47 @@
+"""What the running server knows: its settings, and the engine once the model has loaded."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from .engine import Engine
+from .prompt import PromptRenderer
+from .settings import Settings
+
+
+@dataclass
+class ServedModel:
+    """The loaded engine with the renderer for its chat template and the name clients see."""
+
+    engine: Engine
+    renderer: PromptRenderer
+    model_id: str
+    demo_warning: str | None = None
+
+    @classmethod
+    def of(cls, engine: Engine, model_id: str, demo_warning: str | None = None) -> ServedModel:
+        """Wrap a loaded engine, building its prompt renderer from the model's own metadata."""
+        info = engine.info
+        renderer = PromptRenderer(
+            info.chat_template,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+            add_bos=info.add_bos,
+            tokenize=engine.tokenize,
+        )
+        return cls(engine=engine, renderer=renderer, model_id=model_id, demo_warning=demo_warning)
+
+
+@dataclass
+class ServerState:
+    """Kept in `app.extensions["edge_server"]`; `served` is None while the model loads."""
+
+    settings: Settings
+    served: ServedModel | None = None
+    loaded: threading.Event = field(default_factory=threading.Event)
+
+    def attach(self, served: ServedModel) -> None:
+        """Start answering with a loaded model."""
+        self.served = served
+        self.loaded.set()

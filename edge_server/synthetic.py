@@ -1,0 +1,534 @@
+"""Tiny synthetic Qwen2-architecture GGUF models for tests and the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import heapq
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DEFAULT_SYSTEM_PROMPT",
+    "DEMO_SCRIPT",
+    "SPECIAL_TOKENS",
+    "main",
+    "write_random_model",
+    "write_scripted_model",
+]
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Order and types mirror Qwen2.5: the ChatML markers are CONTROL, the tool-call tags USER_DEFINED.
+SPECIAL_TOKENS: tuple[tuple[str, gguf.TokenType], ...] = (
+    ("<|endoftext|>", gguf.TokenType.CONTROL),
+    ("<|im_start|>", gguf.TokenType.CONTROL),
+    ("<|im_end|>", gguf.TokenType.CONTROL),
+    ("<tool_call>", gguf.TokenType.USER_DEFINED),
+    ("</tool_call>", gguf.TokenType.USER_DEFINED),
+)
+
+DEMO_SCRIPT: list[bytes] = [
+    b"This", b" is", b" edge", b"-server", b"'s", b" offline", b" demo", b" model", b":",
+    b" it", b" can", b" only", b" say", b" this", b" sentence", b".",
+    b" Connect", b" to", b" the", b" internet", b" and", b" run", b" `make", b" model`",
+    b" (or", b" pass", b" --model", b" PATH", b".gguf)", b" to chat", b" with", b" Qwen",
+    b"2.5", b". ", b"\xf0\x9f", b"\x91\x8b",
+]
+
+# Behaves like Qwen2.5-Instruct's template. Every tag strips surrounding whitespace, so the
+# output is identical with or without trim_blocks/lstrip_blocks.
+CHAT_TEMPLATE = (r"""
+{%- macro text(content) -%}
+    {%- if content is string -%}
+        {{- content -}}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for part in content -%}
+            {%- if part is mapping and part.type == 'text' -%}
+                {{- part.text -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- if messages and messages[0].role == 'system' -%}
+    {%- set system_prompt = text(messages[0].content) -%}
+{%- else -%}
+    {%- set system_prompt = '""" + DEFAULT_SYSTEM_PROMPT + r"""' -%}
+{%- endif -%}
+{{- '<|im_start|>system\n' + system_prompt -}}
+{%- if tools -%}
+    {{- '\n\n# Tools\n\nYou may call one or more functions to assist with the user query.' -}}
+    {{- '\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+    {%- for tool in tools -%}
+        {{- '\n' -}}
+        {{- tool | tojson -}}
+    {%- endfor -%}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments' -}}
+    {{- ' within <tool_call></tool_call> XML tags:\n<tool_call>\n' -}}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' -}}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- for message in messages -%}
+    {%- if message.role == 'system' -%}
+        {%- if not loop.first -%}
+            {{- '<|im_start|>system\n' + text(message.content) + '<|im_end|>\n' -}}
+        {%- endif -%}
+    {%- elif message.role == 'assistant' and message.tool_calls -%}
+        {{- '<|im_start|>assistant' -}}
+        {%- set content = text(message.content) -%}
+        {%- if content -%}
+            {{- '\n' + content -}}
+        {%- endif -%}
+        {%- for tool_call in message.tool_calls -%}
+            {%- set call = tool_call.function if tool_call.function is defined else tool_call -%}
+            {{- '\n<tool_call>\n{"name": "' + call.name + '", "arguments": ' -}}
+            {%- if call.arguments is string -%}
+                {{- call.arguments -}}
+            {%- else -%}
+                {{- call.arguments | tojson -}}
+            {%- endif -%}
+            {{- '}\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\n' -}}
+    {%- elif message.role == 'tool' -%}
+        {%- if loop.first or loop.previtem.role != 'tool' -%}
+            {{- '<|im_start|>user' -}}
+        {%- endif -%}
+        {{- '\n<tool_response>\n' + text(message.content) + '\n</tool_response>' -}}
+        {%- if loop.last or loop.nextitem.role != 'tool' -%}
+            {{- '<|im_end|>\n' -}}
+        {%- endif -%}
+    {%- else -%}
+        {{- '<|im_start|>' + message.role + '\n' + text(message.content) + '<|im_end|>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+""").strip()
+
+# Training text for the BPE merges: varied everyday English plus a little Chinese, so that
+# llama.cpp splits prompts into word-sized tokens and random weights print readable words.
+_CORPUS = """
+Hello! How are you today? I am a small language model that runs on your own computer.
+The server listens on a local port and answers requests that follow the OpenAI chat format.
+Each request contains a list of messages, and every message has a role and some content.
+The assistant reads the conversation, thinks about the question, and writes a helpful answer.
+When you ask about the weather, the model may call a tool that returns the current temperature.
+In the morning we walked to the market, bought fresh bread, apples, cheese and coffee,
+and then sat in the park near the river to watch the boats and the birds.
+Learning to program takes time. Start with simple problems, read other people's code,
+write tests for your functions, and try to explain your ideas clearly to a friend.
+Python is a popular language for data science, web development, automation and teaching.
+A function takes arguments and returns a value; a class groups data with the methods
+that work on it. Errors should never pass silently, unless they are explicitly silenced.
+The history of science is full of surprising discoveries. People once believed that the
+sun moved around the earth, until careful observation showed that the opposite was true.
+Music, art and literature help us understand each other across cultures and centuries.
+She opened the window, listened to the rain, and decided to write a long letter home.
+They built a small house with a garden, planted tomatoes and flowers, and invited their
+neighbors for dinner every Sunday evening during the warm summer months.
+Please summarize the following document in three short sentences and list the key points.
+Translate this paragraph into French, Spanish, German, Chinese and Japanese.
+What is the capital of France? Paris is the capital and the largest city of France.
+How many days are there in a year? There are three hundred and sixty five days.
+Can you recommend a good book about machine learning, statistics or computer networks?
+The quick brown fox jumps over the lazy dog while the children laugh and play outside.
+Good morning, good afternoon, good evening and good night. Thank you very much!
+I don't know the answer, but I'll try to find it. We're almost there; they've already left.
+It's important to check the results, to measure the performance and to keep things simple.
+你好，世界！我是一个有用的助手。今天天气很好，我们去公园散步吧。
+请用中文回答这个问题。这个模型可以在本地电脑上运行，不需要网络连接。
+我喜欢学习新的语言和编程。谢谢你的帮助，祝你有美好的一天。
+"""
+
+_WORDS = """
+the be to of and a in that have it for not on with he as you do at this but his by from they we say
+her she or an will my one all would there their what so up out if about who get which go me when
+make can like time no just him know take people into year your good some could them see other than
+then now look only come its over think also back after use two how our work first well way even new
+want because any these give day most us is are was were been has had did said made world life hand
+part child eye woman man place week case point company number group problem fact water room mother
+area money story month lot right study book job word business issue side kind head house service
+friend father power hour game line end member law car city community name team minute idea kid body
+information nothing ago lead social understand whether watch together follow around parent stop face
+anything create public already speak others read level allow add office spend door health person art
+sure such history party within grow result open change morning walk reason low win research girl guy
+early food before moment himself air teacher force offer enough both education across although
+remember foot second boy maybe toward able age off policy everything love process music including
+consider appear actually buy probably human wait serve market send expect home sense build stay fall
+oh nation plan cut college interest course someone experience behind reach local six remain effect
+yeah suggest class control raise care perhaps little late hard field else pass former sell major
+sometimes require along development themselves report role better economic effort decide rate strong
+possible heart show leader light voice wife whole mind finally pull return free price less according
+decision explain son hope develop view relationship carry town road drive arm true break difference
+thank receive value international building action full model season society tax director position
+player agree especially record pick wear paper special space ground form support event official
+whose matter everyone center couple site project hit base activity star table need court produce eat
+american teach oil half situation easy cost industry figure street image itself phone either data
+cover quite picture clear practice piece land recent describe product doctor wall worker news test
+movie certain north personal simply third technology catch step baby computer type attention draw
+film tree source red nearly organization choose cause hair century evidence window difficult listen
+soon culture billion chance brother energy period summer realize hundred available plant likely
+opportunity term short letter condition choice single rule daughter south husband floor material
+population economy medical close thousand risk current fire future wrong involve anyone increase
+security bank myself certainly west sport board seek per subject officer private rest behavior deal
+performance throw top quickly past goal bed order author fill represent focus foreign upon agency
+push nature color recently store reduce sound note fine near movement page enter share common poor
+natural race concern series significant similar hot language usually response rise animal factor
+decade article east save seven artist away scene stock career despite central eight thus treatment
+beyond happy exactly protect approach lie size dog fund serious occur media ready sign thought list
+individual simple quality pressure accept answer resource identify left meeting determine prepare
+whatever success argue cup particularly amount ability staff recognize indicate character growth
+loss degree wonder herself region television box training pretty trade everybody physical lay
+general feeling standard bill message fail outside arrive analysis benefit forward present section
+environmental glass skill sister professor operation financial stage ok compare authority miss
+design sort act ten knowledge station blue state strategy clearly discuss indeed truth song example
+check environment leg dark various rather laugh guess executive prove hang entire rock forget claim
+remove manager enjoy network legal cold final main science green memory card above seat cell
+establish nice trial expert spring firm radio visit management avoid imagine tonight huge ball
+finish yourself theory impact respond statement maintain charge popular traditional onto reveal
+direction employee cultural contain peace apply play measure wide shake fly interview manage chair
+fish particular camera structure perform bit weight suddenly discover candidate production treat
+trip evening affect inside conference unit style adult worry range mention deep edge specific writer
+trouble necessary throughout challenge fear shoulder institution middle sea dream bar beautiful
+property instead improve stuff detail method somebody magazine hotel soldier reflect heavy bag heat
+marriage tough sing surface purpose exist pattern whom skin agent owner machine gas ahead generation
+commercial address item reality coach yard beat total tend investment discussion finger garden
+notice collection modern task partner positive civil kitchen consumer shot budget wish painting
+scientist safe agreement capital mouth nor newspaper responsibility smile score account interesting
+audience rich dinner vote western relate travel debate prevent citizen majority none front born
+admit senior assume wind key professional mission fast alone customer speech successful option
+participant southern fresh eventually forest video global reform access restaurant judge publish
+relation release own bird opinion credit critical corner concerned recall version stare safety
+effective neighborhood original income directly species immediately track basic strike sky freedom
+absolutely plane nobody achieve object attitude labor refer concept client powerful perfect nine
+therefore conduct announce conversation examine touch please attend completely variety sleep
+involved investigation researcher press conflict spirit replace british encourage argument once camp
+brain feature afternoon weekend dozen possibility insurance department beginning date generally
+african sorry complete fan stick define easily hole element vision status normal chinese ship
+solution stone slowly scale university introduce driver attempt park spot lack ice boat drink sun
+distance wood handle truck mountain survey supposed tradition winter village refuse sales roll
+communication run screen gain resident hide gold club farm potential european presence independent
+district shape reader contract crowd express apartment willing strength previous band obviously
+horse interested target ride terms demand reporter deliver text tool wild vehicle observe flight
+facility understanding average emerge advantage quick leadership earn pound basis bright operate
+guest sample contribute tiny block protection settle feed collect additional highly identity title
+mostly lesson faith river promote living count unless marry tomorrow technique path ear shop folk
+principle survive lift border competition jump gather limit fit cry equipment worth associate critic
+warm aspect insist failure annual french christmas comment responsible affair procedure regular
+spread chairman baseball soft ignore egg belief demonstrate anybody gift review editor engage coffee
+document speed cross influence anyway commit female youth wave afraid quarter background native
+broad wonderful deny apparently slightly reaction twice suit perspective growing blow construction
+intelligence cook connection shoe grade context committee hey mistake location clothes server
+request stream token assistant user system function json python chat completion prompt error metrics
+offline online internet download install configure settings default string integer boolean array
+null false hello thanks okay yes great awesome
+"""
+
+_PRETOKENIZE = re.compile(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\w]?[^\W\d_]+|\d| ?[^\s\w]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_N_MERGES = 3000
+_RANDOM_NAME = "edge-server synthetic test model (random weights, not a real LLM)"
+_SCRIPTED_NAME = "edge-server synthetic scripted model (replays a fixed message, not a real LLM)"
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_to_char() -> dict[int, str]:
+    """Return GPT-2's reversible byte -> printable character mapping."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _token_text(piece: bytes) -> str:
+    """Return the GGUF vocabulary text of a byte string (GPT-2 byte-to-unicode encoded)."""
+    table = _byte_to_char()
+    return "".join(table[b] for b in piece)
+
+
+def _training_words() -> Counter[str]:
+    """Return pre-tokenized, byte-encoded corpus words with frequencies."""
+    counts: Counter[str] = Counter()
+    for chunk in _PRETOKENIZE.findall(_CORPUS):
+        counts[_token_text(chunk.encode())] += 3
+    for word in _WORDS.split():
+        for variant, weight in ((" " + word, 2), (word, 1), (" " + word.capitalize(), 1)):
+            counts[_token_text(variant.encode())] += weight
+    return counts
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Return symbols with every left-to-right occurrence of pair joined."""
+    merged: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and symbols[i] == pair[0] and symbols[i + 1] == pair[1]:
+            merged.append(pair[0] + pair[1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
+@functools.lru_cache(maxsize=4)
+def _train_bpe(n_merges: int = _N_MERGES) -> tuple[tuple[str, str], ...]:
+    """Learn byte-level BPE merges from the embedded corpus, deterministically."""
+    word_counts = _training_words()
+    words = [list(w) for w in word_counts]
+    freqs = list(word_counts.values())
+    pair_counts: defaultdict[tuple[str, str], int] = defaultdict(int)
+    where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    # Lazy max-heap; ties break on the pair text so the result never depends on hashing.
+    heap = [(-count, pair) for pair, count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[str, str]] = []
+    while heap and len(merges) < n_merges:
+        neg_count, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg_count or neg_count == 0:
+            continue
+        merges.append(pair)
+        touched: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair, ())):
+            old = words[i]
+            for p in zip(old, old[1:]):
+                pair_counts[p] -= freqs[i]
+                touched.add(p)
+            new = _merge_pair(old, pair)
+            for p in zip(new, new[1:]):
+                pair_counts[p] += freqs[i]
+                where[p].add(i)
+                touched.add(p)
+            words[i] = new
+        pair_counts.pop(pair, None)
+        for p in sorted(touched):
+            if pair_counts.get(p, 0) > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    return tuple(merges)
+
+
+@functools.lru_cache(maxsize=4)
+def _base_vocab(n_merges: int = _N_MERGES) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Return (ordinary token texts, merges as "left right" strings)."""
+    merges = _train_bpe(n_merges)
+    tokens = list(_byte_to_char().values())
+    seen = set(tokens)
+    for left, right in merges:
+        if left + right not in seen:
+            seen.add(left + right)
+            tokens.append(left + right)
+    return tuple(tokens), tuple(f"{left} {right}" for left, right in merges)
+
+
+def _vocabulary(extra_pieces: Sequence[bytes] = ()) -> tuple[list[str], list[int], list[str]]:
+    """Return (tokens, token types, merges); extra pieces go before the special tokens."""
+    base, merges = _base_vocab()
+    tokens = list(base)
+    known = set(tokens)
+    for piece in extra_pieces:
+        text = _token_text(piece)
+        if text not in known:
+            known.add(text)
+            tokens.append(text)
+    types = [int(gguf.TokenType.NORMAL)] * len(tokens)
+    for text, kind in SPECIAL_TOKENS:
+        tokens.append(text)
+        types.append(int(kind))
+    return tokens, types, list(merges)
+
+
+def _check_shape(n_embd: int, n_head: int, n_head_kv: int) -> None:
+    """Raise ValueError for head layouts llama.cpp cannot run."""
+    if n_embd % n_head or n_head % n_head_kv or (n_embd // n_head) % 2:
+        raise ValueError("n_embd must split into an even head size and n_head must be a multiple of n_head_kv")
+
+
+def _random_layers(rng: np.random.Generator, *, n_layer: int, n_embd: int, n_head: int, n_head_kv: int,
+                   n_ff: int, mix: float) -> dict[str, np.ndarray]:
+    """Return random transformer block tensors; mix scales what attention/FFN add to the residual."""
+    n_embd_kv = n_embd // n_head * n_head_kv
+
+    def dense(rows: int, cols: int, scale: float = 1.0) -> np.ndarray:
+        return (rng.standard_normal((rows, cols)) * scale / np.sqrt(cols)).astype(np.float16)
+
+    tensors: dict[str, np.ndarray] = {}
+    for i in range(n_layer):
+        blk = f"blk.{i}"
+        tensors[f"{blk}.attn_norm.weight"] = np.ones(n_embd, np.float32)
+        tensors[f"{blk}.attn_q.weight"] = dense(n_embd, n_embd)
+        tensors[f"{blk}.attn_q.bias"] = np.zeros(n_embd, np.float32)
+        tensors[f"{blk}.attn_k.weight"] = dense(n_embd_kv, n_embd)
+        tensors[f"{blk}.attn_k.bias"] = np.zeros(n_embd_kv, np.float32)
+        tensors[f"{blk}.attn_v.weight"] = dense(n_embd_kv, n_embd)
+        tensors[f"{blk}.attn_v.bias"] = np.zeros(n_embd_kv, np.float32)
+        tensors[f"{blk}.attn_output.weight"] = dense(n_embd, n_embd, mix)
+        tensors[f"{blk}.ffn_norm.weight"] = np.ones(n_embd, np.float32)
+        tensors[f"{blk}.ffn_gate.weight"] = dense(n_ff, n_embd)
+        tensors[f"{blk}.ffn_up.weight"] = dense(n_ff, n_embd)
+        tensors[f"{blk}.ffn_down.weight"] = dense(n_embd, n_ff, mix)
+    return tensors
+
+
+def _write_gguf(path: Path, *, name: str, tokens: list[str], types: list[int], merges: list[str],
+                tensors: dict[str, np.ndarray], n_layer: int, n_embd: int, n_head: int, n_head_kv: int,
+                n_ff: int, context_length: int) -> Path:
+    """Write a qwen2 GGUF with the ChatML tokenizer metadata and the given tensors."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = {text: i for i, text in enumerate(tokens)}
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(ids["<|endoftext|>"])
+    writer.add_eos_token_id(ids["<|im_end|>"])
+    writer.add_eot_token_id(ids["<|im_end|>"])
+    writer.add_pad_token_id(ids["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for tensor_name, array in tensors.items():
+        writer.add_tensor(tensor_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _output_row_scales(tokens: list[str], types: list[int]) -> np.ndarray:
+    """Return per-token output norms that favour whole words so random text stays readable."""
+    to_byte = {c: b for b, c in _byte_to_char().items()}
+    scales = np.empty(len(tokens), np.float32)
+    for i, (text, kind) in enumerate(zip(tokens, types)):
+        raw = bytes(to_byte[c] for c in text) if kind == gguf.TokenType.NORMAL else b""
+        try:
+            word = raw.decode()
+        except UnicodeDecodeError:
+            word = ""
+        if kind != gguf.TokenType.NORMAL:
+            scales[i] = 0.0  # never emit specials, so streams are never cut short at random
+        elif not word.strip() or not word.isprintable():
+            scales[i] = 0.4  # whitespace, control bytes and half UTF-8 sequences print badly alone
+        elif word.startswith(" ") and word[1:].isalpha():
+            scales[i] = 1.0
+        else:
+            scales[i] = 0.8
+    return scales
+
+
+def _random_output(rng: np.random.Generator, embeddings: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Return random output rows that score each token low right after itself."""
+    output = rng.standard_normal(embeddings.shape) * (4.0 / np.sqrt(embeddings.shape[1]))
+    # The residual stream is mostly the current token's embedding, so a row aligned with it
+    # would make greedy decoding repeat that token forever.
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    along = np.sum(output * unit, axis=1) + 2.0
+    return (output - along[:, None] * unit) * scales[:, None]
+
+
+def write_random_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                       n_head_kv: int = 2, n_ff: int = 128, context_length: int = 4096) -> Path:
+    """Write a tiny qwen2 GGUF with random weights that babbles ordinary words."""
+    _check_shape(n_embd, n_head, n_head_kv)
+    rng = np.random.default_rng(seed)
+    tokens, types, merges = _vocabulary()
+    embeddings = rng.standard_normal((len(tokens), n_embd))
+    tensors = {"token_embd.weight": embeddings.astype(np.float16)}
+    tensors.update(_random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                                  n_ff=n_ff, mix=1.0))
+    tensors["output_norm.weight"] = np.ones(n_embd, np.float32)
+    output = _random_output(rng, embeddings, _output_row_scales(tokens, types))
+    tensors["output.weight"] = output.astype(np.float16)
+    return _write_gguf(Path(path), name=_RANDOM_NAME, tokens=tokens, types=types, merges=merges,
+                       tensors=tensors, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                       n_ff=n_ff, context_length=context_length)
+
+
+def _script_chain(script: Sequence[bytes], ids: dict[str, int]) -> list[int]:
+    """Return token ids "\\n", script..., <|im_end|>; each link must leave a distinct token."""
+    pieces = [bytes(p) for p in script]
+    if any(not p for p in pieces):
+        raise ValueError("script pieces must be non-empty byte strings")
+    specials = {text.encode() for text, _ in SPECIAL_TOKENS}
+    if len(set(pieces)) != len(pieces) or b"\n" in pieces or specials & set(pieces):
+        raise ValueError("script pieces must be distinct, not b'\\n' and not a special token")
+    chain = [ids[_token_text(b"\n")]] + [ids[_token_text(p)] for p in pieces]
+    return chain + [ids["<|im_end|>"]]
+
+
+def write_scripted_model(path: str | Path, script: Sequence[bytes], *, seed: int = 0, n_layer: int = 2,
+                         n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
+                         context_length: int = 4096) -> Path:
+    """Write a tiny qwen2 GGUF whose greedy reply to any ChatML prompt is exactly the script."""
+    pieces = [bytes(p) for p in script]
+    tokens, types, merges = _vocabulary(pieces)
+    chain = _script_chain(pieces, {text: i for i, text in enumerate(tokens)})
+    # Exactly orthogonal embeddings need one dimension per token that has a successor.
+    n_embd = max(n_embd, -(-(len(chain) - 1) // (2 * n_head)) * 2 * n_head)
+    _check_shape(n_embd, n_head, n_head_kv)
+    rng = np.random.default_rng(seed)
+    embeddings = rng.standard_normal((len(tokens), n_embd))
+    basis, _ = np.linalg.qr(rng.standard_normal((n_embd, n_embd)))
+    sources = chain[:-1]
+    # RMSNorm then maps each source embedding onto itself, so only the output rows matter.
+    embeddings[sources] = basis[: len(sources)] * np.sqrt(n_embd)
+    output = np.zeros((len(tokens), n_embd))
+    for source, target in zip(chain, chain[1:]):
+        output[target] = embeddings[source] * (32.0 / n_embd)
+    tensors = {"token_embd.weight": embeddings.astype(np.float16)}
+    # mix=0 zeroes attn_output/ffn_down: the residual stream stays the current token's embedding.
+    tensors.update(_random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                                  n_ff=n_ff, mix=0.0))
+    tensors["output_norm.weight"] = np.ones(n_embd, np.float32)
+    tensors["output.weight"] = output.astype(np.float16)
+    return _write_gguf(Path(path), name=_SCRIPTED_NAME, tokens=tokens, types=types, merges=merges,
+                       tensors=tensors, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                       n_ff=n_ff, context_length=context_length)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write a synthetic model from the command line and print its path and size."""
+    parser = argparse.ArgumentParser(prog="python -m edge_server.synthetic", description=__doc__)
+    parser.add_argument("out", type=Path, help="output .gguf path")
+    parser.add_argument("--scripted-demo", action="store_true", help="write the offline demo model (DEMO_SCRIPT)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.scripted_demo:
+        path = write_scripted_model(args.out, DEMO_SCRIPT, seed=args.seed)
+    else:
+        path = write_random_model(args.out, seed=args.seed)
+    print(f"{path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

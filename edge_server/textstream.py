@@ -1,0 +1,67 @@
+"""Token bytes -> text: incremental UTF-8 decoding and the stop-word tail buffer (pure, no I/O)."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+
+class Utf8Decoder:
+    """Decode a byte stream split anywhere (even inside a character) into whole characters."""
+
+    def __init__(self) -> None:
+        # "replace" keeps every byte accounted for: invalid bytes become U+FFFD instead of vanishing.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, data: bytes) -> str:
+        """Return the characters completed by `data`; an unfinished character is kept for later."""
+        return self._decoder.decode(data)
+
+    def flush(self) -> str:
+        """Return what is left at the end of the stream (an unfinished character becomes U+FFFD)."""
+        return self._decoder.decode(b"", final=True)
+
+
+def earliest_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest occurrence of any stop string in `text`, or -1."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return min(found) if found else -1
+
+
+class StopBuffer:
+    """Release text as soon as it cannot be the start of a stop string; cut at the earliest stop."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stop for stop in stops if stop)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add `text`; return what can be released now. After a stop, everything is dropped."""
+        if self.stopped or not text:
+            return ""
+        if not self._stops:
+            return text
+        pending = self._held + text
+        cut = earliest_stop(pending, self._stops)
+        if cut >= 0:
+            self.stopped = True
+            self._held = ""
+            return pending[:cut]
+        hold = self._longest_stop_prefix_suffix(pending)
+        self._held = pending[len(pending) - hold :] if hold else ""
+        return pending[: len(pending) - hold]
+
+    def flush(self) -> str:
+        """Release the held tail at the end of the stream (it never became a stop string)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
