@@ -43,7 +43,7 @@ class Generation:
         prompt_tokens: int,
         stops: list[str],
         client_gone: Callable[[], bool] = lambda: False,
-        poll_seconds: float = 0.25,
+        poll_seconds: float = 0.05,
     ):
         self._stream = stream
         self._stops = StopBuffer(stops)
@@ -72,15 +72,19 @@ class Generation:
         Closing the iterator early (client gone) cancels the job. Raises `ClientGone` when the
         client disconnects while we wait.
         """
-        quiet_since = time.monotonic()
+        quiet_since = last_check = time.monotonic()
         try:
             while True:
                 event = self._stream.next(timeout=self._poll)
-                if event is None:
+                now = time.monotonic()
+                # Check even while tokens flow: a non-streamed request writes nothing until the end.
+                if now - last_check >= self._poll:
+                    last_check = now
                     if self._client_gone():
                         raise ClientGone
-                    if heartbeat_seconds is not None and time.monotonic() - quiet_since >= heartbeat_seconds:
-                        quiet_since = time.monotonic()
+                if event is None:
+                    if heartbeat_seconds is not None and now - quiet_since >= heartbeat_seconds:
+                        quiet_since = now
                         yield HEARTBEAT
                     continue
                 if isinstance(event, Finish):
@@ -91,7 +95,7 @@ class Generation:
                     return
                 text = self._on_token(event)
                 if text:
-                    quiet_since = time.monotonic()
+                    quiet_since = now
                     yield text
                 if self._stops.stopped:
                     self.outcome.finish_reason = "stop"
@@ -113,4 +117,5 @@ class Generation:
     def _finish(self, finish: Finish) -> None:
         if finish.reason == "error":
             self.outcome.error = finish.error or "generation failed"
-        self.outcome.finish_reason = "length" if finish.reason == "length" else "stop"
+        stopped_by_string = self._stops.stopped
+        self.outcome.finish_reason = "length" if finish.reason == "length" and not stopped_by_string else "stop"

@@ -44,18 +44,26 @@ class StopBuffer:
             return text
         pending = self._held + text
         cut = earliest_stop(pending, self._stops)
-        if cut >= 0:
-            self.stopped = True
-            self._held = ""
-            return pending[:cut]
-        hold = self._longest_stop_prefix_suffix(pending)
-        self._held = pending[len(pending) - hold :] if hold else ""
-        return pending[: len(pending) - hold]
+        partial = len(pending) - self._longest_stop_prefix_suffix(pending)
+        # A stop string that starts before `cut` may still complete; only then is `cut` not final.
+        if cut >= 0 and partial >= cut:
+            return self._stop_at(pending, cut)
+        release = min(partial, cut) if cut >= 0 else partial
+        self._held = pending[release:]
+        return pending[:release]
 
     def flush(self) -> str:
-        """Release the held tail at the end of the stream (it never became a stop string)."""
+        """Release the held tail at the end of the stream, cut at a stop string it completed."""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        cut = earliest_stop(held, self._stops)
+        return self._stop_at(held, cut) if cut >= 0 else held
+
+    def _stop_at(self, text: str, cut: int) -> str:
+        self.stopped = True
+        self._held = ""
+        return text[:cut]
 
     def _longest_stop_prefix_suffix(self, text: str) -> int:
         longest = 0

@@ -1,0 +1,151 @@
+"""The real server as a subprocess on a free port, and helpers to talk to it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m edge_server` in a subprocess, its log captured to a file."""
+
+    def __init__(self, *args: str, log_dir: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"server-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edge_server", "--port", str(self.port), "--threads", "2", *args],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 60.0) -> ServerProcess:
+        """Block until GET /health is 200; fail with the server's log if it never is."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        pytest.fail(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def health(self) -> dict:
+        """The parsed /health body."""
+        return requests.get(self.base_url + "/health", timeout=5).json()
+
+    def wait_idle(self, timeout: float) -> float:
+        """Seconds until /health shows nothing running or queued; fails after `timeout`."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            body = self.health()
+            if body["running"] == 0 and body["queued"] == 0:
+                return time.monotonic() - start
+            time.sleep(0.02)
+        pytest.fail(f"server still busy after {timeout}s: {self.health()}")
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Terminate and reap the process."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """Factory: start a server with the given CLI args; every one is stopped at the end."""
+    started: list[ServerProcess] = []
+    log_dir = tmp_path_factory.mktemp("server-logs")
+
+    def start(*args: str, env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
+        server = ServerProcess(*args, log_dir=log_dir, env=env)
+        started.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server, tiny_model) -> ServerProcess:
+    """The server on the tiny random model, shared by the tests that do not disturb it."""
+    return start_server("--model", str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def scripted_server(start_server, scripted_model) -> ServerProcess:
+    """The server on the scripted model (greedy answer == SCRIPT_TEXT)."""
+    return start_server("--model", str(scripted_model))
+
+
+@pytest.fixture(scope="session")
+def base_url(server) -> str:
+    """Base URL of the shared tiny-model server."""
+    return server.base_url
+
+
+def chat(base_url: str, content: str = "Hello", **fields) -> requests.Response:
+    """POST a one-message chat and return the response (not raised)."""
+    body = {"model": "test-model", "messages": [{"role": "user", "content": content}], **fields}
+    return requests.post(base_url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def sse_events(response: requests.Response) -> list[dict | str]:
+    """The `data:` payloads of a streamed response, parsed; `[DONE]` stays a string."""
+    import json
+
+    events: list[dict | str] = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[6:].decode("utf-8")
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def stream_chat(base_url: str, content: str = "Hello", **fields) -> list[dict | str]:
+    """Stream a one-message chat and return its parsed events."""
+    body = {"model": "test-model", "messages": [{"role": "user", "content": content}], "stream": True, **fields}
+    with requests.post(base_url + "/v1/chat/completions", json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200, response.text
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        return sse_events(response)
+
+
+def streamed_text(events: list[dict | str]) -> str:
+    """Join the content deltas of parsed chat chunks."""
+    return "".join(
+        e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e.get("choices")
+    )
