@@ -82,7 +82,8 @@ def _local_model(spec: str, models_dir: Path) -> Path | None:
     for candidate in (Path(spec).expanduser(), Path(models_dir) / spec):
         if candidate.is_file():
             return candidate
-    if spec.endswith(".gguf") and spec.count("/") < 2:
+    looks_like_path = spec.startswith(("/", ".", "~")) or "\\" in spec or spec.count("/") < 2
+    if spec.endswith(".gguf") and looks_like_path:
         raise ModelLoadError(f"model file not found: {spec} (looked in . and {models_dir}/)")
     return None
 
