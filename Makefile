@@ -8,15 +8,25 @@ GPU ?= auto
 ARGS ?=
 MODEL ?=
 
-# Backend: nvcc on PATH or in /usr/local/cuda (also Jetson) -> cuda; macOS -> metal; else cpu.
+# Backend: nvcc (on PATH or in /usr/local/cuda, also Jetson) with an NVIDIA GPU visible -> cuda;
+# macOS -> metal; else cpu. nvcc alone is not enough: CUDA's "native" architecture needs a GPU to
+# build for, and CI machines may carry the toolkit without one. GPU=cpu|cuda|metal overrides.
+HAS_NVCC := $(shell command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ] && echo yes)
+HAS_NVIDIA_GPU := $(shell { nvidia-smi -L >/dev/null 2>&1 || [ -e /dev/nvidia0 ] || [ -e /proc/driver/nvidia ] \
+                           || [ -e /etc/nv_tegra_release ] || [ -e /dev/nvhost-ctrl-gpu ]; } && echo yes)
 ifeq ($(GPU),auto)
-  BACKEND := $(shell if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then echo cuda; \
-                     elif [ "$$(uname -s)" = Darwin ]; then echo metal; else echo cpu; fi)
+  ifeq ($(HAS_NVCC)$(HAS_NVIDIA_GPU),yesyes)
+    BACKEND := cuda
+  else ifeq ($(shell uname -s),Darwin)
+    BACKEND := metal
+  else
+    BACKEND := cpu
+  endif
 else
   BACKEND := $(GPU)
 endif
 CMAKE_ARGS_cpu := -DGGML_CUDA=OFF -DGGML_METAL=OFF
-CMAKE_ARGS_cuda := -DGGML_CUDA=ON
+CMAKE_ARGS_cuda := -DGGML_CUDA=ON $(if $(CUDA_ARCHITECTURES),-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES))
 CMAKE_ARGS_metal := -DGGML_METAL=ON
 # Wheels are kept per backend, outside pip's cache (which keys on the sdist, not on CMAKE_ARGS),
 # so a CPU wheel is never reused for a CUDA build or the other way round.
