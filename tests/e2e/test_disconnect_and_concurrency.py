@@ -113,3 +113,14 @@ def test_concurrent_requests_get_the_texts_they_get_alone(server):
         together = list(pool.map(run_together, requests_))
     assert together == alone
     server.wait_idle(timeout=5)
+
+
+def test_long_prompt_evaluation_sends_heartbeats_before_the_first_token(start_server, slow_model):
+    server = start_server("--model", str(slow_model), env={"EDGE_HEARTBEAT_SECONDS": "0.02"})
+    body = {"messages": [{"role": "user", "content": "hello world " * 1200}], "stream": True, "max_tokens": 2,
+            "temperature": 0}
+    with requests.post(server.base_url + "/v1/chat/completions", json=body, stream=True, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line]
+    first_content = next(i for i, line in enumerate(lines) if b'"content":"' in line and b'"role"' not in line)
+    assert b": ping" in lines[1:first_content]
+    assert lines[-1] == b"data: [DONE]"

@@ -84,3 +84,10 @@ def test_invalid_flag_value_exits_2(tiny_model):
     result = run_to_exit("--model", str(tiny_model), "--port", "99999")
     assert result.returncode == 2
     assert "--port" in result.stderr
+
+
+def test_default_context_is_the_models_own_when_smaller_than_4096(start_server, tmp_path):
+    from edge_server.synthetic import write_random_model
+
+    model = write_random_model(tmp_path / "short-context.gguf", context_length=1024)
+    assert start_server("--model", str(model)).health()["n_ctx"] == 1024
