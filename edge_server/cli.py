@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the demo model writer narrates every file
     from .server import serve
 
     return serve(settings)
