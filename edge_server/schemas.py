@@ -229,7 +229,21 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class _UsageWhenSet(BaseModel):
+    """A response whose `usage` key is left out unless set (only the last chunk of a stream carries it)."""
+
+    usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_set(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        usage = data.pop("usage", None)
+        if usage is not None:
+            data["usage"] = usage  # last, where OpenAI puts it
+        return data
+
+
+class ChatCompletionChunk(_UsageWhenSet):
     """One streamed chunk (`chat.completion.chunk`); the usage chunk has no choices."""
 
     id: str
@@ -238,13 +252,6 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-
-    @model_serializer(mode="wrap")
-    def _usage_only_when_set(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
-        return data
 
 
 class CompletionChoice(BaseModel):
@@ -256,7 +263,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class TextCompletion(BaseModel):
+class TextCompletion(_UsageWhenSet):
     """A legacy completion answer or chunk (`text_completion`)."""
 
     id: str
@@ -265,13 +272,6 @@ class TextCompletion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-
-    @model_serializer(mode="wrap")
-    def _usage_only_when_set(self, handler: Any) -> dict[str, Any]:
-        data = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
-        return data
 
 
 class ModelCard(BaseModel):
