@@ -15,6 +15,7 @@ from typing import Any
 import gguf
 import llama_cpp
 from llama_cpp import _internals as internals
+from llama_cpp.llama_grammar import LlamaGrammar
 
 log = logging.getLogger("edge_server.engine")
 
@@ -45,6 +46,7 @@ class Sampling:
     repeat_penalty: float = 1.0
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF the output must match (forced tool calls, JSON output)
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,14 @@ class Engine:
         """Tokens of `text` (safe from any thread: the vocabulary is read-only)."""
         return self._llama._model.tokenize(text, add_bos, special)
 
+    def grammar_error(self, grammar: str) -> str | None:
+        """Why llama.cpp cannot use `grammar`, or None if it can (safe from any thread)."""
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            return "llama.cpp rejected the grammar built for this request"
+        llama_cpp.llama_sampler_free(sampler)
+        return None
+
     def submit(self, job: Job) -> TokenStream:
         """Queue a job; returns its stream at once. Raises `QueueFull` when `--max-queue` are waiting."""
         if not job.prompt or job.max_tokens < 1 or len(job.prompt) + job.max_tokens > self.info.n_ctx:
@@ -273,7 +283,7 @@ class Engine:
         self._evaluate_prompt(job.prompt, stream)
         if stream.cancelled:
             return Finish("cancelled")
-        sampler = make_sampler(job.sampling, self.info.n_vocab)
+        sampler = make_sampler(job.sampling, self._llama._model)
         try:
             for produced in range(1, job.max_tokens + 1):
                 token = sampler.sample(self._ctx, -1)
@@ -331,8 +341,9 @@ class Engine:
         return self._piece_buffer.raw[:size]
 
 
-def make_sampler(sampling: Sampling, n_vocab: int) -> internals.LlamaSampler:
+def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.LlamaSampler:
     """A llama.cpp sampler chain for one request, in llama-server's order."""
+    n_vocab = model.n_vocab()
     sampler = internals.LlamaSampler()
     if sampling.logit_bias:
         sampler.add_logit_bias(n_vocab, dict(sampling.logit_bias))
@@ -344,6 +355,8 @@ def make_sampler(sampling: Sampling, n_vocab: int) -> internals.LlamaSampler:
             penalty_freq=sampling.frequency_penalty,
             penalty_present=sampling.presence_penalty,
         )
+    if sampling.grammar is not None:
+        sampler.add_grammar(model, LlamaGrammar.from_string(sampling.grammar, verbose=False))
     if sampling.temperature == 0.0:
         sampler.add_greedy()
         return sampler

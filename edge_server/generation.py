@@ -1,18 +1,20 @@
-"""One request's run: engine tokens -> whole-character text deltas, cut at stop strings, with usage."""
+"""One request's run: engine tokens -> whole-character text, cut at stop strings, split into content
+and tool calls, with usage."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .engine import Engine, Finish, Job, QueueFull, Token, TokenStream
 from .errors import APIError
 from .textstream import StopBuffer, Utf8Decoder
+from .toolcalls import ContentDelta, Event, ToolCallArguments, ToolCallExtractor, ToolCallStart
 
 
 class Heartbeat:
-    """Yielded by `Generation.deltas` when nothing was produced for a while (keeps the stream alive)."""
+    """Yielded by `Generation.events` when nothing was produced for a while (keeps the stream alive)."""
 
 
 HEARTBEAT = Heartbeat()
@@ -33,8 +35,25 @@ class Outcome:
     first_token_seconds: float | None = None
 
 
+@dataclass
+class CollectedCall:
+    """A whole tool call, for non-streamed answers."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class Collected:
+    """A whole answer: its content (None when only calls were made) and its tool calls."""
+
+    content: str | None
+    calls: list[CollectedCall] = field(default_factory=list)
+
+
 class Generation:
-    """Drive one submitted job and turn its tokens into text deltas (never empty, never cumulative)."""
+    """Drive one submitted job and turn its tokens into events (content deltas never empty or cumulative)."""
 
     def __init__(
         self,
@@ -42,18 +61,22 @@ class Generation:
         *,
         prompt_tokens: int,
         stops: list[str],
+        extractor: ToolCallExtractor | None = None,
+        call_finish_reason: str = "tool_calls",
         client_gone: Callable[[], bool] = lambda: False,
         poll_seconds: float = 0.05,
     ):
         self._stream = stream
         self._stops = StopBuffer(stops)
         self._decoder = Utf8Decoder()
+        self._extractor = extractor
+        self._call_finish_reason = call_finish_reason
         self._client_gone = client_gone
         self._poll = poll_seconds
         self.outcome = Outcome(prompt_tokens=prompt_tokens)
 
     @classmethod
-    def start(cls, engine: Engine, job: Job, *, stops: list[str], client_gone: Callable[[], bool]) -> Generation:
+    def start(cls, engine: Engine, job: Job, **options) -> Generation:
         """Submit `job` and wrap its stream; a full queue becomes a 429."""
         try:
             stream = engine.submit(job)
@@ -64,10 +87,10 @@ class Generation:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             ) from None
-        return cls(stream, prompt_tokens=len(job.prompt), stops=stops, client_gone=client_gone)
+        return cls(stream, prompt_tokens=len(job.prompt), **options)
 
-    def deltas(self, heartbeat_seconds: float | None = None) -> Iterator[str | Heartbeat]:
-        """Text deltas as they become final, and `HEARTBEAT` after each quiet `heartbeat_seconds`.
+    def events(self, heartbeat_seconds: float | None = None) -> Iterator[Event | Heartbeat]:
+        """Content and tool-call events as they become final, and `HEARTBEAT` after each quiet spell.
 
         Closing the iterator early (client gone) cancels the job. Raises `ClientGone` when the
         client disconnects while we wait.
@@ -88,25 +111,44 @@ class Generation:
                         yield HEARTBEAT
                     continue
                 if isinstance(event, Finish):
-                    tail = self._stops.push(self._decoder.flush()) + self._stops.flush()
-                    if tail:
-                        yield tail
+                    yield from self._split(self._stops.push(self._decoder.flush()) + self._stops.flush(), final=True)
                     self._finish(event)
                     return
-                text = self._on_token(event)
-                if text:
+                produced = False
+                for produced_event in self._split(self._on_token(event), final=self._stops.stopped):
+                    produced = True
+                    yield produced_event
+                if produced:
                     quiet_since = now
-                    yield text
                 if self._stops.stopped:
-                    self.outcome.finish_reason = "stop"
+                    self._finish(Finish("stop"))
                     return
         finally:
             # Whatever ended us early (stop string, disconnect, closed generator), the engine must let go.
             self._stream.cancel()
 
-    def text(self) -> str:
-        """Run to the end and return the whole text (for non-streamed answers)."""
-        return "".join(delta for delta in self.deltas() if isinstance(delta, str))
+    def collect(self) -> Collected:
+        """Run to the end and return the whole answer (for non-streamed responses)."""
+        content: list[str] = []
+        calls: list[CollectedCall] = []
+        for event in self.events():
+            if isinstance(event, ContentDelta):
+                content.append(event.text)
+            elif isinstance(event, ToolCallStart):
+                calls.append(CollectedCall(event.id, event.name))
+            elif isinstance(event, ToolCallArguments):
+                calls[-1].arguments += event.fragment
+        text = "".join(content)
+        return Collected(None if calls and not text.strip() else text, calls)
+
+    def _split(self, text: str, *, final: bool) -> Iterator[Event]:
+        if self._extractor is None:
+            if text:
+                yield ContentDelta(text)
+            return
+        yield from self._extractor.push(text)
+        if final:
+            yield from self._extractor.finish()
 
     def _on_token(self, token: Token) -> str:
         if self.outcome.completion_tokens == 0:
@@ -117,5 +159,9 @@ class Generation:
     def _finish(self, finish: Finish) -> None:
         if finish.reason == "error":
             self.outcome.error = finish.error or "generation failed"
-        stopped_by_string = self._stops.stopped
-        self.outcome.finish_reason = "length" if finish.reason == "length" and not stopped_by_string else "stop"
+        if finish.reason == "length" and not self._stops.stopped:
+            self.outcome.finish_reason = "length"
+        elif self._extractor is not None and self._extractor.calls:
+            self.outcome.finish_reason = self._call_finish_reason
+        else:
+            self.outcome.finish_reason = "stop"

@@ -25,14 +25,16 @@ Tokenize = Callable[[bytes, bool, bool], list[int]]
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
     """The dict a Hugging Face style chat template expects for one message."""
-    role = "system" if message.role == "developer" else message.role
+    # Templates know system/user/assistant/tool: the newer "developer" and the legacy "function" map onto them.
+    role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
     rendered: dict[str, Any] = {"role": role, "content": message.text()}
     if message.name is not None:
         rendered["name"] = message.name
     if message.tool_call_id is not None:
         rendered["tool_call_id"] = message.tool_call_id
-    if message.tool_calls:
-        rendered["tool_calls"] = [_with_parsed_arguments(call) for call in message.tool_calls]
+    calls = message.tool_calls or ([{"type": "function", "function": message.function_call}] if message.function_call else [])
+    if calls:
+        rendered["tool_calls"] = [_with_parsed_arguments(call) for call in calls]
     return rendered
 
 

@@ -8,7 +8,7 @@ from contextlib import closing
 
 from . import sse
 from .errors import APIError, error_body
-from .generation import HEARTBEAT, ClientGone, Generation, Outcome
+from .generation import HEARTBEAT, ClientGone, Collected, Generation, Outcome
 from .schemas import (
     AssistantMessage,
     ChatChoice,
@@ -17,11 +17,16 @@ from .schemas import (
     ChunkChoice,
     CompletionChoice,
     Delta,
+    FunctionCall,
+    FunctionDelta,
     TextCompletion,
+    ToolCall,
+    ToolCallDelta,
     Usage,
     completion_id,
     now,
 )
+from .toolcalls import ContentDelta, Event, ToolCallArguments, ToolCallStart
 
 access_log = logging.getLogger("edge_server.access")
 
@@ -49,46 +54,73 @@ def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seco
 
 # ---- chat ------------------------------------------------------------------------------------
 
-def chat_answer(generation: Generation, model: str) -> ChatCompletion:
+def chat_answer(generation: Generation, model: str, *, legacy_functions: bool = False) -> ChatCompletion:
     """The whole `chat.completion` once the generation has ended."""
-    text = generation.text()
+    collected = generation.collect()
     outcome = generation.outcome
     _raise_if_failed(outcome)
     return ChatCompletion(
         id=completion_id(),
         created=now(),
         model=model,
-        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=outcome.finish_reason)],
+        choices=[ChatChoice(message=_assistant_message(collected, legacy_functions),
+                            finish_reason=outcome.finish_reason)],
         usage=_usage(outcome),
     )
 
 
+def _assistant_message(collected: Collected, legacy_functions: bool) -> AssistantMessage:
+    calls = [FunctionCall(name=call.name, arguments=call.arguments) for call in collected.calls]
+    if legacy_functions:
+        return AssistantMessage(content=collected.content, function_call=calls[0] if calls else None)
+    tool_calls = [ToolCall(id=call.id, function=function) for call, function in zip(collected.calls, calls)]
+    return AssistantMessage(content=collected.content, tool_calls=tool_calls or None)
+
+
 def chat_stream(
     generation: Generation, model: str, *, include_usage: bool, heartbeat_seconds: float,
-    on_end: Callable[[Outcome], None] = lambda outcome: None,
+    legacy_functions: bool = False, on_end: Callable[[Outcome], None] = lambda outcome: None,
 ) -> Iterator[bytes]:
-    """SSE events: role chunk, content deltas, the finish chunk, usage if asked, `[DONE]`."""
+    """SSE events: role chunk, content and tool-call deltas, the finish chunk, usage if asked, `[DONE]`."""
     chunk_id, created = completion_id(), now()
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         return sse.event(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, usage=usage))
 
+    def delta_event(event: Event) -> bytes:
+        return chunk([ChunkChoice(delta=_chat_delta(event, legacy_functions))])
+
     yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
     yield from _stream_body(
         generation,
         heartbeat_seconds,
-        delta_event=lambda text: chunk([ChunkChoice(delta=Delta(content=text))]),
+        delta_event=delta_event,
         finish_event=lambda reason: chunk([ChunkChoice(delta=Delta(), finish_reason=reason)]),
         usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
         on_end=on_end,
     )
 
 
+def _chat_delta(event: Event, legacy_functions: bool) -> Delta:
+    if isinstance(event, ContentDelta):
+        return Delta(content=event.text)
+    if isinstance(event, ToolCallStart):
+        function = FunctionDelta(name=event.name, arguments="")
+        if legacy_functions:
+            return Delta(function_call=function)
+        return Delta(tool_calls=[ToolCallDelta(index=event.index, id=event.id, type="function", function=function)])
+    assert isinstance(event, ToolCallArguments)
+    function = FunctionDelta(arguments=event.fragment)
+    if legacy_functions:
+        return Delta(function_call=function)
+    return Delta(tool_calls=[ToolCallDelta(index=event.index, function=function)])
+
+
 # ---- legacy completions ----------------------------------------------------------------------
 
 def text_answer(generation: Generation, model: str, *, echo_prefix: str = "") -> TextCompletion:
     """The whole `text_completion` once the generation has ended."""
-    text = generation.text()
+    text = generation.collect().content or ""
     outcome = generation.outcome
     _raise_if_failed(outcome)
     return TextCompletion(
@@ -115,7 +147,7 @@ def text_stream(
     yield from _stream_body(
         generation,
         heartbeat_seconds,
-        delta_event=lambda text: chunk([CompletionChoice(text=text)]),
+        delta_event=lambda event: chunk([CompletionChoice(text=event.text)]),
         finish_event=lambda reason: chunk([CompletionChoice(text="", finish_reason=reason)]),
         usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
         on_end=on_end,
@@ -126,16 +158,16 @@ def _stream_body(
     generation: Generation,
     heartbeat_seconds: float,
     *,
-    delta_event: Callable[[str], bytes],
+    delta_event: Callable[[Event], bytes],
     finish_event: Callable[[str], bytes],
     usage_event: Callable[[Usage], bytes] | None,
     on_end: Callable[[Outcome], None],
 ) -> Iterator[bytes]:
     outcome = generation.outcome
     try:
-        with closing(generation.deltas(heartbeat_seconds)) as deltas:
-            for delta in deltas:
-                yield sse.HEARTBEAT if delta is HEARTBEAT else delta_event(delta)
+        with closing(generation.events(heartbeat_seconds)) as events:
+            for event in events:
+                yield sse.HEARTBEAT if event is HEARTBEAT else delta_event(event)
     except ClientGone:
         outcome.finish_reason = "cancelled"
         on_end(outcome)

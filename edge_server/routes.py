@@ -16,6 +16,7 @@ from .generation import ClientGone, Generation, Outcome
 from .responses import chat_answer, chat_stream, log_outcome, text_answer, text_stream
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields, parse_body
 from .state import ServedModel, ServerState
+from .toolplan import plan_tools
 
 log = logging.getLogger("edge_server")
 api = Blueprint("api", __name__)
@@ -101,14 +102,20 @@ def chat_completions():
     request = parse_body(ChatCompletionRequest, raw_request.get_data(cache=False))
     _log_unknown_fields(request)
     served = served_model()
-    prompt = served.renderer.chat_tokens(request.messages)
-    generation = _start(served, request, prompt, request.token_limit())
+    plan = plan_tools(request)
+    if plan.grammar is not None and (reason := served.engine.grammar_error(plan.grammar)):
+        raise APIError(reason, param="tools" if plan.callable_names else "response_format", code="invalid_grammar")
+    prompt = served.renderer.chat_tokens(request.messages, tools=plan.template_tools)
+    generation = _start(served, request, prompt, request.token_limit(), grammar=plan.grammar,
+                        extractor=plan.extractor(incremental=request.stream),
+                        call_finish_reason="function_call" if plan.legacy else "tool_calls")
     model = request.model or served.model_id
     settings = server_state().settings
     if request.stream:
         return _event_stream(chat_stream(generation, model, include_usage=request.include_usage(),
-                                         heartbeat_seconds=settings.heartbeat_seconds, on_end=_access_logger(200)))
-    return _whole(lambda: chat_answer(generation, model).model_dump(), generation)
+                                         heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy,
+                                         on_end=_access_logger(200)))
+    return _whole(lambda: chat_answer(generation, model, legacy_functions=plan.legacy).model_dump(), generation)
 
 
 @api.post("/v1/completions")
@@ -136,7 +143,8 @@ def completions():
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-def _start(served: ServedModel, request: SamplingFields, prompt: list[int], limit: int | None) -> Generation:
+def _start(served: ServedModel, request: SamplingFields, prompt: list[int], limit: int | None, *,
+           grammar: str | None = None, **options) -> Generation:
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
@@ -146,12 +154,13 @@ def _start(served: ServedModel, request: SamplingFields, prompt: list[int], limi
             f"or start the server with a larger --n-ctx.",
             param="messages", code="context_length_exceeded",
         )
-    job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=_sampling(request, info.n_vocab))
+    sampling = _sampling(request, info.n_vocab, grammar)
+    job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling)
     client_gone = raw_request.environ.get("waitress.client_disconnected") or (lambda: False)
-    return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone)
+    return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone, **options)
 
 
-def _sampling(request: SamplingFields, n_vocab: int) -> Sampling:
+def _sampling(request: SamplingFields, n_vocab: int, grammar: str | None) -> Sampling:
     bias = {}
     for key, value in (request.logit_bias or {}).items():
         token = int(key)
@@ -169,6 +178,7 @@ def _sampling(request: SamplingFields, n_vocab: int) -> Sampling:
         repeat_penalty=request.repeat_penalty,
         seed=request.seed,
         logit_bias=bias,
+        grammar=grammar,
     )
 
 

@@ -115,11 +115,99 @@ class SamplingFields(_Strict):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+_FUNCTION_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"
+
+
+class FunctionDefinition(_Strict):
+    """A function the model may call: its name, description and JSON-schema parameters."""
+
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema_object(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "object") != "object":
+            raise ValueError("parameters must be a JSON schema of type 'object'")
+        return value
+
+
+class ToolDefinition(_Strict):
+    """One entry of `tools`."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    """`{"name": ...}` naming one function."""
+
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(_Strict):
+    """`response_format.json_schema`."""
+
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """`response_format`: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'schema'")
+        return self
+
+
 class ChatCompletionRequest(SamplingFields):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _choices_name_known_functions(self) -> ChatCompletionRequest:
+        if self.tools and self.functions:
+            raise ValueError("send either 'tools' or the legacy 'functions', not both")
+        names = {f.name for f in self.function_definitions()}
+        for param, choice in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
+            named = choice.function.name if isinstance(choice, NamedToolChoice) else getattr(choice, "name", None)
+            if named is not None and named not in names:
+                raise _FieldError(param, f"names function {named!r}, which is not among the request's functions")
+            if choice in ("required",) and not names:
+                raise _FieldError(param, "'required' needs at least one tool")
+        return self
+
+    def function_definitions(self) -> list[FunctionDefinition]:
+        """The callable functions, from `tools` or the legacy `functions`."""
+        if self.tools:
+            return [tool.function for tool in self.tools]
+        return list(self.functions or [])
 
     def token_limit(self) -> int | None:
         """The client's completion limit (the newer `max_completion_tokens` wins)."""
@@ -182,11 +270,41 @@ class Usage(BaseModel):
         )
 
 
-class AssistantMessage(BaseModel):
-    """The assistant turn of a non-streamed answer."""
+class _Sparse(BaseModel):
+    """A wire object whose unset (None) keys are left out, as OpenAI's deltas do."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class FunctionCall(BaseModel):
+    """A function's name and JSON arguments string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One tool call of a non-streamed answer."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Sparse):
+    """The assistant turn of a non-streamed answer (`content` stays, even when null)."""
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        return {key: value for key, value in data.items() if value is not None or key == "content"}
 
 
 class ChatChoice(BaseModel):
@@ -209,15 +327,29 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class Delta(BaseModel):
+class FunctionDelta(_Sparse):
+    """A piece of a function call: the name once, then argument fragments."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Sparse):
+    """A piece of one tool call; only the first piece of a call has `id`, `type` and the name."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class Delta(_Sparse):
     """What one chunk adds; absent keys are left out on the wire (a null `content` breaks the spec's clients)."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_nulls(self, handler: Any) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
+    tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionDelta | None = None
 
 
 class ChunkChoice(BaseModel):
@@ -291,6 +423,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class _FieldError(ValueError):
+    """A cross-field check that names the field at fault (pydantic would blame the whole body)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 # ---- request decoding ------------------------------------------------------------------------
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -328,6 +468,10 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
+        cause = next((e["ctx"]["error"] for e in error.errors() if isinstance(e.get("ctx", {}).get("error"), _FieldError)),
+                     None)
+        if cause is not None:
+            raise APIError(f"Invalid '{cause.param}': {cause}.", param=cause.param, code="invalid_value") from None
         first = _most_useful_error(error.errors(include_url=False))
         param = _param_path(first["loc"])
         message = first["msg"].removeprefix("Value error, ")
