@@ -186,7 +186,8 @@ class ToolCallExtractor:
         self._block: _CallBlock | None = None
         self._block_end = StopBuffer([CLOSE_TAG])
         self._held: list[Event] = []
-        self._blank = ""  # whitespace-only content, sent only if real content follows or no call comes
+        self._blank = ""  # trailing white space of the content, sent once real content follows
+        self._layout = ""  # the white space before the current block
         self.calls = 0
 
     def push(self, text: str) -> list[Event]:
@@ -216,19 +217,19 @@ class ToolCallExtractor:
         if not self._text.stopped:
             return ""
         rest, self._text = self._text.after_stop, StopBuffer([OPEN_TAG])
-        self._blank = ""  # the line break before a call is layout, not content
+        self._layout, self._blank = self._blank, ""  # white space before a call is layout, unless no call comes
         self._block = _CallBlock(self.calls, self._functions)
         self._block_end = StopBuffer([CLOSE_TAG])
         return rest
 
     def _content(self, text: str, events: list[Event]) -> None:
-        if not text:
-            return
-        if text.isspace():
+        # Trailing white space waits for what follows: before a call it is layout and is dropped.
+        body = text.rstrip()
+        if not body:
             self._blank += text
             return
-        events.append(ContentDelta(self._blank + text))
-        self._blank = ""
+        events.append(ContentDelta(self._blank + body))
+        self._blank = text[len(body) :]
 
     def _push_block(self, text: str, events: list[Event]) -> str:
         inner = self._block_end.push(text)
@@ -261,7 +262,7 @@ class ToolCallExtractor:
             self.calls += 1
         else:
             log.warning("malformed tool call block returned as content: %r", block.raw[:200])
-            events.append(ContentDelta(OPEN_TAG + block.raw + (CLOSE_TAG if closed else "")))
+            events.append(ContentDelta(self._layout + OPEN_TAG + block.raw + (CLOSE_TAG if closed else "")))
         self._held = []
 
     def _over_limit(self) -> bool:
