@@ -15,14 +15,15 @@ from typing import Any
 import gguf
 import llama_cpp
 from llama_cpp import _internals as internals
+from llama_cpp._logger import set_verbose as set_llama_log_verbosity
 from llama_cpp.llama_grammar import LlamaGrammar
 
 log = logging.getLogger("edge_server.engine")
 
 DEFAULT_N_CTX = 4096
-PROMPT_CHUNK = 512  # prompt tokens decoded per step; cancellation is checked between chunks
+BATCH_TOKENS = 512  # most tokens one decode step takes (llama.cpp's n_batch)
+PROMPT_CHUNK = 256  # prompt tokens per step: bounds how long a new prompt stalls running streams
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
-SEQUENCE = 0  # the one sequence id; continuous batching gives each running request its own
 
 
 class ModelLoadError(Exception):
@@ -81,6 +82,7 @@ class TokenStream:
         self._events: queue.SimpleQueue[Token | Finish] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self.submitted_at = time.monotonic()
+        self.reused_tokens = 0  # prompt tokens the prefix cache spared
 
     def next(self, timeout: float | None = None) -> Token | Finish | None:
         """The next event, or None if nothing arrived within `timeout` seconds."""
@@ -142,21 +144,45 @@ def offload_backend() -> str:
     return "GPU"
 
 
-class Engine:
-    """Owns the llama.cpp model and context; runs queued jobs on its single worker thread."""
+@dataclass
+class _Slot:
+    """One sequence of the shared context: the job it runs and the tokens its KV cells hold."""
 
-    def __init__(self, llama: llama_cpp.Llama, info: ModelInfo, *, max_queue: int):
-        self._llama = llama
-        self._ctx = llama._ctx
-        self._vocab = llama._model.vocab
+    seq: int
+    cached: list[int] = field(default_factory=list)  # tokens decoded into this sequence, in order
+    job: Job | None = None
+    stream: TokenStream | None = None
+    sampler: internals.LlamaSampler | None = None
+    pending_prompt: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
+    next_token: int | None = None  # sampled, emitted, and to be decoded in the next step
+    produced: int = 0
+    logits_at: int = -1  # index of this slot's logits in the current batch, -1 if none
+    last_used: float = 0.0
+
+
+class Engine:
+    """Owns the llama.cpp model and context; its worker thread decodes all running jobs together.
+
+    Each step decodes one token for every generating sequence plus one bounded chunk of a pending
+    prompt (chunked prefill). A new job takes the free slot whose cached tokens share the longest
+    prefix with its prompt and evaluates only the rest.
+    """
+
+    def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, info: ModelInfo, *,
+                 parallel: int, max_queue: int):
+        self._model = model
+        self._ctx = context
+        self._vocab = model.vocab
         self.info = info
-        self._pending: queue.Queue[tuple[Job, TokenStream] | None] = queue.Queue(maxsize=max_queue + 1)
+        self.parallel = parallel
+        self._slots = [_Slot(seq) for seq in range(parallel)]
+        self._pending: queue.Queue[tuple[Job, TokenStream] | None] = queue.Queue()
         self._max_queue = max_queue
         self._submit_lock = threading.Lock()
-        self._cached: list[int] = []  # tokens whose KV entries the context holds, in order
-        self._batch = internals.LlamaBatch(n_tokens=PROMPT_CHUNK, embd=0, n_seq_max=1, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._piece_buffer = ctypes.create_string_buffer(256)
-        self.running = 0
+        self._closing = False
+        self.reused_tokens = 0  # prompt tokens served from the prefix cache, since start
         self._worker = threading.Thread(target=self._work, name="edge-engine", daemon=True)
         self._worker.start()
 
@@ -170,37 +196,42 @@ class Engine:
         n_ctx: int | None = None,
         n_gpu_layers: int | str = "auto",
         threads: int,
+        parallel: int = 1,
         max_queue: int = 16,
     ) -> Engine:
-        """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason."""
+        """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
+
+        `n_ctx` is the limit of one request; the KV cache holds `parallel` such sequences.
+        """
         path = Path(path)
         check_gguf_file(path)
         n_ctx_train = read_n_ctx_train(path)
-        context = n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
+        per_request = n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
         backend = offload_backend()
         layers = (-1 if backend != "CPU" else 0) if n_gpu_layers == "auto" else int(n_gpu_layers)
+        _init_backend()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
+        context_params = llama_cpp.llama_context_default_params()
+        context_params.n_ctx = per_request * parallel
+        context_params.n_seq_max = parallel
+        context_params.kv_unified = False  # each sequence gets its own n_ctx cells: none is ever shrunk
+        context_params.n_batch = context_params.n_ubatch = BATCH_TOKENS
+        context_params.n_threads = context_params.n_threads_batch = threads
+        context_params.no_perf = True
         try:
-            llama = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=context,
-                n_batch=PROMPT_CHUNK,
-                n_ubatch=PROMPT_CHUNK,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_gpu_layers=layers,
-                verbose=False,
-            )
+            model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+            context = internals.LlamaContext(model=model, params=context_params, verbose=False)
         except (ValueError, RuntimeError) as error:
             raise ModelLoadError(f"llama.cpp failed to load {path}: {error}") from None
-        metadata = dict(llama.metadata)
+        metadata = model.metadata()
         arch = metadata.get("general.architecture", "")
         n_layer = int(metadata.get(f"{arch}.block_count", "0") or 0)
-        model = llama._model
         info = ModelInfo(
             path=path,
-            n_ctx=llama.n_ctx(),
+            n_ctx=per_request,
             n_ctx_train=n_ctx_train,
-            n_vocab=llama.n_vocab(),
+            n_vocab=model.n_vocab(),
             n_layer=n_layer,
             backend=backend,
             gpu_layers=0 if backend == "CPU" else (n_layer + 1 if layers < 0 else min(layers, n_layer + 1)),
@@ -211,13 +242,13 @@ class Engine:
             add_bos=bool(model.add_bos_token()),
             metadata=metadata,
         )
-        return cls(llama, info, max_queue=max_queue)
+        return cls(model, context, info, parallel=parallel, max_queue=max_queue)
 
     # ---- the HTTP threads' side --------------------------------------------------------------
 
     def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
         """Tokens of `text` (safe from any thread: the vocabulary is read-only)."""
-        return self._llama._model.tokenize(text, add_bos, special)
+        return self._model.tokenize(text, add_bos, special)
 
     def grammar_error(self, grammar: str) -> str | None:
         """Why llama.cpp cannot use `grammar`, or None if it can (safe from any thread)."""
@@ -233,105 +264,163 @@ class Engine:
             raise ValueError("job does not fit the context")
         stream = TokenStream()
         with self._submit_lock:
-            if self.queued >= self._max_queue and (self.running or self.queued):
+            if self._closing or self.queued >= self._max_queue + (self.parallel - self.running):
                 raise QueueFull
-            try:
-                self._pending.put_nowait((job, stream))
-            except queue.Full:
-                raise QueueFull from None
+            self._pending.put((job, stream))
         return stream
 
     @property
+    def running(self) -> int:
+        """Jobs holding a slot."""
+        return sum(slot.job is not None for slot in self._slots)
+
+    @property
     def queued(self) -> int:
-        """Jobs waiting for the worker."""
+        """Jobs waiting for a free slot."""
         return self._pending.qsize()
 
     def close(self) -> None:
-        """Stop the worker after the job it is running (queued jobs end as cancelled)."""
-        while True:
-            try:
-                item = self._pending.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[1]._emit(Finish("cancelled"))
+        """Stop the worker after the current step; running and queued jobs end as cancelled."""
+        self._closing = True
         self._pending.put(None)
         self._worker.join(timeout=10)
 
     # ---- the worker thread -------------------------------------------------------------------
 
     def _work(self) -> None:
+        while not self._closing:
+            self._admit()
+            active = [slot for slot in self._slots if slot.job is not None]
+            if active:
+                self._step(active)
+        for slot in self._slots:
+            if slot.job is not None:
+                self._end(slot, Finish("cancelled"))
         while True:
-            item = self._pending.get()
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1]._emit(Finish("cancelled"))
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots; blocks while nothing at all is to be done."""
+        while True:
+            free = [slot for slot in self._slots if slot.job is None]
+            if not free:
+                return
+            busy = len(free) < len(self._slots)
+            try:
+                item = self._pending.get_nowait() if busy else self._pending.get()
+            except queue.Empty:
+                return
             if item is None:
+                self._closing = True
                 return
             job, stream = item
             if stream.cancelled:
                 stream._emit(Finish("cancelled"))
                 continue
-            self.running = 1
-            try:
-                stream._emit(self._generate(job, stream))
-            except Exception as error:  # one failing job must not take the engine down
-                log.exception("generation failed")
-                self._forget_cache()
-                stream._emit(Finish("error", f"generation failed: {error}"))
-            finally:
-                self.running = 0
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.last_used))
+            self._start(slot, job, stream)
 
-    def _generate(self, job: Job, stream: TokenStream) -> Finish:
-        self._evaluate_prompt(job.prompt, stream)
-        if stream.cancelled:
-            return Finish("cancelled")
-        sampler = make_sampler(job.sampling, self._llama._model)
-        try:
-            for produced in range(1, job.max_tokens + 1):
-                token = sampler.sample(self._ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    return Finish("stop")
-                stream._emit(Token(token, self._piece(token)))
-                if produced == job.max_tokens:
-                    return Finish("length")
-                if stream.cancelled:
-                    return Finish("cancelled")
-                self._decode([token], len(self._cached))
-            return Finish("length")
-        finally:
-            sampler.close()
-
-    def _evaluate_prompt(self, prompt: list[int], stream: TokenStream) -> None:
-        # Reuse the KV entries of the longest common prefix, but always decode at least one prompt
+    def _start(self, slot: _Slot, job: Job, stream: TokenStream) -> None:
+        # Keep the longest common prefix in the KV cells, but always decode at least one prompt
         # token so that fresh logits exist to sample the first answer token from.
-        reuse = min(_common_prefix(self._cached, prompt), len(prompt) - 1)
-        if not self._ctx.kv_cache_seq_rm(SEQUENCE, reuse, -1):
-            self._forget_cache()
+        reuse = min(_common_prefix(slot.cached, job.prompt), len(job.prompt) - 1)
+        if not self._ctx.kv_cache_seq_rm(slot.seq, reuse, -1):
+            self._ctx.kv_cache_seq_rm(slot.seq, 0, -1)
             reuse = 0
-        del self._cached[reuse:]
-        for start in range(reuse, len(prompt), PROMPT_CHUNK):
-            if stream.cancelled:
-                return
-            self._decode(prompt[start : start + PROMPT_CHUNK], start)
+        del slot.cached[reuse:]
+        self.reused_tokens += reuse
+        stream.reused_tokens = reuse
+        slot.job, slot.stream, slot.produced, slot.next_token = job, stream, 0, None
+        slot.pending_prompt = job.prompt[reuse:]
+        slot.sampler = make_sampler(job.sampling, self._model)
 
-    def _decode(self, tokens: list[int], position: int) -> None:
+    def _step(self, active: list[_Slot]) -> None:
+        for slot in active:
+            if slot.stream.cancelled:
+                self._end(slot, Finish("cancelled"))
+        active = [slot for slot in active if slot.job is not None]
         batch = self._batch.batch
-        batch.n_tokens = len(tokens)
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = position + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = SEQUENCE
-            batch.logits[i] = False
-        batch.logits[len(tokens) - 1] = True
+        batch.n_tokens = 0
+        decoded: list[tuple[_Slot, list[int]]] = []
+        for slot in active:
+            slot.logits_at = -1
+            if slot.next_token is not None:
+                slot.logits_at = self._add(batch, [slot.next_token], len(slot.cached), slot.seq, logits=True)
+                decoded.append((slot, [slot.next_token]))
+        budget = min(PROMPT_CHUNK, BATCH_TOKENS - batch.n_tokens)
+        for slot in active:  # one prompt chunk per step, oldest job first, so running streams keep flowing
+            if slot.pending_prompt and budget > 0:
+                chunk, slot.pending_prompt = slot.pending_prompt[:budget], slot.pending_prompt[budget:]
+                last = self._add(batch, chunk, len(slot.cached), slot.seq, logits=not slot.pending_prompt)
+                slot.logits_at = -1 if slot.pending_prompt else last
+                decoded.append((slot, chunk))
+                budget = 0
+        if batch.n_tokens == 0:
+            return
         try:
             self._ctx.decode(self._batch)
-        except RuntimeError:
-            self._forget_cache()
-            raise
-        self._cached.extend(tokens)
+        except RuntimeError as error:
+            log.exception("decoding a batch failed")
+            for slot, _ in decoded:
+                self._forget(slot)
+                self._end(slot, Finish("error", f"decoding failed: {error}"))
+            return
+        for slot, tokens in decoded:
+            slot.cached.extend(tokens)
+        for slot, _ in decoded:
+            if slot.logits_at >= 0 and slot.job is not None:
+                self._sample(slot)
 
-    def _forget_cache(self) -> None:
-        self._ctx.kv_cache_clear()
-        self._cached.clear()
+    def _sample(self, slot: _Slot) -> None:
+        try:
+            token = slot.sampler.sample(self._ctx, slot.logits_at)
+        except Exception as error:  # a failing sampler ends its own job only
+            log.exception("sampling failed")
+            self._end(slot, Finish("error", f"sampling failed: {error}"))
+            return
+        slot.next_token = None
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._end(slot, Finish("stop"))
+            return
+        slot.produced += 1
+        slot.stream._emit(Token(token, self._piece(token)))
+        if slot.produced >= slot.job.max_tokens:
+            self._end(slot, Finish("length"))
+        else:
+            slot.next_token = token
+
+    def _end(self, slot: _Slot, finish: Finish) -> None:
+        slot.stream._emit(finish)
+        slot.sampler.close()
+        slot.job = slot.stream = slot.sampler = None
+        slot.next_token = None
+        slot.pending_prompt = []
+        slot.last_used = time.monotonic()
+
+    def _forget(self, slot: _Slot) -> None:
+        self._ctx.kv_cache_seq_rm(slot.seq, 0, -1)
+        slot.cached.clear()
+
+    @staticmethod
+    def _add(batch: Any, tokens: list[int], position: int, seq: int, *, logits: bool) -> int:
+        """Append `tokens` of sequence `seq` to the batch; return the index of the last one."""
+        start = batch.n_tokens
+        for i, token in enumerate(tokens):
+            j = start + i
+            batch.token[j] = token
+            batch.pos[j] = position + i
+            batch.n_seq_id[j] = 1
+            batch.seq_id[j][0] = seq
+            batch.logits[j] = False
+        last = start + len(tokens) - 1
+        batch.logits[last] = logits
+        batch.n_tokens = last + 1
+        return last
 
     def _piece(self, token: int) -> bytes:
         size = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buffer, len(self._piece_buffer), 0, False)
@@ -339,6 +428,19 @@ class Engine:
             self._piece_buffer = ctypes.create_string_buffer(-size)
             size = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buffer, -size, 0, False)
         return self._piece_buffer.raw[:size]
+
+
+_backend_ready = threading.Lock()
+_backend_initialised = False
+
+
+def _init_backend() -> None:
+    global _backend_initialised
+    with _backend_ready:
+        if not _backend_initialised:
+            set_llama_log_verbosity(False)
+            llama_cpp.llama_backend_init()
+            _backend_initialised = True
 
 
 def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.LlamaSampler:

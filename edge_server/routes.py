@@ -63,8 +63,10 @@ def health():
         "gpu_layers": info.gpu_layers,
         "n_ctx": info.n_ctx,
         "threads": info.threads,
+        "parallel": engine.parallel,
         "running": engine.running,
         "queued": engine.queued,
+        "prefix_cache_tokens": engine.reused_tokens,
     })
 
 

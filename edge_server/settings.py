@@ -33,7 +33,7 @@ class Settings(BaseModel):
     n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default min(4096, trained)")
     n_gpu_layers: int | Literal["auto"] = "auto"
     threads: int = Field(default_factory=available_cores, ge=1)
-    parallel: int = Field(1, ge=1, le=64)
+    parallel: int = Field(4, ge=1, le=64)
     max_queue: int = Field(16, ge=0, le=4096)
     api_key: str | None = None
     model_alias: str | None = None

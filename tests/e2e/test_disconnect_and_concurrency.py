@@ -17,8 +17,8 @@ LONG = {"max_tokens": 4000, "temperature": 0}  # the random model never ends its
 
 @pytest.fixture(scope="module")
 def slow_server(start_server, slow_model):
-    """A server on the wider random model with room for one waiting request."""
-    return start_server("--model", str(slow_model), "--max-queue", "1")
+    """A server on the wider random model, one request at a time, with room for one waiting request."""
+    return start_server("--model", str(slow_model), "--parallel", "1", "--max-queue", "1")
 
 
 def completion_tokens_logged(server, request_id: str) -> int:
