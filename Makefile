@@ -28,10 +28,21 @@ endif
 CMAKE_ARGS_cpu := -DGGML_CUDA=OFF -DGGML_METAL=OFF
 CMAKE_ARGS_cuda := -DGGML_CUDA=ON $(if $(CUDA_ARCHITECTURES),-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES))
 CMAKE_ARGS_metal := -DGGML_METAL=ON
+# llama.cpp's AMX kernels crash (SIGSEGV on the first quantized matmul) on VMs that advertise AMX
+# without granting its tile state, as CI's machines do. There, build for the same instruction sets
+# minus AMX instead of -march=native.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+X86_FEATURES := sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 \
+                avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI
+ifneq ($(filter amx_int8,$(CPU_FLAGS)),)
+  CPU_VARIANT := -noamx
+  NO_AMX_ARGS := -DGGML_NATIVE=OFF $(foreach pair,$(X86_FEATURES),$(if $(filter $(word 1,$(subst :, ,$(pair))),\
+                 $(CPU_FLAGS)),-DGGML_$(word 2,$(subst :, ,$(pair)))=ON))
+endif
 # Wheels are kept per backend, outside pip's cache (which keys on the sdist, not on CMAKE_ARGS),
 # so a CPU wheel is never reused for a CUDA build or the other way round.
-WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(BACKEND)
-STAMP := $(VENV)/.edge-installed-$(BACKEND)
+WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(BACKEND)$(CPU_VARIANT)
+STAMP := $(VENV)/.edge-installed-$(BACKEND)$(CPU_VARIANT)
 TEST_MODEL := models/generated/tiny-test.gguf
 
 .PHONY: install install-test run test bench model tiny-model clean
@@ -43,9 +54,9 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if [ "$(BACKEND)" = cuda ] && ! command -v nvcc >/dev/null 2>&1; then export PATH=/usr/local/cuda/bin:$$PATH; fi; \
 	if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
-	  echo "building llama-cpp-python $(LLAMA_VERSION) for $(BACKEND) (about 5 minutes on 2 cores, once)"; \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) for $(BACKEND)$(CPU_VARIANT) (about 5 minutes on 2 cores, once)"; \
 	  mkdir -p $(WHEELS) && \
-	  CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND))" CMAKE_BUILD_PARALLEL_LEVEL=$$(getconf _NPROCESSORS_ONLN) \
+	  CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND)) $(NO_AMX_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(getconf _NPROCESSORS_ONLN) \
 	    $(PIP) wheel --no-cache-dir --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION) || exit 1; \
 	fi
 	$(PIP) install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
@@ -71,7 +82,8 @@ model: install
 	$(PY) -c "from pathlib import Path; from edge_server.modelstore import DEFAULT_REPO, DEFAULT_FILE, download; print(download(DEFAULT_REPO, DEFAULT_FILE, Path('models')))"
 
 bench: install
-	@echo "make bench is not built yet: see the issue 'Continuous batching engine, prefix cache, and make bench'"; exit 1
+	$(PIP) install -q -e '.[bench]'
+	$(PY) -m edge_server.bench $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf $(VENV) models/generated .pytest_cache .hypothesis build *.egg-info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import functools
 import heapq
 import re
@@ -471,6 +472,46 @@ def write_random_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_e
     return _write_gguf(Path(path), name=_RANDOM_NAME, tokens=tokens, types=types, merges=merges,
                        tensors=tensors, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                        n_ff=n_ff, context_length=context_length)
+
+
+# The shape of Qwen2.5-0.5B-Instruct: what `make bench` measures when no real model is given.
+QWEN25_05B_SHAPE = {"n_vocab": 151936, "n_layer": 24, "n_embd": 896, "n_head": 14, "n_head_kv": 2, "n_ff": 4864}
+
+
+def _filler_tokens(count: int, known: set[str]) -> list[str]:
+    """`count` distinct ordinary word tokens (" abcd"-like) not in `known`."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    space = _token_text(b" ")
+    fillers: list[str] = []
+    for length in range(2, 6):
+        for combo in itertools.product(letters, repeat=length):
+            text = space + "".join(combo)
+            if text not in known:
+                fillers.append(text)
+                if len(fillers) == count:
+                    return fillers
+    raise ValueError(f"cannot make {count} filler tokens")
+
+
+def write_shaped_model(path: str | Path, *, n_vocab: int, n_layer: int, n_embd: int, n_head: int, n_head_kv: int,
+                       n_ff: int, context_length: int = 32768, seed: int = 0) -> Path:
+    """Write an f16 random-weight qwen2 GGUF of a real model's shape: tied embeddings, `n_vocab`
+    ordinary tokens. Its speed (once quantized like the real file) equals the real model's."""
+    _check_shape(n_embd, n_head, n_head_kv)
+    tokens, types, merges = _vocabulary()
+    ordinary = len(tokens) - len(SPECIAL_TOKENS)
+    fillers = _filler_tokens(n_vocab - len(tokens), set(tokens))
+    tokens = tokens[:ordinary] + fillers + tokens[ordinary:]
+    types = types[:ordinary] + [int(gguf.TokenType.NORMAL)] * len(fillers) + types[ordinary:]
+    rng = np.random.default_rng(seed)
+    embeddings = rng.standard_normal((len(tokens), n_embd), dtype=np.float32).astype(np.float16)
+    tensors = {"token_embd.weight": embeddings}  # no output.weight: tied to the embeddings, as in Qwen2.5-0.5B
+    tensors.update(_random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                                  n_ff=n_ff, mix=1.0))
+    tensors["output_norm.weight"] = np.ones(n_embd, np.float32)
+    return _write_gguf(Path(path), name="edge-server synthetic model of a real shape (random weights)",
+                       tokens=tokens, types=types, merges=merges, tensors=tensors, n_layer=n_layer, n_embd=n_embd,
+                       n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff, context_length=context_length)
 
 
 def _script_chain(script: Sequence[bytes], ids: dict[str, int]) -> list[int]:

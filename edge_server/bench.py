@@ -1,0 +1,343 @@
+"""`make bench`: raw llama-cpp-python against the server on one model and prompt, with figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
+TARGETS = {
+    "decode_ratio_min": 0.97,
+    "aggregate_4_over_1_min": 1.7,
+    "warm_over_cold_ttft_max": 0.1,
+    "rss_over_raw_max_mb": 80,
+}
+
+
+# ---- the model -------------------------------------------------------------------------------
+
+def ensure_bench_model(path: Path = BENCH_MODEL) -> Path:
+    """The random-weight Qwen2.5-0.5B-shaped Q4_K_M model, generated and quantized once."""
+    if path.is_file():
+        return path
+    import llama_cpp
+
+    from .synthetic import QWEN25_05B_SHAPE, write_shaped_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f16 = path.with_suffix(".f16.tmp")
+    print(f"generating {path.name} (random weights, Qwen2.5-0.5B shape) ...", flush=True)
+    write_shaped_model(f16, **QWEN25_05B_SHAPE)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = os.cpu_count() or 1
+    partial = path.with_suffix(".partial")
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(partial).encode(), params) != 0:
+        raise SystemExit("quantizing the bench model failed")
+    f16.unlink()
+    partial.rename(path)
+    return path
+
+
+def end_of_turn_bias(model: Path) -> dict[str, float]:
+    """`logit_bias` that bans the end-of-turn tokens, so every stream runs to `max_tokens`."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    ids = {tid for text in END_OF_TURN for tid in vocab.tokenize(text.encode(), add_bos=False, special=True)}
+    return {str(tid): -100.0 for tid in sorted(ids)}
+
+
+def shared_prompt(words: int = 520) -> str:
+    """A system prompt of about 700 tokens on Qwen's tokenizer (and on the generated one)."""
+    text = ("You are a careful assistant for an offline desktop. Answer precisely, cite the notes you "
+            "were given, and keep answers short unless asked for detail. ")
+    return " ".join((text * 40).split()[:words])
+
+
+def messages(system: str, user: str) -> list[dict]:
+    """A two-turn chat."""
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+# ---- raw llama-cpp-python (run in its own process, for its own peak RSS) ------------------------
+
+def raw_run(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dict[str, float]) -> dict:
+    """Decode rate and TTFT of llama-cpp-python's own `Llama` on the bench prompt, no server."""
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llama = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    formatter = Jinja2ChatFormatter(template=llama.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
+                                    bos_token="<|endoftext|>")
+    prompt = formatter(messages=messages(shared_prompt(), "Summarise the notes.")).prompt
+    tokens = llama.tokenize(prompt.encode(), add_bos=False, special=True)
+    started = time.perf_counter()
+    stamps = []
+    for _ in llama.create_completion(tokens, max_tokens=max_tokens, temperature=0.0, stream=True,
+                                     logit_bias={int(k): v for k, v in bias.items()}):
+        stamps.append(time.perf_counter())
+    return {"prompt_tokens": len(tokens), "completion_tokens": len(stamps), "ttft_s": stamps[0] - started,
+            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "peak_rss_mb": peak_rss_mb(os.getpid())}
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory (VmHWM) of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---- the server ------------------------------------------------------------------------------
+
+class Stream:
+    """One streamed chat request, timed per content delta."""
+
+    def __init__(self, base_url: str, body: dict):
+        self.base_url, self.body = base_url, body
+        self.sent = self.first = self.last = 0.0
+        self.deltas = 0
+        self.usage: dict = {}
+        self.finish: str | None = None
+
+    def run(self) -> Stream:
+        self.sent = time.perf_counter()
+        body = {**self.body, "stream": True, "stream_options": {"include_usage": True}}
+        with requests.post(self.base_url + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    self.usage = chunk["usage"]
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        now = time.perf_counter()
+                        self.first = self.first or now
+                        self.last = now
+                        self.deltas += 1
+                    self.finish = choice["finish_reason"] or self.finish
+        return self
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.sent
+
+    @property
+    def decode_rate(self) -> float:
+        return (self.usage["completion_tokens"] - 1) / (self.last - self.first)
+
+
+def run_together(base_url: str, bodies: list[dict]) -> tuple[list[Stream], float]:
+    """Start all streams at once; return them and the wall time until the last ended."""
+    streams = [Stream(base_url, body) for body in bodies]
+    threads = [threading.Thread(target=stream.run) for stream in streams]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return streams, time.perf_counter() - started
+
+
+def decode_throughput(streams: list[Stream]) -> float:
+    """Tokens after the first of each stream, per second of time during which any stream decoded."""
+    spans = sorted((s.first, s.last) for s in streams)
+    covered, (start, end) = 0.0, spans[0]
+    for first, last in spans[1:]:
+        if first > end:
+            covered += end - start
+            start, end = first, last
+        else:
+            end = max(end, last)
+    covered += end - start
+    return sum(s.usage["completion_tokens"] - 1 for s in streams) / covered
+
+
+def start_server(model: Path, *, threads: int, parallel: int, port: int, log_path: Path) -> subprocess.Popen:
+    """The real server in a subprocess; returns once /health is 200."""
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge_server", "--model", str(model), "--port", str(port), "--threads", str(threads),
+         "--parallel", str(parallel), "--max-queue", "64"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited; see {log_path}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not become ready")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- the run ---------------------------------------------------------------------------------
+
+def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Path) -> dict:
+    """Measure everything in one run and return the results."""
+    bias = end_of_turn_bias(model)
+    n_ctx = 4096
+    print("raw llama-cpp-python ...", flush=True)
+    raw = json.loads(subprocess.run(
+        [sys.executable, "-m", "edge_server.bench", "--raw-worker", str(model), "--threads", str(threads),
+         "--n-ctx", str(n_ctx * parallel), "--max-tokens", str(max_tokens), "--bias", json.dumps(bias)],
+        cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    server = start_server(model, threads=threads, parallel=parallel, port=port, log_path=out / "server.log")
+    base_url = f"http://127.0.0.1:{port}"
+    prompt = shared_prompt()
+
+    def body(user: str, system: str = prompt) -> dict:
+        return {"model": "bench", "messages": messages(system, user), "max_tokens": max_tokens,
+                "temperature": 0.0, "logit_bias": bias}
+
+    try:
+        print("server, one stream ...", flush=True)
+        single = Stream(base_url, body("Summarise the notes.")).run()
+        print("server, concurrency ...", flush=True)
+        run_together(base_url, [body(f"Warm-up {i}.") for i in range(parallel)])  # every slot caches the prompt
+        concurrency, finish_reasons = {}, {}
+        for n in (1, 2, 4, 8):
+            streams, wall = run_together(base_url, [body(f"Question {i} of {n}.") for i in range(n)])
+            concurrency[n] = {"decode_tok_s": decode_throughput(streams),
+                              "end_to_end_tok_s": sum(s.usage["completion_tokens"] for s in streams) / wall,
+                              "mean_ttft_s": sum(s.ttft for s in streams) / n}
+            for s in streams:
+                finish_reasons[s.finish] = finish_reasons.get(s.finish, 0) + 1
+            if n == 4:
+                rss_at_4 = peak_rss_mb(server.pid)
+        print("server, prefix cache ...", flush=True)
+        fresh = f"Session {uuid.uuid4().hex}. " + prompt  # a prefix no slot holds
+        cold = Stream(base_url, body("First question.", fresh)).run()
+        warm = Stream(base_url, body("Second question.", fresh)).run()
+        server_rss = peak_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    results = {
+        "model": str(model), "threads": threads, "parallel": parallel, "max_tokens": max_tokens,
+        "prompt_tokens": raw["prompt_tokens"], "raw": raw,
+        "server_single": {"ttft_s": single.ttft, "decode_tok_s": single.decode_rate,
+                          "completion_tokens": single.usage["completion_tokens"]},
+        "concurrency": concurrency,
+        "prefix_cache": {"cold_ttft_s": cold.ttft, "warm_ttft_s": warm.ttft},
+        "rss_mb": {"raw_peak": raw["peak_rss_mb"], "server_peak_at_4_streams": rss_at_4, "server_peak": server_rss},
+        "finish_reasons": finish_reasons,
+    }
+    results["checks"] = {
+        "decode_ratio": single.decode_rate / raw["decode_tok_s"],
+        "aggregate_4_over_1": concurrency[4]["decode_tok_s"] / concurrency[1]["decode_tok_s"],
+        "warm_over_cold_ttft": warm.ttft / cold.ttft,
+        "rss_over_raw_mb": rss_at_4 - raw["peak_rss_mb"],
+        "all_streams_ran_to_max_tokens": set(finish_reasons) == {"length"},
+    }
+    results["targets"] = TARGETS
+    return results
+
+
+def markdown(results: dict) -> str:
+    """The results as a markdown table."""
+    raw, single, checks = results["raw"], results["server_single"], results["checks"]
+    lines = [
+        f"Model `{Path(results['model']).name}`, {results['prompt_tokens']}-token prompt, "
+        f"{results['max_tokens']} tokens per stream, {results['threads']} threads, --parallel {results['parallel']}.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| raw llama-cpp-python decode | {raw['decode_tok_s']:.2f} tok/s | |",
+        f"| raw TTFT | {raw['ttft_s']:.2f} s | |",
+        f"| server single-stream decode | {single['decode_tok_s']:.2f} tok/s | |",
+        f"| server TTFT (cold prompt) | {single['ttft_s']:.2f} s | |",
+        f"| server / raw decode | {checks['decode_ratio']:.3f} | >= {TARGETS['decode_ratio_min']} |",
+    ]
+    for n, row in results["concurrency"].items():
+        lines.append(f"| {n} streams: aggregate decode | {row['decode_tok_s']:.2f} tok/s "
+                     f"(end to end {row['end_to_end_tok_s']:.2f}) | |")
+    lines += [
+        f"| 4 streams / 1 stream | {checks['aggregate_4_over_1']:.2f} | >= {TARGETS['aggregate_4_over_1_min']} |",
+        f"| cold / warm prefix TTFT | {results['prefix_cache']['cold_ttft_s']:.2f} s / "
+        f"{results['prefix_cache']['warm_ttft_s']:.3f} s | |",
+        f"| warm / cold TTFT | {checks['warm_over_cold_ttft']:.3f} | <= {TARGETS['warm_over_cold_ttft_max']} |",
+        f"| peak RSS raw / server at 4 streams | {results['rss_mb']['raw_peak']:.0f} MB / "
+        f"{results['rss_mb']['server_peak_at_4_streams']:.0f} MB | |",
+        f"| server RSS over raw | {checks['rss_over_raw_mb']:.0f} MB | <= {TARGETS['rss_over_raw_max_mb']} MB |",
+        f"| finish reasons | {results['finish_reasons']} | all `length` |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Aggregate throughput against concurrency, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [int(n) for n in results["concurrency"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ns, [results["concurrency"][n]["decode_tok_s"] for n in results["concurrency"]], "o-",
+            label="aggregate decode")
+    ax.plot(ns, [results["concurrency"][n]["end_to_end_tok_s"] for n in results["concurrency"]], "s--",
+            label="end to end (with prefill)")
+    ax.axhline(results["raw"]["decode_tok_s"], color="grey", linestyle=":", label="raw llama-cpp-python, 1 stream")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("tokens / s")
+    ax.set_xticks(ns)
+    ax.set_title(f"edge-server throughput ({results['threads']} threads, --parallel {results['parallel']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --raw-worker, only the raw llama-cpp-python measurement)."""
+    parser = argparse.ArgumentParser(prog="python -m edge_server.bench", description=__doc__)
+    parser.add_argument("--model", type=Path, help="GGUF to measure (default: the generated 0.5B-shape model)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--n-ctx", type=int, default=4096, help=argparse.SUPPRESS)
+    parser.add_argument("--bias", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.raw_worker:
+        print(json.dumps(raw_run(args.raw_worker, threads=args.threads, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
+                                 bias=json.loads(args.bias))))
+        return 0
+    model = args.model or ensure_bench_model()
+    results = bench(model, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, out=args.out)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(results))
+    plot(results, args.out / "throughput.png")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
