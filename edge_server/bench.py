@@ -50,20 +50,27 @@ def ensure_bench_model(path: Path = BENCH_MODEL) -> Path:
     return path
 
 
-def end_of_turn_bias(model: Path) -> dict[str, float]:
-    """`logit_bias` that bans the end-of-turn tokens, so every stream runs to `max_tokens`."""
+def load_vocab(model: Path):
+    """The model's tokenizer only (no weights)."""
     import llama_cpp
 
-    vocab = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    return llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+
+
+def end_of_turn_bias(vocab) -> dict[str, float]:
+    """`logit_bias` that bans the end-of-turn tokens, so every stream runs to `max_tokens`."""
     ids = {tid for text in END_OF_TURN for tid in vocab.tokenize(text.encode(), add_bos=False, special=True)}
     return {str(tid): -100.0 for tid in sorted(ids)}
 
 
-def shared_prompt(words: int = 520) -> str:
-    """A system prompt of about 700 tokens on Qwen's tokenizer (and on the generated one)."""
-    text = ("You are a careful assistant for an offline desktop. Answer precisely, cite the notes you "
-            "were given, and keep answers short unless asked for detail. ")
-    return " ".join((text * 40).split()[:words])
+def shared_prompt(vocab, tokens: int = 680) -> str:
+    """A system prompt of about `tokens` tokens on this model's tokenizer (~700 with the chat template)."""
+    words = ("You are a careful assistant for an offline desktop. Answer precisely, cite the notes you "
+             "were given, and keep answers short unless asked for detail. ").split() * 200
+    count = 10
+    while len(vocab.tokenize(" ".join(words[:count]).encode(), add_bos=False)) < tokens:
+        count += 10
+    return " ".join(words[:count])
 
 
 def messages(system: str, user: str) -> list[dict]:
@@ -73,7 +80,7 @@ def messages(system: str, user: str) -> list[dict]:
 
 # ---- raw llama-cpp-python (run in its own process, for its own peak RSS) ------------------------
 
-def raw_run(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dict[str, float]) -> dict:
+def raw_run(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dict[str, float], system: str) -> dict:
     """Decode rate and TTFT of llama-cpp-python's own `Llama` on the bench prompt, no server."""
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -81,7 +88,7 @@ def raw_run(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dic
     llama = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     formatter = Jinja2ChatFormatter(template=llama.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
                                     bos_token="<|endoftext|>")
-    prompt = formatter(messages=messages(shared_prompt(), "Summarise the notes.")).prompt
+    prompt = formatter(messages=messages(system, "Summarise the notes.")).prompt
     tokens = llama.tokenize(prompt.encode(), add_bos=False, special=True)
     started = time.perf_counter()
     stamps = []
@@ -199,18 +206,20 @@ def free_port() -> int:
 
 def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Path) -> dict:
     """Measure everything in one run and return the results."""
-    bias = end_of_turn_bias(model)
+    vocab = load_vocab(model)
+    bias = end_of_turn_bias(vocab)
+    prompt = shared_prompt(vocab)
     n_ctx = 4096
     print("raw llama-cpp-python ...", flush=True)
     raw = json.loads(subprocess.run(
         [sys.executable, "-m", "edge_server.bench", "--raw-worker", str(model), "--threads", str(threads),
-         "--n-ctx", str(n_ctx * parallel), "--max-tokens", str(max_tokens), "--bias", json.dumps(bias)],
+         "--n-ctx", str(n_ctx * parallel), "--max-tokens", str(max_tokens), "--bias", json.dumps(bias),
+         "--system", prompt],
         cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
     server = start_server(model, threads=threads, parallel=parallel, port=port, log_path=out / "server.log")
     base_url = f"http://127.0.0.1:{port}"
-    prompt = shared_prompt()
 
     def body(user: str, system: str = prompt) -> dict:
         return {"model": "bench", "messages": messages(system, user), "max_tokens": max_tokens,
@@ -325,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n-ctx", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--bias", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--system", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.raw_worker:
         print(json.dumps(raw_run(args.raw_worker, threads=args.threads, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
-                                 bias=json.loads(args.bias))))
+                                 bias=json.loads(args.bias), system=args.system)))
         return 0
     model = args.model or ensure_bench_model()
     results = bench(model, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, out=args.out)
