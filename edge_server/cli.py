@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--port", type=int, help="port (default: 8000)")
     flag("--n-ctx", type=int, help="tokens per request, prompt + completion (default: min(4096, model's training context))")
     flag("--n-gpu-layers", help="layers to offload: auto (all when the build can), or a number (default: auto)")
+    flag("--flash-attn", choices=["auto", "on", "off"],
+         help="flash attention: auto lets llama.cpp decide (on GPUs; on CPUs it speeds prompts, slows decoding ~1%%)")
     flag("--threads", type=int, help="CPU threads (default: all available cores)")
     flag("--parallel", type=int, help="requests decoded together; the KV cache holds this many --n-ctx sequences (default: 4)")
     flag("--max-queue", type=int, help="requests that may wait before 429 (default: 16)")

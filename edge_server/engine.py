@@ -198,6 +198,7 @@ class Engine:
         threads: int,
         parallel: int = 1,
         max_queue: int = 16,
+        flash_attn: str = "auto",
     ) -> Engine:
         """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
 
@@ -219,6 +220,11 @@ class Engine:
         context_params.n_batch = context_params.n_ubatch = BATCH_TOKENS
         context_params.n_threads = context_params.n_threads_batch = threads
         context_params.no_perf = True
+        context_params.flash_attn_type = {
+            "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[flash_attn]
         try:
             model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
             context = internals.LlamaContext(model=model, params=context_params, verbose=False)

@@ -64,7 +64,8 @@ def serve(settings: Settings) -> int:
 def _load(settings: Settings, resolved, state: ServerState) -> None:
     try:
         engine = Engine.load(resolved.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
-                             threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue)
+                             threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
+                             flash_attn=settings.flash_attn)
     except ModelLoadError as error:
         log.error("%s", error)
         logging.shutdown()

@@ -32,6 +32,7 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default min(4096, trained)")
     n_gpu_layers: int | Literal["auto"] = "auto"
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     threads: int = Field(default_factory=available_cores, ge=1)
     parallel: int = Field(4, ge=1, le=64)
     max_queue: int = Field(16, ge=0, le=4096)
