@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 
 def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     """The Flask app; `served` may be attached later (GET /health answers 503 until then)."""
+    from .chatpage import page
+    from .openapi import spec
     from .routes import api
     from .state import ServerState
 
@@ -29,5 +31,7 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
         state.attach(served)
     app.extensions["edge_server"] = state
     app.register_blueprint(api)
+    app.register_blueprint(page)
+    app.register_blueprint(spec)
     register_error_handlers(app)
     return app
