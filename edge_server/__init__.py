@@ -18,8 +18,10 @@ __version__ = "0.1.0"
 def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     """The Flask app; `served` may be attached later (GET /health answers 503 until then)."""
     from .chatpage import page
+    from .observability import Metrics, register_observability
     from .openapi import spec
     from .routes import api
+    from .security import register_security
     from .state import ServerState
 
     app = Flask(__name__)
@@ -30,6 +32,8 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     if served is not None:
         state.attach(served)
     app.extensions["edge_server"] = state
+    register_observability(app, Metrics(running=state.running, queued=state.queued))
+    register_security(app, settings)
     app.register_blueprint(api)
     app.register_blueprint(page)
     app.register_blueprint(spec)

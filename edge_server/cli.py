@@ -1,4 +1,4 @@
-"""`edge-server [serve] [flags]`: flags and environment -> `Settings`, then serve."""
+"""`edge-server [serve] [flags]` (flags and environment -> `Settings`, then serve), `pull`, `models`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -13,15 +14,14 @@ from .settings import EXIT_CONFIG, Settings, load_settings
 
 log = logging.getLogger("edge_server")
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; every flag defaults to None so the environment can fill it in."""
     parser = argparse.ArgumentParser(
         prog="edge-server",
         description="OpenAI-compatible chat server for GGUF Qwen models. Every flag also reads EDGE_<FLAG>.",
     )
-    parser.add_argument("command", nargs="?", choices=["serve"], default="serve", help="what to do (default: serve)")
+    parser.add_argument("command", nargs="?", choices=["serve"], default="serve",
+                        help="serve (default); also: 'edge-server pull [REPO/FILE]', 'edge-server models'")
     flag = parser.add_argument
     flag("--model", help="GGUF path, file name in models/, or OWNER/REPO/FILE.gguf on Hugging Face")
     flag("--models-dir", help="where models are found and downloaded (default: models)")
@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--parallel", type=int, help="requests decoded together; the KV cache holds this many --n-ctx sequences (default: 4)")
     flag("--max-queue", type=int, help="requests that may wait before 429 (default: 16)")
     flag("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* routes")
+    flag("--api-key-file", help="read the API key from this file (keeps it out of the process list)")
+    flag("--cors-origin", action="append",
+         help="allow browser pages from this origin (repeatable; '*' for any); CORS is off by default")
+    flag("--shutdown-grace", type=float, help="seconds open streams get to finish on SIGTERM/Ctrl-C (default: 10)")
     flag("--model-alias", help="the model id /v1/models shows (default: the file name)")
     flag("--max-body-bytes", type=int, help="largest request body accepted (default: 10 MiB)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
@@ -49,20 +53,69 @@ def parse_settings(argv: Sequence[str] | None) -> Settings:
         return load_settings(args)
     except ValidationError as error:
         first = error.errors(include_url=False)[0]
-        name = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "settings"
-        print(f"edge-server: invalid {name}: {first['msg']}", file=sys.stderr)
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            message = f"invalid --{str(first['loc'][0]).replace('_', '-')}: {message}"
+        print(f"edge-server: {message}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+
+
+def configure_logging(level: str) -> None:
+    """One log format for the server, llama.cpp's wrapper and waitress."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the demo model writer narrates every file
+
+
+def pull(argv: Sequence[str]) -> int:
+    """`edge-server pull [OWNER/REPO/FILE.gguf]`: download a GGUF into models/ (default: Qwen2.5)."""
+    from .engine import ModelLoadError
+    from .modelstore import DEFAULT_FILE, DEFAULT_REPO, download, split_hub_spec
+
+    parser = argparse.ArgumentParser(prog="edge-server pull", description=pull.__doc__)
+    parser.add_argument("spec", nargs="?", help=f"default: {DEFAULT_REPO}/{DEFAULT_FILE}")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    args = parser.parse_args(argv)
+    configure_logging("info")
+    try:
+        repo, filename = split_hub_spec(args.spec) if args.spec else (DEFAULT_REPO, DEFAULT_FILE)
+        print(download(repo, filename, args.models_dir))
+    except ModelLoadError as error:
+        print(f"edge-server pull: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+def list_models(argv: Sequence[str]) -> int:
+    """`edge-server models`: the GGUFs in models/, described from their metadata."""
+    from .modelstore import local_models
+
+    parser = argparse.ArgumentParser(prog="edge-server models", description=list_models.__doc__)
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    args = parser.parse_args(argv)
+    rows = [("FILE", "SIZE", "ARCH", "QUANT", "CONTEXT", "TEMPLATE")]
+    for model in local_models(args.models_dir):
+        if model.error:
+            rows.append((model.file, f"{model.size_bytes / 1e6:.1f} MB", "-", "-", "-", model.error))
+        else:
+            rows.append((model.file, f"{model.size_bytes / 1e6:.1f} MB", model.architecture, model.quantization,
+                         str(model.context_length or "?"), "yes" if model.chat_template else "no"))
+    if len(rows) == 1:
+        print(f"no GGUF models in {args.models_dir}/ (edge-server pull downloads one)")
+        return 0
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("pull", "models"):
+        return (pull if argv[0] == "pull" else list_models)(argv[1:])
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("gguf").setLevel(logging.WARNING)  # the demo model writer narrates every file
+    configure_logging(settings.log_level)
     from .server import serve
 
     return serve(settings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -54,16 +53,7 @@ class APIError(Exception):
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Answer every error, expected or not, with the envelope; give each request an id."""
-
-    @app.before_request
-    def _assign_request_id():
-        g.request_id = request.headers.get("X-Request-Id") or f"req_{uuid.uuid4().hex[:20]}"
-
-    @app.after_request
-    def _echo_request_id(response):
-        response.headers["X-Request-Id"] = getattr(g, "request_id", "")
-        return response
+    """Answer every error, expected or not, with the envelope."""
 
     @app.errorhandler(APIError)
     def _api_error(error: APIError):

@@ -122,3 +122,41 @@ def download(repo: str, filename: str, models_dir: Path, *, timeout: float = 10.
     except (HfHubHTTPError, OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"download of {repo}/{filename} failed: {first_line}") from None
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """What a GGUF file is, read from its metadata (not from its name)."""
+
+    file: str
+    size_bytes: int
+    architecture: str = "?"
+    quantization: str = "?"
+    context_length: int | None = None
+    chat_template: bool = False
+    error: str | None = None
+
+
+def describe_gguf(path: Path) -> LocalModel:
+    """Read a GGUF's metadata; a file that is not a readable GGUF gets `error` set."""
+    import gguf
+
+    size = path.stat().st_size
+    try:
+        fields = gguf.GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        file_type = fields.get("general.file_type")
+        quantization = gguf.LlamaFileType(file_type.contents()).name.removeprefix("MOSTLY_") if file_type else "?"
+        context = fields.get(f"{arch}.context_length")
+        return LocalModel(path.name, size, arch, quantization, int(context.contents()) if context else None,
+                          "tokenizer.chat_template" in fields)
+    except (KeyError, ValueError, OSError, IndexError) as error:
+        return LocalModel(path.name, size, error=f"not a readable GGUF ({type(error).__name__}: {error})")
+
+
+def local_models(models_dir: Path) -> list[LocalModel]:
+    """Every `*.gguf` in `models_dir` and its generated/ folder, newest first."""
+    root = Path(models_dir)
+    paths = [p for pattern in ("*.gguf", f"{GENERATED_DIR}/*.gguf") for p in root.glob(pattern) if p.is_file()]
+    paths.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [describe_gguf(p) for p in paths]

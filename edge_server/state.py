@@ -41,6 +41,14 @@ class ServerState:
     served: ServedModel | None = None
     loaded: threading.Event = field(default_factory=threading.Event)
 
+    def running(self) -> int:
+        """Requests holding a slot (0 while loading)."""
+        return self.served.engine.running if self.served else 0
+
+    def queued(self) -> int:
+        """Requests waiting for a slot (0 while loading)."""
+        return self.served.engine.queued if self.served else 0
+
     def attach(self, served: ServedModel) -> None:
         """Start answering with a loaded model."""
         self.served = served

@@ -1,0 +1,80 @@
+"""Request ids, the access log, and Prometheus metrics (`GET /metrics`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+access_log = logging.getLogger("edge_server.access")
+metrics_api = Blueprint("metrics", __name__)
+
+
+class Metrics:
+    """The metrics of one app, in its own registry (no module-level state)."""
+
+    def __init__(self, running: Callable[[], int], queued: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edge_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.prompt_tokens = Counter("edge_prompt_tokens", "Prompt tokens of generation requests",
+                                     registry=self.registry)
+        self.completion_tokens = Counter("edge_completion_tokens", "Tokens generated", registry=self.registry)
+        self.ttft = Histogram("edge_time_to_first_token_seconds", "Time from request to first token",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.decode_rate = Histogram("edge_decode_tokens_per_second", "Decode rate of each generation",
+                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+                                     registry=self.registry)
+        Gauge("edge_queue_depth", "Requests waiting for a slot", registry=self.registry).set_function(queued)
+        Gauge("edge_busy_slots", "Slots running a request", registry=self.registry).set_function(running)
+
+    def observe_generation(self, prompt_tokens: int, completion_tokens: int, ttft: float | None,
+                           rate: float) -> None:
+        """Count one finished generation."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if rate > 0:
+            self.decode_rate.observe(rate)
+
+
+def route_label() -> str:
+    """The matched route's pattern (bounded label values), or 'unmatched'."""
+    return request.url_rule.rule if request.url_rule is not None else "unmatched"
+
+
+def defer_access_log() -> None:
+    """Mark this request as logging its own access line when its generation ends."""
+    g.access_log_deferred = True
+
+
+def register_observability(app: Flask, metrics: Metrics) -> None:
+    """Give each request an id (echoed as X-Request-Id), count it, and log it."""
+    app.extensions["edge_server_metrics"] = metrics
+    app.register_blueprint(metrics_api)
+
+    @app.before_request
+    def _start():
+        g.request_id = request.headers.get("X-Request-Id") or f"req_{uuid.uuid4().hex[:20]}"
+        g.started = time.monotonic()
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-Id"] = getattr(g, "request_id", "")
+        metrics.requests.labels(route_label(), str(response.status_code)).inc()
+        if not g.get("access_log_deferred"):
+            access_log.info("%s %s %s %s %.0fms", g.get("request_id", "-"), request.method, request.path,
+                            response.status_code, (time.monotonic() - g.get("started", time.monotonic())) * 1000)
+        return response
+
+
+@metrics_api.get("/metrics")
+def metrics_text():
+    """Prometheus text exposition of this app's metrics."""
+    registry = current_app.extensions["edge_server_metrics"].registry
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

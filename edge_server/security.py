@@ -1,0 +1,60 @@
+"""What keeps an edge server on someone's laptop safe: API key, CORS allowlist, bind warnings."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+
+from flask import Flask, Response, request
+
+from .errors import APIError
+from .settings import Settings
+
+log = logging.getLogger("edge_server")
+PROTECTED_PREFIX = "/v1/"
+
+
+def register_security(app: Flask, settings: Settings) -> None:
+    """Bearer auth on /v1/* (when a key is set) and CORS for the allowed origins (off by default)."""
+    origins = set(settings.cors_origin)
+
+    @app.before_request
+    def _preflight_then_auth():
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return Response(status=204)  # answered before auth: browsers send no credentials here
+        if settings.api_key is not None and request.path.startswith(PROTECTED_PREFIX):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+                raise APIError("Missing or wrong API key: send 'Authorization: Bearer <key>'.", status=401,
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    @app.after_request
+    def _cors_headers(response: Response) -> Response:
+        origin = request.headers.get("Origin", "").rstrip("/")
+        if origin and ("*" in origins or origin in origins):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+            response.headers["Access-Control-Max-Age"] = "600"
+            response.vary.add("Origin")
+        return response
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Log a warning when the server listens beyond this machine with no API key."""
+    if settings.api_key is None and not is_loopback(settings.host):
+        log.warning("listening on %s without an API key: anyone who can reach this machine can use the model "
+                    "(set --api-key or EDGE_API_KEY, or bind --host 127.0.0.1)", settings.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address or name."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
