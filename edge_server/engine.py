@@ -23,6 +23,7 @@ log = logging.getLogger("edge_server.engine")
 DEFAULT_N_CTX = 4096
 BATCH_TOKENS = 512  # most tokens one decode step takes (llama.cpp's n_batch)
 PROMPT_CHUNK = 256  # prompt tokens per step: bounds how long a new prompt stalls running streams
+SHUTTING_DOWN = "shutting_down"
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 
 
@@ -73,6 +74,7 @@ class Finish:
 
     reason: str
     error: str | None = None
+    code: str = "generation_failed"  # the error envelope's code when reason == "error"
 
 
 class TokenStream:
@@ -182,6 +184,8 @@ class Engine:
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._closing = False
+        self._draining = False  # shutting down: no new jobs start
+        self._abort_reason: str | None = None  # set: running jobs end with this error at the next step
         self.reused_tokens = 0  # prompt tokens served from the prefix cache, since start
         self._worker = threading.Thread(target=self._work, name="edge-engine", daemon=True)
         self._worker.start()
@@ -270,7 +274,7 @@ class Engine:
             raise ValueError("job does not fit the context")
         stream = TokenStream()
         with self._submit_lock:
-            if self._closing or self.queued >= self._max_queue + (self.parallel - self.running):
+            if self._closing or self._draining or self.queued >= self._max_queue + (self.parallel - self.running):
                 raise QueueFull
             self._pending.put((job, stream))
         return stream
@@ -284,6 +288,18 @@ class Engine:
     def queued(self) -> int:
         """Jobs waiting for a free slot."""
         return self._pending.qsize()
+
+    def drain(self, grace_seconds: float, reason: str = "the server is shutting down") -> None:
+        """Start no more jobs (waiting ones end with an error), let running ones finish for up to
+        `grace_seconds`, then end those with an error too. Blocks until no job runs."""
+        self._draining = True
+        self._pending.put(None)  # wakes an idle worker so that it sees the drain
+        deadline = time.monotonic() + grace_seconds
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._abort_reason = reason
+        while self.running or self.queued:
+            time.sleep(0.02)
 
     def close(self) -> None:
         """Stop the worker after the current step; running and queued jobs end as cancelled."""
@@ -312,6 +328,9 @@ class Engine:
 
     def _admit(self) -> None:
         """Move waiting jobs into free slots; blocks while nothing at all is to be done."""
+        if self._draining:
+            self._refuse_waiting("the server is shutting down")
+            return
         while True:
             free = [slot for slot in self._slots if slot.job is None]
             if not free:
@@ -321,8 +340,7 @@ class Engine:
                 item = self._pending.get_nowait() if busy else self._pending.get()
             except queue.Empty:
                 return
-            if item is None:
-                self._closing = True
+            if item is None:  # close() (which set _closing) or drain() waking us
                 return
             job, stream = item
             if stream.cancelled:
@@ -330,6 +348,17 @@ class Engine:
                 continue
             slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.last_used))
             self._start(slot, job, stream)
+
+    def _refuse_waiting(self, reason: str) -> None:
+        while True:
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1]._emit(Finish("error", reason, SHUTTING_DOWN))
+        if not any(slot.job for slot in self._slots):
+            time.sleep(0.02)  # nothing runs: idle politely until close() or new (refused) jobs
 
     def _start(self, slot: _Slot, job: Job, stream: TokenStream) -> None:
         # Keep the longest common prefix in the KV cells, but always decode at least one prompt
@@ -349,6 +378,8 @@ class Engine:
         for slot in active:
             if slot.stream.cancelled:
                 self._end(slot, Finish("cancelled"))
+            elif self._abort_reason is not None:
+                self._end(slot, Finish("error", self._abort_reason, SHUTTING_DOWN))
         active = [slot for slot in active if slot.job is not None]
         batch = self._batch.batch
         batch.n_tokens = 0

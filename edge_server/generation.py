@@ -32,6 +32,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None
     first_token_seconds: float | None = None
 
 
@@ -159,6 +160,7 @@ class Generation:
     def _finish(self, finish: Finish) -> None:
         if finish.reason == "error":
             self.outcome.error = finish.error or "generation failed"
+            self.outcome.error_code = finish.code
         if finish.reason == "length" and not self._stops.stopped:
             self.outcome.finish_reason = "length"
         elif self._extractor is not None and self._extractor.calls:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 
 from . import sse
+from .engine import SHUTTING_DOWN
 from .errors import APIError, error_body
 from .generation import HEARTBEAT, ClientGone, Collected, Generation, Outcome
 from .schemas import (
@@ -37,7 +38,8 @@ def _usage(outcome: Outcome) -> Usage:
 
 def _raise_if_failed(outcome: Outcome) -> None:
     if outcome.error:
-        raise APIError(outcome.error, status=500, type="server_error", code="generation_failed")
+        status = 503 if outcome.error_code == SHUTTING_DOWN else 500
+        raise APIError(outcome.error, status=status, type="server_error", code=outcome.error_code)
 
 
 def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seconds: float) -> float:
@@ -179,7 +181,7 @@ def _stream_body(
         raise
     if outcome.error:
         on_end(outcome)
-        yield sse.event(error_body(outcome.error, type="server_error", code="generation_failed"))
+        yield sse.event(error_body(outcome.error, type="server_error", code=outcome.error_code))
         return
     yield finish_event(outcome.finish_reason)
     if usage_event is not None:

@@ -28,7 +28,10 @@ def server_state() -> ServerState:
 
 
 def served_model() -> ServedModel:
-    """The loaded model, or a 503 while it is still loading."""
+    """The loaded model, or a 503 while it is still loading or the server is shutting down."""
+    if server_state().shutting_down:
+        raise APIError("The server is shutting down; retry against its next start.", status=503,
+                       code="shutting_down", headers={"Retry-After": "5"})
     served = server_state().served
     if served is None:
         raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
@@ -39,6 +42,8 @@ def served_model() -> ServedModel:
 @api.get("/health")
 def health():
     state = server_state()
+    if state.shutting_down:
+        return jsonify({"status": "shutting_down"}), 503
     if state.served is None:
         return jsonify({"status": "loading"}), 503
     engine = state.served.engine

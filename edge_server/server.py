@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 
 from waitress.server import create_server
 
@@ -53,14 +56,59 @@ def serve(settings: Settings) -> int:
     threading.Thread(target=_load, args=(settings, resolved, state), name="edge-loader", daemon=True).start()
     log.info("listening on http://%s:%s (model loading; GET /health is 503 until ready)",
              settings.host, server.effective_port)
+    shutdown = GracefulShutdown(server, state, settings.shutdown_grace)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, shutdown.begin)
     try:
         server.run()
     except KeyboardInterrupt:
-        log.info("interrupted; shutting down")
+        if not shutdown.started:
+            log.info("interrupted; shutting down at once")
     finally:
         if state.served is not None:
             state.served.engine.close()
+    log.info("stopped")
     return 0
+
+
+class GracefulShutdown:
+    """On SIGTERM or Ctrl-C: stop accepting, let open streams end within the grace period, then stop.
+
+    A second signal stops at once.
+    """
+
+    def __init__(self, server, state: ServerState, grace_seconds: float):
+        self._server = server
+        self._state = state
+        self._grace = grace_seconds
+        self.started = False
+
+    def begin(self, signum: int, frame) -> None:
+        """The signal handler (runs on the main thread, inside waitress's loop)."""
+        if self.started:
+            raise KeyboardInterrupt
+        self.started = True
+        self._state.shutting_down = True
+        running = self._state.running()
+        log.info("%s: no new connections; %d running request(s) get up to %gs to finish",
+                 signal.Signals(signum).name, running, self._grace)
+        self._server.accepting = False  # not readable any more: nothing new is accepted
+        # Close the listener from inside the loop: here, select() may be about to use its descriptor.
+        self._server.trigger.pull_trigger(self._stop_listening)
+        threading.Thread(target=self._drain, name="edge-shutdown", daemon=True).start()
+
+    def _stop_listening(self) -> None:
+        self._server.del_channel()
+        self._server.socket.close()
+
+    def _drain(self) -> None:
+        if self._state.served is not None:
+            self._state.served.engine.drain(self._grace)
+        dispatcher = self._server.task_dispatcher
+        deadline = time.monotonic() + 5
+        while (dispatcher.active_count or dispatcher.queue) and time.monotonic() < deadline:
+            time.sleep(0.02)  # let the HTTP threads write the final events
+        _thread.interrupt_main()
 
 
 def _load(settings: Settings, resolved, state: ServerState) -> None:

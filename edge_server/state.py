@@ -40,6 +40,7 @@ class ServerState:
     settings: Settings
     served: ServedModel | None = None
     loaded: threading.Event = field(default_factory=threading.Event)
+    shutting_down: bool = False
 
     def running(self) -> int:
         """Requests holding a slot (0 while loading)."""
