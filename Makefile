@@ -45,7 +45,7 @@ WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(
 STAMP := $(VENV)/.edge-installed-$(BACKEND)$(CPU_VARIANT)
 TEST_MODEL := models/generated/tiny-test.gguf
 
-.PHONY: install install-test run test bench model tiny-model clean
+.PHONY: install install-test run test bench soak model tiny-model clean
 
 install: $(STAMP)
 
@@ -84,6 +84,9 @@ model: install
 bench: install
 	$(PIP) install -q -e '.[bench]'
 	$(PY) -m edge_server.bench $(if $(MODEL),--model $(MODEL))
+
+soak: install-test tiny-model
+	$(PY) -m edge_server.soak --seconds $(or $(SECONDS),90)
 
 clean:
 	rm -rf $(VENV) models/generated .pytest_cache .hypothesis build *.egg-info

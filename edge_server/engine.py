@@ -274,10 +274,16 @@ class Engine:
             raise ValueError("job does not fit the context")
         stream = TokenStream()
         with self._submit_lock:
-            if self._closing or self._draining or self.queued >= self._max_queue + (self.parallel - self.running):
+            if self._closing or self._draining or self._waiting() >= self._max_queue + (self.parallel - self.running):
                 raise QueueFull
             self._pending.put((job, stream))
         return stream
+
+    def _waiting(self) -> int:
+        # Jobs whose clients already left still sit in the queue until the worker drops them;
+        # they must not make a live request wait or be refused.
+        with self._pending.mutex:
+            return sum(1 for item in self._pending.queue if item is not None and not item[1].cancelled)
 
     @property
     def running(self) -> int:
