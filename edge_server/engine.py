@@ -324,13 +324,17 @@ class Engine:
         for slot in self._slots:
             if slot.job is not None:
                 self._end(slot, Finish("cancelled"))
+        self._end_waiting(Finish("cancelled"))
+
+    def _end_waiting(self, finish: Finish) -> None:
+        """End every job still in the queue with `finish`."""
         while True:
             try:
                 item = self._pending.get_nowait()
             except queue.Empty:
                 return
             if item is not None:
-                item[1]._emit(Finish("cancelled"))
+                item[1]._emit(finish)
 
     def _admit(self) -> None:
         """Move waiting jobs into free slots; blocks while nothing at all is to be done."""
@@ -356,13 +360,7 @@ class Engine:
             self._start(slot, job, stream)
 
     def _refuse_waiting(self, reason: str) -> None:
-        while True:
-            try:
-                item = self._pending.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[1]._emit(Finish("error", reason, SHUTTING_DOWN))
+        self._end_waiting(Finish("error", reason, SHUTTING_DOWN))
         if not any(slot.job for slot in self._slots):
             time.sleep(0.02)  # nothing runs: idle politely until close() or new (refused) jobs
 
