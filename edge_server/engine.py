@@ -317,10 +317,17 @@ class Engine:
 
     def _work(self) -> None:
         while not self._closing:
-            self._admit()
-            active = [slot for slot in self._slots if slot.job is not None]
-            if active:
-                self._step(active)
+            try:
+                self._admit()
+                active = [slot for slot in self._slots if slot.job is not None]
+                if active:
+                    self._step(active)
+            except Exception as error:  # the worker must outlive any bug: fail the jobs, keep serving
+                log.exception("engine step failed")
+                for slot in self._slots:
+                    if slot.job is not None:
+                        self._forget(slot)
+                        self._end(slot, Finish("error", f"generation failed: {error}"))
         for slot in self._slots:
             if slot.job is not None:
                 self._end(slot, Finish("cancelled"))
@@ -357,7 +364,13 @@ class Engine:
                 stream._emit(Finish("cancelled"))
                 continue
             slot = max(free, key=lambda s: (_common_prefix(s.cached, job.prompt), -s.last_used))
-            self._start(slot, job, stream)
+            try:
+                self._start(slot, job, stream)
+            except Exception as error:  # e.g. a sampler llama.cpp refuses: only this job fails
+                log.exception("starting a job failed")
+                slot.job = None
+                self._forget(slot)
+                stream._emit(Finish("error", f"generation failed: {error}"))
 
     def _refuse_waiting(self, reason: str) -> None:
         self._end_waiting(Finish("error", reason, SHUTTING_DOWN))
@@ -437,7 +450,8 @@ class Engine:
 
     def _end(self, slot: _Slot, finish: Finish) -> None:
         slot.stream._emit(finish)
-        slot.sampler.close()
+        if slot.sampler is not None:
+            slot.sampler.close()
         slot.job = slot.stream = slot.sampler = None
         slot.next_token = None
         slot.pending_prompt = []
