@@ -71,6 +71,24 @@ def test_unusable_model_file_exits_2_with_one_clear_line(tmp_path, content, word
     assert len(errors) == 1 and words in errors[0], result.stderr
 
 
+def test_architecture_llama_cpp_cannot_load_exits_2_with_one_clear_line(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "alien.gguf"
+    writer = gguf.GGUFWriter(path, "alien")
+    writer.add_context_length(2048)
+    writer.add_tensor("w", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_to_exit("--model", str(path), "--port", str(free_port()))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "alien.gguf" in errors[0] and "Traceback" not in result.stderr
+
+
 def test_port_in_use_exits_2(tiny_model):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
