@@ -171,7 +171,7 @@ class Engine:
     """
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, info: ModelInfo, *,
-                 parallel: int, max_queue: int):
+                 parallel: int, max_queue: int, fault_seed: int | None = None):
         self._model = model
         self._ctx = context
         self._vocab = model.vocab
@@ -180,6 +180,8 @@ class Engine:
         self._slots = [_Slot(seq) for seq in range(parallel)]
         self._pending: queue.Queue[tuple[Job, TokenStream] | None] = queue.Queue()
         self._max_queue = max_queue
+        # Fault injection for the reliability tests: a job with this seed fails on its third token.
+        self._fault_seed = fault_seed
         self._submit_lock = threading.Lock()
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._piece_buffer = ctypes.create_string_buffer(256)
@@ -203,6 +205,7 @@ class Engine:
         parallel: int = 1,
         max_queue: int = 16,
         flash_attn: str = "auto",
+        fault_seed: int | None = None,
     ) -> Engine:
         """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
 
@@ -252,7 +255,7 @@ class Engine:
             add_bos=bool(model.add_bos_token()),
             metadata=metadata,
         )
-        return cls(model, context, info, parallel=parallel, max_queue=max_queue)
+        return cls(model, context, info, parallel=parallel, max_queue=max_queue, fault_seed=fault_seed)
 
     # ---- the HTTP threads' side --------------------------------------------------------------
 
@@ -432,6 +435,8 @@ class Engine:
 
     def _sample(self, slot: _Slot) -> None:
         try:
+            if self._fault_seed is not None and slot.job.sampling.seed == self._fault_seed and slot.produced == 3:
+                raise RuntimeError("injected fault (EDGE_FAULT_SEED)")
             token = slot.sampler.sample(self._ctx, slot.logits_at)
         except Exception as error:  # a failing sampler ends its own job only
             log.exception("sampling failed")

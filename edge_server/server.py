@@ -115,7 +115,7 @@ def _load(settings: Settings, resolved, state: ServerState) -> None:
     try:
         engine = Engine.load(resolved.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
                              threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
-                             flash_attn=settings.flash_attn)
+                             flash_attn=settings.flash_attn, fault_seed=settings.fault_seed)
     except ModelLoadError as error:
         log.error("%s", error)
         logging.shutdown()

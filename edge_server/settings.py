@@ -45,6 +45,7 @@ class Settings(BaseModel):
     download_timeout: float = Field(10.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace: float = Field(10.0, ge=0)
+    fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
 
     @field_validator("cors_origin", mode="before")
     @classmethod
