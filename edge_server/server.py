@@ -109,6 +109,7 @@ class GracefulShutdown:
         while (dispatcher.active_count or dispatcher.queue) and time.monotonic() < deadline:
             time.sleep(0.02)  # let the HTTP threads write the final events
         _thread.interrupt_main()
+        self._server.trigger.pull_trigger()  # wake the loop now rather than at its select() timeout
 
 
 def _load(settings: Settings, resolved, state: ServerState) -> None:

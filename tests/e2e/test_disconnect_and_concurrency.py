@@ -24,7 +24,7 @@ def slow_server(start_server, slow_model):
 def completion_tokens_logged(server, request_id: str) -> int:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        match = re.search(rf"{request_id} \S+ \d+ prompt=\d+ completion=(\d+)", server.log())
+        match = re.search(rf"{request_id} POST \S+ \d+ prompt=\d+ completion=(\d+)", server.log())
         if match:
             return int(match.group(1))
         time.sleep(0.05)

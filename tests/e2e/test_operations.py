@@ -81,7 +81,7 @@ def test_every_request_has_an_id_and_an_access_log_line(server, base_url):
     request_id = response.headers["X-Request-Id"]
     missing = requests.get(base_url + "/nope", timeout=5)
     lines = server.log()
-    assert re.search(rf"{request_id} /v1/chat/completions 200 prompt=\d+ completion=3 ttft=\d+ms "
+    assert re.search(rf"{request_id} POST /v1/chat/completions 200 prompt=\d+ completion=3 ttft=\d+ms "
                      r"rate=[\d.]+tok/s finish=length", lines)
     assert f"{missing.headers['X-Request-Id']} GET /nope 404" in lines
 
