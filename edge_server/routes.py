@@ -41,6 +41,7 @@ def served_model() -> ServedModel:
 
 @api.get("/health")
 def health():
+    """Readiness: 503 while loading or shutting down, else the engine's state."""
     state = server_state()
     if state.shutting_down:
         return jsonify({"status": "shutting_down"}), 503
@@ -80,11 +81,13 @@ def _model_card(served: ServedModel) -> ModelCard:
 
 @api.get("/v1/models")
 def list_models():
+    """The served model (OpenAI `models.list`)."""
     return ModelList(data=[_model_card(served_model())]).model_dump()
 
 
 @api.get("/v1/models/<path:model_id>")
 def get_model(model_id: str):
+    """One model by id, or a 404 envelope."""
     served = served_model()
     if model_id != served.model_id:
         raise APIError(f"The model '{model_id}' does not exist; this server serves '{served.model_id}'.",
@@ -94,6 +97,7 @@ def get_model(model_id: str):
 
 @api.post("/v1/chat/completions")
 def chat_completions():
+    """Chat completion, streamed (SSE) or whole, with tools and structured output."""
     request = parse_body(ChatCompletionRequest, raw_request.get_data(cache=False))
     _log_unknown_fields(request)
     served = served_model()
@@ -115,6 +119,7 @@ def chat_completions():
 
 @api.post("/v1/completions")
 def completions():
+    """Legacy prompt completion, streamed (SSE) or whole."""
     request = parse_body(CompletionRequest, raw_request.get_data(cache=False))
     _log_unknown_fields(request)
     if request.suffix:

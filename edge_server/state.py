@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .engine import Engine
 from .prompt import PromptRenderer
@@ -39,7 +38,6 @@ class ServerState:
 
     settings: Settings
     served: ServedModel | None = None
-    loaded: threading.Event = field(default_factory=threading.Event)
     shutting_down: bool = False
 
     def running(self) -> int:
@@ -53,4 +51,3 @@ class ServerState:
     def attach(self, served: ServedModel) -> None:
         """Start answering with a loaded model."""
         self.served = served
-        self.loaded.set()
