@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import APIError
+
+# JSON has one number type: 1.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def whole_int(**bounds: int) -> Any:
+    """An integer type that also takes whole floats like 5.0, with JSON-schema bounds (ge/lt...)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+_TOKEN_ID = re.compile(r"\s*[0-9]+\s*")  # str.isdigit() would also accept "²" or "١٢"
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -63,17 +74,17 @@ class SamplingFields(_Strict):
     """Fields shared by chat and legacy completions requests."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: whole_int(ge=1) | None = None
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = Field(40, ge=0)
+    top_k: whole_int(ge=0) = 40
     min_p: float = Field(0.05, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: whole_int(ge=-(2**63), lt=2**64) | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: whole_int() = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
@@ -100,7 +111,7 @@ class SamplingFields(_Strict):
     @classmethod
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.strip().isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise ValueError(f"logit_bias keys must be token ids (whole numbers as strings), got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {key}")
@@ -182,7 +193,7 @@ class ChatCompletionRequest(SamplingFields):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: whole_int(ge=1) | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -218,7 +229,7 @@ class CompletionRequest(SamplingFields):
     """Body of POST /v1/completions (legacy prompt completion)."""
 
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: whole_int(ge=1) | None = 16
     echo: bool = False
     suffix: str | None = None
 
