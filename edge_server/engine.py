@@ -454,13 +454,15 @@ class Engine:
             slot.next_token = token
 
     def _end(self, slot: _Slot, finish: Finish) -> None:
-        slot.stream._emit(finish)
-        if slot.sampler is not None:
-            slot.sampler.close()
+        stream, sampler = slot.stream, slot.sampler
         slot.job = slot.stream = slot.sampler = None
         slot.next_token = None
         slot.pending_prompt = []
         slot.last_used = time.monotonic()
+        if sampler is not None:
+            sampler.close()
+        # Free the slot before telling the client: whoever reads the answer then sees the engine idle.
+        stream._emit(finish)
 
     def _forget(self, slot: _Slot) -> None:
         self._ctx.kv_cache_seq_rm(slot.seq, 0, -1)
