@@ -93,3 +93,11 @@ def test_any_split_and_any_stops_give_the_reference_cut(text, cuts, stops):
     assert emitted == reference_cut(text, stops)
     assert all(deltas)
     assert not any(stop in emitted for stop in stops)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=60), cuts=st.lists(st.integers(min_value=0, max_value=100), max_size=20))
+def test_decoder_output_for_any_bytes_and_any_split_equals_a_whole_decode(data, cuts):
+    decoder = Utf8Decoder()
+    text = "".join(decoder.feed(piece) for piece in split_at(data, cuts)) + decoder.flush()
+    assert text == data.decode("utf-8", errors="replace")
