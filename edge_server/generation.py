@@ -30,6 +30,7 @@ class Outcome:
 
     finish_reason: str = "stop"
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache spared
     completion_tokens: int = 0
     error: str | None = None
     error_code: str | None = None
@@ -154,10 +155,12 @@ class Generation:
     def _on_token(self, token: Token) -> str:
         if self.outcome.completion_tokens == 0:
             self.outcome.first_token_seconds = time.monotonic() - self._stream.submitted_at
+            self.outcome.cached_tokens = self._stream.reused_tokens
         self.outcome.completion_tokens += 1
         return self._stops.push(self._decoder.feed(token.piece))
 
     def _finish(self, finish: Finish) -> None:
+        self.outcome.cached_tokens = self._stream.reused_tokens
         if finish.reason == "error":
             self.outcome.error = finish.error or "generation failed"
             self.outcome.error_code = finish.code

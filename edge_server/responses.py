@@ -48,9 +48,9 @@ def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seco
     rate = (outcome.completion_tokens - 1) / decode_seconds if outcome.completion_tokens > 1 and decode_seconds > 0 else 0.0
     ttft = f"{outcome.first_token_seconds * 1000:.0f}ms" if outcome.first_token_seconds is not None else "-"
     access_log.info(
-        "%s POST %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s%s",
+        "%s POST %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s cached=%d%s",
         request_id, route, status, outcome.prompt_tokens, outcome.completion_tokens, ttft, rate,
-        outcome.finish_reason, f" error={outcome.error!r}" if outcome.error else "",
+        outcome.finish_reason, outcome.cached_tokens, f" error={outcome.error!r}" if outcome.error else "",
     )
     return rate
 
