@@ -104,3 +104,12 @@ def test_multi_turn_conversation_with_null_assistant_content_is_answered(client)
     ]
     answer = client.chat.completions.create(model="m", messages=messages, max_tokens=5, temperature=0)
     assert answer.choices[0].message.content
+
+
+def test_legacy_completion_echo_prepends_the_prompt_streamed_and_not(client):
+    whole = client.completions.create(model="m", prompt="Once upon", max_tokens=5, temperature=0, echo=True)
+    plain = client.completions.create(model="m", prompt="Once upon", max_tokens=5, temperature=0)
+    assert whole.choices[0].text == "Once upon" + plain.choices[0].text
+    chunks = list(client.completions.create(model="m", prompt="Once upon", max_tokens=5, temperature=0, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
