@@ -410,7 +410,8 @@ class Engine:
                 slot.logits_at = self._add(batch, [slot.next_token], len(slot.cached), slot.seq, logits=True)
                 decoded.append((slot, [slot.next_token]))
         budget = min(PROMPT_CHUNK, BATCH_TOKENS - batch.n_tokens)
-        for slot in active:  # one prompt chunk per step, oldest job first, so running streams keep flowing
+        # One prompt chunk per step, oldest job first, so running streams keep flowing.
+        for slot in sorted(active, key=lambda s: s.stream.submitted_at):
             if slot.pending_prompt and budget > 0:
                 chunk, slot.pending_prompt = slot.pending_prompt[:budget], slot.pending_prompt[budget:]
                 last = self._add(batch, chunk, len(slot.cached), slot.seq, logits=not slot.pending_prompt)
