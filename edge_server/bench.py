@@ -17,7 +17,9 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
-DECODE_RUNS = 2  # single-stream decode rates are the best of this many runs, raw and server alike
+# Single-stream decode runs on each side, alternated raw/server so that the machine's drift (several
+# percent over minutes on shared hosts) hits both alike; the best run of each side is compared.
+DECODE_RUNS = 4
 TARGETS = {
     "decode_ratio_min": 0.97,
     "aggregate_4_over_1_min": 1.7,
@@ -81,8 +83,9 @@ def messages(system: str, user: str) -> list[dict]:
 
 # ---- raw llama-cpp-python (run in its own process, for its own peak RSS) ------------------------
 
-def raw_run(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dict[str, float], system: str) -> dict:
-    """Decode rate and TTFT of llama-cpp-python's own `Llama` on the bench prompt, no server."""
+def raw_worker(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dict[str, float], system: str) -> None:
+    """llama-cpp-python's own `Llama`, no server, in its own process (for its own peak RSS): one line
+    of JSON per `run` read from stdin (decode rate and TTFT on the bench prompt), then its peak RSS."""
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -91,17 +94,42 @@ def raw_run(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dic
                                     bos_token="<|endoftext|>")
     prompt = formatter(messages=messages(system, "Summarise the notes.")).prompt
     tokens = llama.tokenize(prompt.encode(), add_bos=False, special=True)
-    runs = []
-    for _ in range(DECODE_RUNS):  # the first run is cold (its TTFT is the one reported)
+    for command in sys.stdin:
+        if command.strip() != "run":
+            break
         started = time.perf_counter()
         stamps = [time.perf_counter() for _ in llama.create_completion(
             tokens, max_tokens=max_tokens, temperature=0.0, stream=True,
             logit_bias={int(k): v for k, v in bias.items()})]
-        runs.append({"ttft_s": stamps[0] - started, "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                     "completion_tokens": len(stamps)})
-    return {"prompt_tokens": len(tokens), "completion_tokens": runs[0]["completion_tokens"],
-            "ttft_s": runs[0]["ttft_s"], "decode_tok_s": max(r["decode_tok_s"] for r in runs),
-            "decode_runs_tok_s": [r["decode_tok_s"] for r in runs], "peak_rss_mb": peak_rss_mb(os.getpid())}
+        print(json.dumps({"prompt_tokens": len(tokens), "completion_tokens": len(stamps),
+                          "ttft_s": stamps[0] - started,
+                          "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                          "peak_rss_mb": peak_rss_mb(os.getpid())}), flush=True)
+
+
+class RawRunner:
+    """Drives a `raw_worker` subprocess, one run at a time."""
+
+    def __init__(self, model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dict[str, float],
+                 system: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edge_server.bench", "--raw-worker", str(model), "--threads", str(threads),
+             "--n-ctx", str(n_ctx), "--max-tokens", str(max_tokens), "--bias", json.dumps(bias), "--system", system],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def run(self) -> dict:
+        """One raw generation's figures."""
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit("the raw llama-cpp-python worker died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """End the worker."""
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -217,11 +245,9 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
     prompt = shared_prompt(vocab)
     n_ctx = 4096
     print("raw llama-cpp-python ...", flush=True)
-    raw = json.loads(subprocess.run(
-        [sys.executable, "-m", "edge_server.bench", "--raw-worker", str(model), "--threads", str(threads),
-         "--n-ctx", str(n_ctx * parallel), "--max-tokens", str(max_tokens), "--bias", json.dumps(bias),
-         "--system", prompt],
-        cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    raw_runner = RawRunner(model, threads=threads, n_ctx=n_ctx * parallel, max_tokens=max_tokens, bias=bias,
+                           system=prompt)
+    raw_runs = [raw_runner.run()]  # cold: its TTFT is the one reported
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
     server = start_server(model, threads=threads, parallel=parallel, port=port, log_path=out / "server.log")
@@ -233,7 +259,11 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
 
     try:
         print("server, one stream ...", flush=True)
-        singles = [Stream(base_url, body("Summarise the notes.")).run() for _ in range(DECODE_RUNS)]
+        singles = []
+        for _ in range(DECODE_RUNS):
+            singles.append(Stream(base_url, body("Summarise the notes.")).run())
+            if len(raw_runs) < DECODE_RUNS:
+                raw_runs.append(raw_runner.run())
         single = singles[0]  # cold: its TTFT is the one reported
         print("server, concurrency ...", flush=True)
         run_together(base_url, [body(f"Warm-up {i}.") for i in range(parallel)])  # every slot caches the prompt
@@ -255,6 +285,10 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
     finally:
         server.terminate()
         server.wait(timeout=30)
+    raw_runner.close()
+    raw = {**raw_runs[0], "decode_tok_s": max(r["decode_tok_s"] for r in raw_runs),
+           "decode_runs_tok_s": [r["decode_tok_s"] for r in raw_runs],
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in raw_runs)}
     results = {
         "model": str(model), "threads": threads, "parallel": parallel, "max_tokens": max_tokens,
         "prompt_tokens": raw["prompt_tokens"], "raw": raw,
@@ -345,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.raw_worker:
-        print(json.dumps(raw_run(args.raw_worker, threads=args.threads, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
-                                 bias=json.loads(args.bias), system=args.system)))
+        raw_worker(args.raw_worker, threads=args.threads, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
+                   bias=json.loads(args.bias), system=args.system)
         return 0
     model = args.model or ensure_bench_model()
     results = bench(model, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, out=args.out)

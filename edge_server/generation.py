@@ -3,6 +3,8 @@ and tool calls, with usage."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -11,6 +13,21 @@ from .engine import Engine, Finish, Job, QueueFull, Token, TokenStream
 from .errors import APIError
 from .textstream import StopBuffer, Utf8Decoder
 from .toolcalls import ContentDelta, Event, ToolCallArguments, ToolCallExtractor, ToolCallStart
+
+
+_lowered = threading.local()
+
+
+def yield_cpu_to_the_engine() -> None:
+    """Lower this HTTP thread's scheduling priority once, so that relaying tokens never preempts the
+    engine's compute threads on a machine with few cores (Linux only; a no-op elsewhere)."""
+    if getattr(_lowered, "done", False):
+        return
+    _lowered.done = True
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
 
 
 class Heartbeat:
@@ -97,6 +114,7 @@ class Generation:
         Closing the iterator early (client gone) cancels the job. Raises `ClientGone` when the
         client disconnects while we wait.
         """
+        yield_cpu_to_the_engine()
         quiet_since = last_check = time.monotonic()
         try:
             while True:
