@@ -14,7 +14,8 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from .harness import ROOT, free_port, memory_mb, start_server
+
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
 # Single-stream decode runs on each side, alternated raw/server so that the machine's drift (several
@@ -134,10 +135,7 @@ class RawRunner:
 
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory (VmHWM) of a process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return memory_mb(pid, "VmHWM")
 
 
 # ---- the server ------------------------------------------------------------------------------
@@ -207,35 +205,6 @@ def decode_throughput(streams: list[Stream]) -> float:
     return sum(s.usage["completion_tokens"] - 1 for s in streams) / covered
 
 
-def start_server(model: Path, *, threads: int, parallel: int, port: int, log_path: Path) -> subprocess.Popen:
-    """The real server in a subprocess, with the raw run's settings (flash attention off, as `Llama`'s
-    default); returns once /health is 200."""
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edge_server", "--model", str(model), "--port", str(port), "--threads", str(threads),
-         "--parallel", str(parallel), "--max-queue", "64", "--flash-attn", "off"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited; see {log_path}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("server did not become ready")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ---- the run ---------------------------------------------------------------------------------
 
 def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Path) -> dict:
@@ -250,7 +219,10 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
     raw_runs = [raw_runner.run()]  # cold: its TTFT is the one reported
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
-    server = start_server(model, threads=threads, parallel=parallel, port=port, log_path=out / "server.log")
+    # The raw run's settings: flash attention off, as `Llama`'s default.
+    server = start_server(model, port=port, log_path=out / "server.log",
+                          flags=["--threads", str(threads), "--parallel", str(parallel), "--max-queue", "64",
+                                 "--flash-attn", "off"])
     base_url = f"http://127.0.0.1:{port}"
 
     def body(user: str, system: str = prompt) -> dict:

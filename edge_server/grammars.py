@@ -40,5 +40,5 @@ def tool_call_grammar(functions: list[tuple[str, dict[str, Any]]], *, several: b
     call_rules = schema_grammar(call_schema, param=param, prop_order=["name", "arguments"])
     call_rules = re.sub(r"^root ::=", "tool-call-json ::=", call_rules, flags=re.MULTILINE)
     block = f'{json.dumps(OPEN_TAG + chr(10))} tool-call-json {json.dumps(chr(10) + CLOSE_TAG)}'
-    root = f'root ::= tool-call-block ("\\n" tool-call-block)*' if several else "root ::= tool-call-block"
+    root = 'root ::= tool-call-block ("\\n" tool-call-block)*' if several else "root ::= tool-call-block"
     return f"{root}\ntool-call-block ::= {block}\n{call_rules}"

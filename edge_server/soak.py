@@ -6,8 +6,7 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from .harness import ROOT, free_port, memory_mb, start_server
+
 PROMPTS = [f"Tell me about the harbour number {i}" for i in range(8)]
 SAMPLE_TOKENS = 32
 TOOL = {"type": "function", "function": {"name": "set_mode", "parameters": {
@@ -154,14 +154,6 @@ class Soak:
                 self._count(kind, 0)
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process now, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def soak(base_url: str, pid: int, *, seconds: float, clients: int) -> dict:
     """Run the load; return the figures and the failures found."""
     report = Report()
@@ -183,12 +175,12 @@ def soak(base_url: str, pid: int, *, seconds: float, clients: int) -> dict:
     for thread in threads:
         thread.start()
     time.sleep(seconds * 0.25)
-    warmed["rss_mb"] = rss_mb(pid)
+    warmed["rss_mb"] = memory_mb(pid)
     for thread in threads:
         thread.join()
     time.sleep(0.5)
     health = requests.get(base_url + "/health", timeout=10).json()
-    final_rss = rss_mb(pid)
+    final_rss = memory_mb(pid)
     ttfts = sorted(report.ttfts)
     figures = {
         "seconds": seconds, "clients": clients, "requests": report.requests, "tokens": report.tokens,
@@ -215,24 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "generated" / "tiny-test.gguf")
     args = parser.parse_args(argv)
-    from .bench import free_port
-
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "edge_server", "--model", str(args.model), "--port", str(port),
-                               "--log-level", "warning"], cwd=ROOT)
+    log_path = Path(tempfile.gettempdir()) / f"edge-soak-{port}.log"
+    server = start_server(args.model, port=port, log_path=log_path, flags=["--log-level", "warning"])
     base_url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if requests.get(base_url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
         figures = soak(base_url, server.pid, seconds=args.seconds, clients=args.clients)
     finally:
         server.terminate()
         server.wait(timeout=30)
     print(json.dumps(figures, indent=2))
+    print(f"server log: {log_path}")
     return 1 if figures["failures"] else 0
 
 

@@ -1,0 +1,47 @@
+"""Driving a server process from the outside, for `make bench` and `make soak`: ports, start-up, memory."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model: Path, *, port: int, log_path: Path, flags: list[str] = ()) -> subprocess.Popen:
+    """`python -m edge_server` on `model` with `flags`, its output in `log_path`; returns once /health is 200."""
+    log = log_path.open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "edge_server", "--model", str(model), "--port", str(port),
+                                *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited; see {log_path}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise SystemExit(f"server did not become ready; see {log_path}")
+
+
+def memory_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of a process from /proc (VmRSS now, VmHWM peak), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
