@@ -114,12 +114,12 @@ def download(repo: str, filename: str, models_dir: Path, *, timeout: float = 10.
     if reason is not None:
         raise ModelLoadError(f"offline ({reason}); cannot download {repo}/{filename}")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     log.info("downloading %s/%s into %s/", repo, filename, models_dir)
     try:
-        return Path(hf_hubdownload(repo, filename, local_dir=models_dir, etag_timeout=timeout))
-    except (HfHubHTTPError, OSError, ValueError) as error:
+        return Path(hf_hub_download(repo, filename, local_dir=models_dir, etag_timeout=timeout))
+    except (HfHubHTTPError, EntryNotFoundError, OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"download of {repo}/{filename} failed: {first_line}") from None
 

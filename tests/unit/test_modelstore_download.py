@@ -1,0 +1,46 @@
+"""The download glue around huggingface-hub (the hub itself is never contacted: no network in tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import requests
+
+from edge_server import modelstore
+from edge_server.engine import ModelLoadError
+
+
+@pytest.fixture
+def reachable(monkeypatch):
+    monkeypatch.setattr(modelstore, "hub_reachable", lambda timeout: None)
+
+
+def test_download_asks_the_hub_for_the_file_into_models_dir(reachable, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_download(repo, filename, *, local_dir, etag_timeout):
+        calls.append((repo, filename, Path(local_dir), etag_timeout))
+        return str(Path(local_dir) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    path = modelstore.download("Qwen/Repo-GGUF", "m.gguf", tmp_path, timeout=3)
+    assert path == tmp_path / "m.gguf"
+    assert calls == [("Qwen/Repo-GGUF", "m.gguf", tmp_path, 3)]
+
+
+def test_hub_errors_become_one_line_model_load_errors(reachable, monkeypatch, tmp_path):
+    def failing(*args, **kwargs):
+        raise requests.ConnectionError("Max retries exceeded with url\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    with pytest.raises(ModelLoadError, match=r"^download of a/b/c\.gguf failed: Max retries exceeded with url$"):
+        modelstore.download("a/b", "c.gguf", tmp_path)
+
+
+def test_offline_is_refused_before_any_hub_call(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("hub was called"))
+    with pytest.raises(ModelLoadError, match="offline"):
+        modelstore.download("a/b", "c.gguf", tmp_path)
