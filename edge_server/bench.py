@@ -15,6 +15,7 @@ from pathlib import Path
 import requests
 
 from .harness import ROOT, free_port, memory_mb, start_server
+from .settings import available_cores
 
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --raw-worker, only the raw llama-cpp-python measurement)."""
     parser = argparse.ArgumentParser(prog="python -m edge_server.bench", description=__doc__)
     parser.add_argument("--model", type=Path, help="GGUF to measure (default: the generated 0.5B-shape model)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
