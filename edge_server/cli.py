@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from .memory import return_large_buffers_to_the_system
 from .settings import EXIT_CONFIG, Settings, load_settings
 
 log = logging.getLogger("edge_server")
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--shutdown-grace", type=float, help="seconds open streams get to finish on SIGTERM/Ctrl-C (default: 10)")
     flag("--model-alias", help="the model id /v1/models shows (default: the file name)")
     flag("--max-body-bytes", type=int, help="largest request body accepted (default: 10 MiB)")
+    flag("--max-connections", type=int, help="open client connections before new ones wait (default: 1000)")
+    flag("--header-timeout", type=float, help="seconds a client gets to send a request's headers (default: 10)")
+    flag("--idle-timeout", type=float, help="seconds an idle keep-alive connection stays open (default: 60)")
+    flag("--metrics-public", action="store_const", const=True,
+         help="serve /metrics without the API key (by default it needs the key when one is set)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
     return parser
 
@@ -116,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return (pull if argv[0] == "pull" else list_models)(argv[1:])
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    return_large_buffers_to_the_system()
     from .server import serve
 
     return serve(settings)

@@ -14,9 +14,9 @@ from typing import Any
 
 import gguf
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose as set_llama_log_verbosity
-from llama_cpp.llama_grammar import LlamaGrammar
 
 log = logging.getLogger("edge_server.engine")
 
@@ -35,6 +35,39 @@ class QueueFull(Exception):
     """More requests are waiting than `--max-queue` allows."""
 
 
+class PromptTooLong(Exception):
+    """A text has more tokens than the limit it was tokenized against."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"{tokens} tokens")
+        self.tokens = tokens
+
+
+class GrammarRejected(ValueError):
+    """llama.cpp refused to parse a grammar."""
+
+
+class CompiledGrammar:
+    """A llama.cpp grammar sampler, parsed on the requesting thread; the engine takes it over once.
+
+    Parsing a large grammar takes long (a 20,000-value enum: about 1 s), and it must never happen on
+    the engine's thread, where it would stall every running stream.
+    """
+
+    def __init__(self, pointer: Any):
+        self._pointer = pointer
+
+    def take(self) -> Any:
+        """The sampler pointer; from now on the caller frees it."""
+        pointer, self._pointer = self._pointer, None
+        return pointer
+
+    def __del__(self) -> None:
+        if self._pointer:  # never started (cancelled while waiting, refused by a full queue)
+            llama_cpp.llama_sampler_free(self._pointer)
+            self._pointer = None
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Per-request sampler settings (temperature 0 = greedy)."""
@@ -48,7 +81,7 @@ class Sampling:
     repeat_penalty: float = 1.0
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
-    grammar: str | None = None  # GBNF the output must match (forced tool calls, JSON output)
+    grammar: CompiledGrammar | None = None  # what the output must match (forced tool calls, JSON output)
 
 
 @dataclass(frozen=True)
@@ -119,6 +152,7 @@ class ModelInfo:
     gpu_layers: int
     threads: int
     chat_template: str | None
+    max_token_bytes: int  # the longest token's text: no n bytes of text are fewer than n / this tokens
     bos_token: str
     eos_token: str
     add_bos: bool
@@ -155,6 +189,7 @@ class _Slot:
     job: Job | None = None
     stream: TokenStream | None = None
     sampler: internals.LlamaSampler | None = None
+    grammar: Any = None  # llama.cpp grammar sampler pointer, owned by the slot while its job runs
     pending_prompt: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     next_token: int | None = None  # sampled, emitted, and to be decoded in the next step
     produced: int = 0
@@ -185,6 +220,7 @@ class Engine:
         self._submit_lock = threading.Lock()
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._piece_buffer = ctypes.create_string_buffer(256)
+        self._candidates = _Candidates(context, model.n_vocab())
         self._closing = False
         self._draining = False  # shutting down: no new jobs start
         self._abort_reason: str | None = None  # set: running jobs end with this error at the next step
@@ -250,6 +286,7 @@ class Engine:
             gpu_layers=0 if backend == "CPU" else (n_layer + 1 if layers < 0 else min(layers, n_layer + 1)),
             threads=threads,
             chat_template=metadata.get("tokenizer.chat_template"),
+            max_token_bytes=_longest_token_bytes(model),
             bos_token=_token_text(model, model.token_bos()),
             eos_token=_token_text(model, model.token_eos()),
             add_bos=bool(model.add_bos_token()),
@@ -259,17 +296,25 @@ class Engine:
 
     # ---- the HTTP threads' side --------------------------------------------------------------
 
-    def tokenize(self, text: bytes, add_bos: bool, special: bool) -> list[int]:
-        """Tokens of `text` (safe from any thread: the vocabulary is read-only)."""
-        return self._model.tokenize(text, add_bos, special)
+    def tokenize(self, text: bytes, add_bos: bool, special: bool, max_tokens: int | None = None) -> list[int]:
+        """Tokens of `text`; `PromptTooLong` past `max_tokens` (safe from any thread: the vocabulary is read-only).
 
-    def grammar_error(self, grammar: str) -> str | None:
-        """Why llama.cpp cannot use `grammar`, or None if it can (safe from any thread)."""
-        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
-        if not sampler:
-            return "llama.cpp rejected the grammar built for this request"
-        llama_cpp.llama_sampler_free(sampler)
-        return None
+        The output buffer holds `max_tokens`, not one token per byte: a 10 MB text refused for its
+        length never becomes a list of millions of Python ints.
+        """
+        capacity = len(text) + 2 if max_tokens is None else max_tokens
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self._vocab, text, len(text), buffer, capacity, add_bos, special)
+        if count < 0:
+            raise PromptTooLong(-count)
+        return buffer[:count]
+
+    def compile_grammar(self, grammar: str) -> CompiledGrammar:
+        """Parse GBNF on the calling thread (safe from any thread); raises `GrammarRejected`."""
+        pointer = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not pointer:
+            raise GrammarRejected("llama.cpp rejected the grammar built for this request")
+        return CompiledGrammar(pointer)
 
     def submit(self, job: Job) -> TokenStream:
         """Queue a job; returns its stream at once. Raises `QueueFull` when `--max-queue` are waiting."""
@@ -393,6 +438,7 @@ class Engine:
         slot.job, slot.stream, slot.produced, slot.next_token = job, stream, 0, None
         slot.pending_prompt = job.prompt[reuse:]
         slot.sampler = make_sampler(job.sampling, self._model)
+        slot.grammar = job.sampling.grammar.take() if job.sampling.grammar is not None else None
 
     def _step(self, active: list[_Slot]) -> None:
         for slot in active:
@@ -438,7 +484,10 @@ class Engine:
         try:
             if self._fault_seed is not None and slot.job.sampling.seed == self._fault_seed and slot.produced == 3:
                 raise RuntimeError("injected fault (EDGE_FAULT_SEED)")
-            token = slot.sampler.sample(self._ctx, slot.logits_at)
+            if slot.grammar is None:
+                token = slot.sampler.sample(self._ctx, slot.logits_at)
+            else:
+                token = self._candidates.sample_constrained(slot.sampler.sampler, slot.grammar, slot.logits_at)
         except Exception as error:  # a failing sampler ends its own job only
             log.exception("sampling failed")
             self._end(slot, Finish("error", f"sampling failed: {error}"))
@@ -455,13 +504,15 @@ class Engine:
             slot.next_token = token
 
     def _end(self, slot: _Slot, finish: Finish) -> None:
-        stream, sampler = slot.stream, slot.sampler
-        slot.job = slot.stream = slot.sampler = None
+        stream, sampler, grammar = slot.stream, slot.sampler, slot.grammar
+        slot.job = slot.stream = slot.sampler = slot.grammar = None
         slot.next_token = None
         slot.pending_prompt = []
         slot.last_used = time.monotonic()
         if sampler is not None:
             sampler.close()
+        if grammar is not None:
+            llama_cpp.llama_sampler_free(grammar)
         # Free the slot before telling the client: whoever reads the answer then sees the engine idle.
         stream._emit(finish)
 
@@ -493,6 +544,55 @@ class Engine:
         return self._piece_buffer.raw[:size]
 
 
+class _Candidates:
+    """The whole vocabulary as llama.cpp candidates, refilled from one batch position's logits."""
+
+    def __init__(self, context: internals.LlamaContext, n_vocab: int):
+        self._ctx = context.ctx
+        self._n_vocab = n_vocab
+        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        assert dtype.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+        self._data = np.zeros(n_vocab, dtype=dtype)
+        self._data["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._ids = self._data["id"].copy()
+        self._pointer = self._data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        self._array = llama_cpp.llama_token_data_array(data=self._pointer, size=n_vocab, selected=-1, sorted=False)
+        self._one = llama_cpp.llama_token_data(id=0, logit=0.0, p=0.0)
+        self._one_array = llama_cpp.llama_token_data_array(data=ctypes.pointer(self._one), size=1, selected=-1,
+                                                           sorted=False)
+
+    def sample_constrained(self, chain: Any, grammar: Any, index: int) -> int:
+        """Sample with `chain`, constrained by `grammar`, and let both accept the token.
+
+        As llama.cpp's own common sampler does: sample freely, then check only the chosen token
+        against the grammar; the grammar pass over the whole vocabulary (its cost grows with
+        vocabulary size times open alternatives) runs only when that token is refused. Sampling
+        from what the grammar allows gives the same distribution either way.
+        """
+        self._fill(index)
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
+        token = self._array.data[self._array.selected].id
+        self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
+        self._one_array.size, self._one_array.selected = 1, -1
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_array))
+        if self._one.logit == float("-inf"):
+            self._fill(index)
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._array))
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
+            token = self._array.data[self._array.selected].id
+        llama_cpp.llama_sampler_accept(grammar, token)
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
+
+    def _fill(self, index: int) -> None:
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        self._data["id"] = self._ids
+        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        self._data["p"] = 0.0
+        self._array.data, self._array.size, self._array.selected, self._array.sorted = (
+            self._pointer, self._n_vocab, -1, False)
+
+
 _backend_ready = threading.Lock()
 _backend_initialised = False
 
@@ -507,7 +607,7 @@ def _init_backend() -> None:
 
 
 def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.LlamaSampler:
-    """A llama.cpp sampler chain for one request, in llama-server's order."""
+    """A llama.cpp sampler chain for one request, in llama-server's order (the grammar is kept apart)."""
     n_vocab = model.n_vocab()
     sampler = internals.LlamaSampler()
     if sampling.logit_bias:
@@ -520,8 +620,6 @@ def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.L
             penalty_freq=sampling.frequency_penalty,
             penalty_present=sampling.presence_penalty,
         )
-    if sampling.grammar is not None:
-        sampler.add_grammar(model, LlamaGrammar.from_string(sampling.grammar, verbose=False))
     if sampling.temperature == 0.0:
         sampler.add_greedy()
         return sampler
@@ -553,6 +651,15 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+def _longest_token_bytes(model: internals.LlamaModel) -> int:
+    buffer = ctypes.create_string_buffer(1024)
+    longest = 1
+    for token in range(model.n_vocab()):
+        size = llama_cpp.llama_token_to_piece(model.vocab, token, buffer, len(buffer), 0, True)
+        longest = max(longest, abs(size))  # negative: the piece is longer than the buffer, by that size
+    return longest
 
 
 def _token_text(model: Any, token: int) -> str:

@@ -7,6 +7,8 @@ import logging
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .observability import log_safe
+
 log = logging.getLogger("edge_server")
 
 _TYPE_BY_STATUS = {
@@ -81,7 +83,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(error: Exception):
         request_id = getattr(g, "request_id", "-")
-        log.exception("unhandled error in %s %s (request %s)", request.method, request.path, request_id)
+        log.exception("unhandled error in %s %s (request %s)", request.method, log_safe(request.path), request_id)
         response = jsonify(
             error_body(f"Internal server error (request id {request_id}).", type="server_error", code="internal_error")
         )

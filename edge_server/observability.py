@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 access_log = logging.getLogger("edge_server.access")
 metrics_api = Blueprint("metrics", __name__)
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def log_safe(text: str) -> str:
+    """`text` with control characters (CR, LF, ESC, ...) escaped: a client cannot forge or colour log lines."""
+    return _CONTROL_CHARACTERS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class Metrics:
@@ -60,7 +68,9 @@ def register_observability(app: Flask, metrics: Metrics) -> None:
 
     @app.before_request
     def _start():
-        g.request_id = request.headers.get("X-Request-Id") or f"req_{uuid.uuid4().hex[:20]}"
+        given = request.headers.get("X-Request-Id", "")
+        # A client's own id is kept only in a safe form: it goes into log lines and a response header.
+        g.request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else f"req_{uuid.uuid4().hex[:20]}"
         g.started = time.monotonic()
 
     @app.after_request
@@ -68,8 +78,9 @@ def register_observability(app: Flask, metrics: Metrics) -> None:
         response.headers["X-Request-Id"] = getattr(g, "request_id", "")
         metrics.requests.labels(route_label(), str(response.status_code)).inc()
         if not g.get("access_log_deferred"):
-            access_log.info("%s %s %s %s %.0fms", g.get("request_id", "-"), request.method, request.path,
-                            response.status_code, (time.monotonic() - g.get("started", time.monotonic())) * 1000)
+            access_log.info("%s %s %s %s %.0fms", g.get("request_id", "-"), log_safe(request.method),
+                            log_safe(request.path), response.status_code,
+                            (time.monotonic() - g.get("started", time.monotonic())) * 1000)
         return response
 
 

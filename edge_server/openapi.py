@@ -31,6 +31,7 @@ from .schemas import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    RequestModel,
     TextCompletion,
 )
 
@@ -155,7 +156,31 @@ def _component_schemas() -> dict[str, Any]:
     schemas = top["$defs"]
     for rule in _VALIDATOR_RULES:
         rule(schemas)
+    _optional_fields_take_null(schemas)
     return dict(sorted(schemas.items()))
+
+
+def _request_model_names() -> set[str]:
+    pending, names = [RequestModel], set()
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            names.add(subclass.__name__)
+            pending.append(subclass)
+    return names
+
+
+def _optional_fields_take_null(schemas: dict[str, Any]) -> None:
+    """`RequestModel._null_means_default`: every optional request field also accepts null (= not given)."""
+    annotations = ("title", "description", "default")
+    for name in _request_model_names() & set(schemas):
+        schema = schemas[name]
+        required = set(schema.get("required", []))
+        for field, prop in schema.get("properties", {}).items():
+            if field in required or prop.get("type") == "null" or _NULL in prop.get("anyOf", []):
+                continue
+            kept = {key: value for key, value in prop.items() if key in annotations}
+            rest = {key: value for key, value in prop.items() if key not in annotations}
+            schema["properties"][field] = {**kept, "anyOf": [rest, _NULL]}
 
 
 # ---- what the request validators check, as JSON-schema keywords -----------------------------------
@@ -394,7 +419,7 @@ _COMPLETION_EXAMPLES = {
 }
 
 
-def _paths(security: list[dict[str, list[str]]]) -> dict[str, Any]:
+def _paths(security: list[dict[str, list[str]]], *, metrics_need_key: bool) -> dict[str, Any]:
     json_ok = lambda name, what: {"200": _response(what, _json(name))}  # noqa: E731
     v1 = ("401", "503")
     return {
@@ -418,7 +443,9 @@ def _paths(security: list[dict[str, list[str]]]) -> dict[str, Any]:
         }},
         "/metrics": {"get": {
             "operationId": "metrics", "tags": ["operations"], "summary": "Prometheus metrics (text exposition)",
-            "responses": _responses({"200": _response("Metrics.", {"text/plain": {"schema": {"type": "string"}}})}),
+            **({"security": copy.deepcopy(security)} if metrics_need_key else {}),
+            "responses": _responses({"200": _response("Metrics.", {"text/plain": {"schema": {"type": "string"}}})},
+                                    *(("401",) if metrics_need_key else ())),
         }},
         "/openapi.json": {"get": {
             "operationId": "openapi", "tags": ["operations"], "summary": "This document",
@@ -461,7 +488,8 @@ def _paths(security: list[dict[str, list[str]]]) -> dict[str, Any]:
     }
 
 
-def build_document(*, api_key_required: bool = False, max_body_bytes: int | None = None) -> dict[str, Any]:
+def build_document(*, api_key_required: bool = False, metrics_public: bool = False,
+                   max_body_bytes: int | None = None) -> dict[str, Any]:
     """The OpenAPI 3.1 document (a fresh dict; the app caches its JSON)."""
     security = [{"bearer": []}] if api_key_required else [{}, {"bearer": []}]
     return {
@@ -477,7 +505,7 @@ def build_document(*, api_key_required: bool = False, max_body_bytes: int | None
         },
         "servers": [{"url": "/"}],
         "tags": [{"name": "generation"}, {"name": "models"}, {"name": "operations"}, {"name": "page"}],
-        "paths": _paths(security),
+        "paths": _paths(security, metrics_need_key=api_key_required and not metrics_public),
         "components": {
             "schemas": _component_schemas(),
             "responses": _error_responses(max_body_bytes),
@@ -486,8 +514,9 @@ def build_document(*, api_key_required: bool = False, max_body_bytes: int | None
                 "required": True, "schema": {"type": "string"}}},
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
-                "description": "`Authorization: Bearer <key>` on /v1/*, required only when the server was "
-                               "started with --api-key / --api-key-file"}},
+                "description": "`Authorization: Bearer <key>` on /v1/* and /metrics, required only when the "
+                               "server was started with --api-key / --api-key-file (/metrics not with "
+                               "--metrics-public)"}},
         },
     }
 
@@ -498,7 +527,7 @@ def document_for(app: Flask) -> bytes:
     if cached is None:
         settings = app.extensions["edge_server"].settings
         document = build_document(api_key_required=settings.api_key is not None,
-                                  max_body_bytes=app.config.get("MAX_CONTENT_LENGTH"))
+                                  metrics_public=settings.metrics_public, max_body_bytes=app.config.get("MAX_CONTENT_LENGTH"))
         cached = app.extensions[_CACHE_KEY] = json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8")
     return cached
 

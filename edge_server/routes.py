@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from flask import Blueprint, Response, current_app, g, jsonify
 from flask import request as raw_request
 
-from .engine import Job, Sampling
+from .engine import CompiledGrammar, GrammarRejected, Job, PromptTooLong, Sampling
 from .errors import APIError
 from .generation import ClientGone, Generation, Outcome
-from .observability import defer_access_log
+from .observability import defer_access_log, log_safe
 from .responses import chat_answer, chat_stream, log_outcome, text_answer, text_stream
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields, parse_body
 from .state import ServedModel, ServerState
@@ -101,11 +102,18 @@ def chat_completions():
     request = parse_body(ChatCompletionRequest, raw_request.get_data(cache=False))
     _log_unknown_fields(request)
     served = served_model()
+    _refuse_unfittable(sum(len(message.text()) for message in request.messages), served)
     plan = plan_tools(request)
-    if plan.grammar is not None and (reason := served.engine.grammar_error(plan.grammar)):
-        raise APIError(reason, param="tools" if plan.callable_names else "response_format", code="invalid_grammar")
-    prompt = served.renderer.chat_tokens(request.messages, tools=plan.template_tools)
-    generation = _start(served, request, prompt, request.token_limit(), grammar=plan.grammar,
+    with _context_check(served):
+        prompt = served.renderer.chat_tokens(request.messages, tools=plan.template_tools)
+    grammar = None
+    if plan.grammar is not None:
+        try:
+            grammar = served.engine.compile_grammar(plan.grammar)
+        except GrammarRejected as error:
+            raise APIError(str(error), param="tools" if plan.callable_names else "response_format",
+                           code="invalid_grammar") from None
+    generation = _start(served, request, prompt, request.token_limit(), grammar=grammar,
                         extractor=plan.extractor(incremental=request.stream),
                         call_finish_reason="function_call" if plan.legacy else "tool_calls")
     model = request.model or served.model_id
@@ -129,7 +137,9 @@ def completions():
     prompt_text = request.prompt_text()
     if not prompt_text:
         raise APIError("'prompt' must not be empty.", param="prompt", code="invalid_value")
-    prompt = served.renderer.text_tokens(prompt_text)
+    _refuse_unfittable(len(prompt_text), served)
+    with _context_check(served):
+        prompt = served.renderer.text_tokens(prompt_text)
     generation = _start(served, request, prompt, request.token_limit())
     model = request.model or served.model_id
     echo = prompt_text if request.echo else ""
@@ -144,23 +154,44 @@ def completions():
 # ---- helpers ---------------------------------------------------------------------------------
 
 def _start(served: ServedModel, request: SamplingFields, prompt: list[int], limit: int | None, *,
-           grammar: str | None = None, **options) -> Generation:
+           grammar: CompiledGrammar | None = None, **options) -> Generation:
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
-        raise APIError(
-            f"This model's maximum context length is {info.n_ctx} tokens. However, your request has "
-            f"{len(prompt)} prompt tokens, leaving no room for a completion. Shorten the messages "
-            f"or start the server with a larger --n-ctx.",
-            param="messages", code="context_length_exceeded",
-        )
+        raise _context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
     sampling = _sampling(request, info.n_vocab, grammar)
     job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling)
     client_gone = raw_request.environ.get("waitress.client_disconnected") or (lambda: False)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone, **options)
 
 
-def _sampling(request: SamplingFields, n_vocab: int, grammar: str | None) -> Sampling:
+def _context_exceeded(n_ctx: int, prompt_size: str) -> APIError:
+    return APIError(
+        f"This model's maximum context length is {n_ctx} tokens. However, your request has {prompt_size}, "
+        f"leaving no room for a completion. Shorten the messages or start the server with a larger --n-ctx.",
+        param="messages", code="context_length_exceeded",
+    )
+
+
+def _refuse_unfittable(characters: int, served: ServedModel) -> None:
+    """Refuse a text that cannot fit before it is rendered and tokenized (which cost memory in proportion)."""
+    info = served.engine.info
+    # No token is longer than max_token_bytes, and a character is at least one byte.
+    fewest_tokens = characters // info.max_token_bytes
+    if fewest_tokens >= info.n_ctx:
+        raise _context_exceeded(info.n_ctx, f"at least {fewest_tokens} prompt tokens ({characters} characters)")
+
+
+@contextmanager
+def _context_check(served: ServedModel) -> Iterator[None]:
+    """Turn a tokenization that overflowed the context into the context_length_exceeded 400."""
+    try:
+        yield
+    except PromptTooLong as error:
+        raise _context_exceeded(served.engine.info.n_ctx, f"{error.tokens} prompt tokens") from None
+
+
+def _sampling(request: SamplingFields, n_vocab: int, grammar: CompiledGrammar | None) -> Sampling:
     bias = {}
     for key, value in (request.logit_bias or {}).items():
         token = int(key)
@@ -184,7 +215,7 @@ def _sampling(request: SamplingFields, n_vocab: int, grammar: str | None) -> Sam
 
 def _log_unknown_fields(request: SamplingFields) -> None:
     if request.model_extra:
-        log.debug("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+        log.debug("ignoring unknown request fields: %s", log_safe(", ".join(sorted(request.model_extra))))
 
 
 def _access_logger(status: int) -> Callable[[Outcome], None]:

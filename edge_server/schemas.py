@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from .bodylimits import check_body_shape, nesting_error
 from .errors import APIError
 
 # JSON has one number type: 1.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
@@ -25,12 +26,24 @@ _TOKEN_ID = re.compile(r"\s*[0-9]+\s*")  # str.isdigit() would also accept "²" 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
-class _Strict(BaseModel):
+class RequestModel(BaseModel):
+    """Base of every request body part: strict types, unknown fields kept, null read as not given."""
+
     # Strict: a string where a number belongs is a client bug worth a 400, not something to coerce.
     model_config = ConfigDict(strict=True, extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI reads null as "not given" for every optional field, and the openai SDK sends null
+        # for a parameter a caller passes as None (temperature=None, n=None...).
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if value is not None or key not in cls.model_fields or cls.model_fields[key].is_required()}
 
-class ContentPart(_Strict):
+
+class ContentPart(RequestModel):
     """One part of a list-form message content; only text parts can be used by a text model."""
 
     type: str
@@ -45,7 +58,7 @@ class ContentPart(_Strict):
         return self
 
 
-class ChatMessage(_Strict):
+class ChatMessage(RequestModel):
     """One conversation turn as the client sent it."""
 
     role: Role
@@ -64,13 +77,13 @@ class ChatMessage(_Strict):
         return "".join(part.text or "" for part in self.content)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(RequestModel):
     """`stream_options`: only `include_usage` has a meaning."""
 
     include_usage: bool = False
 
 
-class SamplingFields(_Strict):
+class SamplingFields(RequestModel):
     """Fields shared by chat and legacy completions requests."""
 
     model: str | None = None
@@ -127,9 +140,10 @@ class SamplingFields(_Strict):
 
 
 _FUNCTION_NAME = r"^[a-zA-Z0-9_.-]{1,64}$"
+MAX_TOOLS = 128  # OpenAI's own limit
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(RequestModel):
     """A function the model may call: its name, description and JSON-schema parameters."""
 
     name: str = Field(pattern=_FUNCTION_NAME)
@@ -145,27 +159,27 @@ class FunctionDefinition(_Strict):
         return value
 
 
-class ToolDefinition(_Strict):
+class ToolDefinition(RequestModel):
     """One entry of `tools`."""
 
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Strict):
+class FunctionName(RequestModel):
     """`{"name": ...}` naming one function."""
 
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(RequestModel):
     """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
 
     type: Literal["function"]
     function: FunctionName
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(RequestModel):
     """`response_format.json_schema`."""
 
     model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
@@ -176,7 +190,7 @@ class JsonSchemaFormat(_Strict):
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(RequestModel):
     """`response_format`: plain text, any JSON object, or JSON matching a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -194,10 +208,10 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: whole_int(ge=1) | None = None
-    tools: list[ToolDefinition] | None = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    functions: list[FunctionDefinition] | None = None
+    functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
     function_call: Literal["none", "auto"] | FunctionName | None = None
     response_format: ResponseFormat | None = None
 
@@ -474,8 +488,11 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     except json.JSONDecodeError as error:
         raise APIError(f"Request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}.",
                        code="invalid_json") from None
+    except RecursionError:
+        raise nesting_error() from None
     if not isinstance(data, dict):
         raise APIError(f"Request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    check_body_shape(data)
     try:
         return model.model_validate(data)
     except ValidationError as error:

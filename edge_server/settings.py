@@ -41,6 +41,10 @@ class Settings(BaseModel):
     cors_origin: tuple[str, ...] = ()
     model_alias: str | None = None
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_connections: int = Field(1000, ge=8, le=100_000, description="open client connections before new ones wait")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client gets to send a request's headers")
+    idle_timeout: float = Field(60.0, gt=0, description="seconds an idle keep-alive connection stays open")
+    metrics_public: bool = Field(False, description="serve /metrics without the API key")
     heartbeat_seconds: float = Field(2.0, gt=0)
     download_timeout: float = Field(10.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

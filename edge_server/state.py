@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .engine import Engine
@@ -27,7 +28,7 @@ class ServedModel:
             bos_token=info.bos_token,
             eos_token=info.eos_token,
             add_bos=info.add_bos,
-            tokenize=engine.tokenize,
+            tokenize=functools.partial(engine.tokenize, max_tokens=info.n_ctx),
         )
         return cls(engine=engine, renderer=renderer, model_id=model_id, demo_warning=demo_warning)
 

@@ -257,6 +257,15 @@ class ToolCallExtractor:
             events.extend(self._held if not self._incremental else [])
             events.extend(owed)
             self.calls += 1
+        elif not closed:
+            # Cut off (max_tokens) inside a block: partial markup never becomes content. A call whose
+            # name is known stays a call with the arguments written so far, as OpenAI's cut-off calls do.
+            if block.started:
+                log.warning("tool call %r was cut off; its arguments are incomplete", block.name)
+                events.extend(self._held if not self._incremental else [])
+                self.calls += 1
+            else:
+                log.warning("unfinished tool call block dropped: %r", block.raw[:200])
         elif block.started and self._incremental:
             log.warning("tool call %r was streamed but its block is malformed: %r", block.name, block.raw[:200])
             self.calls += 1

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import APIError
 from .grammars import any_json_object_grammar, schema_grammar, tool_call_grammar
+from .schemalimits import check_strict
 from .schemas import ChatCompletionRequest, FunctionName, NamedToolChoice
 from .toolcalls import ToolCallExtractor
+
+
+ANSWER_SCHEMA_PARAM = "response_format.json_schema.schema"
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,9 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     legacy = bool(request.functions)
     choice = request.function_call if legacy else request.tool_choice
     param = "function_call" if legacy else "tool_choice"
-    format_grammar = _response_format_grammar(request)
+    answer_schema = _answer_schema(request)
     if not functions or choice == "none":
-        return ToolPlan(grammar=format_grammar)
+        return ToolPlan(grammar=_answer_grammar(request, answer_schema))
     template_tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in functions]
     several = request.parallel_tool_calls and not legacy
     named = choice.function.name if isinstance(choice, NamedToolChoice) else (
@@ -46,37 +49,34 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
         grammar = tool_call_grammar([(f.name, f.parameters) for f in chosen], several=False, param=param)
         return ToolPlan(template_tools, frozenset([named]), 1, legacy, grammar)
     names = frozenset(f.name for f in functions)
+    signatures = [(f.name, f.parameters) for f in functions]
     if choice == "required":
-        grammar = tool_call_grammar([(f.name, f.parameters) for f in functions], several=several, param=param)
-        return ToolPlan(template_tools, names, None if several else 1, legacy, grammar)
-    return ToolPlan(template_tools, names, None if several else 1, legacy, format_grammar)
+        grammar = tool_call_grammar(signatures, several=several, param=param)
+    elif answer_schema is not None:
+        # auto beside a structured answer: the model either calls a tool or gives the answer.
+        grammar = tool_call_grammar(signatures, several=several, param=param,
+                                    answer=(answer_schema, ANSWER_SCHEMA_PARAM))
+    else:
+        grammar = None
+    return ToolPlan(template_tools, names, None if several else 1, legacy, grammar)
 
 
-def _response_format_grammar(request: ChatCompletionRequest) -> str | None:
+def _answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema the answer must match (`{"type": "object"}` for json_object), or None for text."""
     response_format = request.response_format
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":
-        return any_json_object_grammar()
+        return {"type": "object"}
     spec = response_format.json_schema
     if spec.strict:
-        _check_strict(spec.schema_, "response_format.json_schema.schema")
-    return schema_grammar(spec.schema_ or {"type": "object"}, param="response_format.json_schema.schema")
+        check_strict(spec.schema_, param=ANSWER_SCHEMA_PARAM)
+    return spec.schema_ or {"type": "object"}
 
 
-def _check_strict(schema: Any, param: str) -> None:
-    # OpenAI's strict mode: every object lists all its properties as required and allows no others.
-    if isinstance(schema, dict):
-        properties = schema.get("properties")
-        if isinstance(properties, dict):
-            missing = set(properties) - set(schema.get("required", []))
-            if missing or schema.get("additionalProperties") is not False:
-                raise APIError(
-                    "strict schemas must list every property in 'required' and set 'additionalProperties': false"
-                    + (f" (not required: {', '.join(sorted(missing))})" if missing else ""),
-                    param=param, code="invalid_schema")
-        for value in schema.values():
-            _check_strict(value, param)
-    elif isinstance(schema, list):
-        for value in schema:
-            _check_strict(value, param)
+def _answer_grammar(request: ChatCompletionRequest, answer_schema: dict[str, Any] | None) -> str | None:
+    if answer_schema is None:
+        return None
+    if request.response_format.type == "json_object":
+        return any_json_object_grammar()
+    return schema_grammar(answer_schema, param=ANSWER_SCHEMA_PARAM)

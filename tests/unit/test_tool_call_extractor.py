@@ -115,8 +115,17 @@ def test_parallel_calls_off_keeps_only_the_first(incremental):
     assert summary(extract([CALL_1, CALL_2], incremental=incremental, max_calls=1))[1] == [(0, "get_weather", ARGS_1)]
 
 
-def test_unclosed_block_at_the_end_is_content_when_nothing_was_sent():
-    assert summary(extract(['<tool_call>{"na'])) == ('<tool_call>{"na', [])
+@pytest.mark.parametrize("incremental", [True, False])
+def test_unclosed_block_without_a_name_is_dropped_never_content(incremental):
+    # The README's promise: partial markup never reaches content (a forced call cut by max_tokens).
+    assert summary(extract(["Let me see. ", '<tool_call>{"na'], incremental=incremental)) == ("Let me see.", [])
+    assert summary(extract(["<tool_call>"], incremental=incremental)) == ("", [])
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_call_cut_off_mid_arguments_stays_a_call_with_the_arguments_so_far(incremental):
+    cut = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os'
+    assert summary(extract([cut], incremental=incremental)) == ("", [(0, "get_weather", '{"city": "Os')])
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,0 +1,123 @@
+"""Bounds on client JSON schemas, checked before any grammar is built from them (pure).
+
+A schema becomes a llama.cpp grammar whose size and per-token cost grow with repetition counts,
+enum values and alternatives; these bounds keep every accepted schema cheap and safe to compile.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import APIError
+
+MAX_SCHEMA_DEPTH = 32  # nested subschemas
+MAX_REPETITION = 1000  # minLength/maxLength, minItems/maxItems, min/maxProperties, regex {m,n}
+MAX_ALTERNATIVES = 256  # enum values + anyOf/oneOf branches + type lists, over the whole schema
+MAX_PROPERTIES = 256  # properties of one object
+MAX_PATTERN_LENGTH = 1000  # characters of one `pattern`
+
+LIMITS_TEXT = (f"schemas may nest {MAX_SCHEMA_DEPTH} levels, repeat at most {MAX_REPETITION} times "
+               f"(lengths, item counts, regex {{m,n}}), offer at most {MAX_ALTERNATIVES} alternatives "
+               f"(enum values and anyOf/oneOf branches together), list {MAX_PROPERTIES} properties per object "
+               f"and use patterns of up to {MAX_PATTERN_LENGTH} characters")
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_VALUES = ("additionalProperties", "additionalItems", "not", "if", "then", "else", "contains",
+                  "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+_COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+                   "minContains", "maxContains")
+_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The schemas directly nested in `schema`, by JSON Schema keyword (not every dict is a schema:
+    the keys of `properties` are names, and a property may well be called `properties`)."""
+    for keyword in _SCHEMA_MAPS:
+        value = schema.get(keyword)
+        if isinstance(value, dict):
+            yield from (child for child in value.values() if isinstance(child, dict))
+    for keyword in _SCHEMA_LISTS:
+        value = schema.get(keyword)
+        if isinstance(value, list):
+            yield from (child for child in value if isinstance(child, dict))
+    items = schema.get("items")
+    if isinstance(items, dict):
+        yield items
+    elif isinstance(items, list):
+        yield from (child for child in items if isinstance(child, dict))
+    for keyword in _SCHEMA_VALUES:
+        value = schema.get(keyword)
+        if isinstance(value, dict):
+            yield value
+
+
+def walk(schema: dict[str, Any]) -> Iterator[tuple[dict[str, Any], int]]:
+    """Every schema node with its depth (the root is depth 1), iteratively."""
+    pending = [(schema, 1)]
+    while pending:
+        node, depth = pending.pop()
+        yield node, depth
+        pending.extend((child, depth + 1) for child in subschemas(node))
+
+
+def check_schema_limits(schema: Any, *, param: str) -> None:
+    """Raise a 400 `APIError` naming the bound when `schema` exceeds one of the limits above."""
+    if not isinstance(schema, dict):
+        raise APIError("A JSON schema must be an object.", param=param, code="invalid_schema")
+    alternatives = 0
+    for node, depth in walk(schema):
+        if depth > MAX_SCHEMA_DEPTH:
+            _too_large(param, f"it nests more than {MAX_SCHEMA_DEPTH} levels")
+        for keyword in _COUNT_KEYWORDS:
+            count = node.get(keyword)
+            if isinstance(count, int | float) and not isinstance(count, bool) and count > MAX_REPETITION:
+                _too_large(param, f"'{keyword}' is {count}, above {MAX_REPETITION}")
+        enum = node.get("enum")
+        alternatives += len(enum) if isinstance(enum, list) else 0
+        for keyword in ("anyOf", "oneOf"):
+            branches = node.get(keyword)
+            alternatives += len(branches) if isinstance(branches, list) else 0
+        if isinstance(node.get("type"), list):
+            alternatives += len(node["type"])
+        if alternatives > MAX_ALTERNATIVES:
+            _too_large(param, f"it offers more than {MAX_ALTERNATIVES} alternatives (enum values and "
+                              f"anyOf/oneOf branches together)")
+        properties = node.get("properties")
+        if isinstance(properties, dict) and len(properties) > MAX_PROPERTIES:
+            _too_large(param, f"an object lists {len(properties)} properties, above {MAX_PROPERTIES}")
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            _check_pattern(pattern, param)
+
+
+def _check_pattern(pattern: str, param: str) -> None:
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        _too_large(param, f"a pattern has {len(pattern)} characters, above {MAX_PATTERN_LENGTH}")
+    for match in _QUANTIFIER.finditer(pattern):
+        for count in match.groups():
+            if count and int(count) > MAX_REPETITION:
+                _too_large(param, f"pattern quantifier {match.group(0)} repeats more than {MAX_REPETITION} times")
+
+
+def _too_large(param: str, reason: str) -> None:
+    raise APIError(f"This JSON schema is too large to enforce: {reason}. Limits: {LIMITS_TEXT}.", param=param,
+                   code="schema_too_large")
+
+
+def check_strict(schema: Any, *, param: str) -> None:
+    """OpenAI's strict mode: every object lists all its properties as required and allows no others."""
+    if not isinstance(schema, dict):
+        return
+    for node, _ in walk(schema):
+        properties = node.get("properties")
+        if not isinstance(properties, dict):
+            continue
+        missing = set(properties) - set(node.get("required") or [])
+        if missing or node.get("additionalProperties") is not False:
+            raise APIError(
+                "strict schemas must list every property in 'required' and set 'additionalProperties': false"
+                + (f" (not required: {', '.join(sorted(missing))})" if missing else ""),
+                param=param, code="invalid_schema")

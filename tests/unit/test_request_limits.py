@@ -1,0 +1,162 @@
+"""Bounds on bodies and JSON schemas: every hostile shape is a fast 400 naming the place and the limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_server.bodylimits import MAX_ARRAY_ITEMS, MAX_JSON_DEPTH, MAX_JSON_VALUES
+from edge_server.errors import APIError
+from edge_server.grammars import schema_grammar, tool_call_grammar
+from edge_server.schemalimits import MAX_ALTERNATIVES, MAX_REPETITION, check_schema_limits, check_strict
+from edge_server.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def refusal(call, *args, **kwargs) -> APIError:
+    with pytest.raises(APIError) as caught:
+        call(*args, **kwargs)
+    assert caught.value.status == 400
+    return caught.value
+
+
+# ---- schemas ------------------------------------------------------------------------------------
+
+OVERSIZED_SCHEMAS = [
+    ("pattern a{1,20000}", {"type": "string", "pattern": "^a{1,20000}$"}, "{1,20000}"),
+    ("pattern [a-z]{3,100000}", {"type": "string", "pattern": "^[a-z]{3,100000}$"}, "{3,100000}"),
+    ("nested quantifiers", {"type": "string", "pattern": "^(x{1,2}){1,1000000}$"}, "{1,1000000}"),
+    ("maxLength", {"type": "string", "maxLength": 100000}, "'maxLength' is 100000"),
+    ("maxItems", {"type": "array", "items": {"type": "integer"}, "maxItems": 1000000}, "'maxItems' is 1000000"),
+    ("minItems", {"type": "array", "items": {"type": "integer"}, "minItems": 5000}, "'minItems' is 5000"),
+    ("enum of 20,000", {"enum": [f"v{i}" for i in range(20000)]}, "alternatives"),
+    ("anyOf branches", {"anyOf": [{"const": i} for i in range(MAX_ALTERNATIVES + 1)]}, "alternatives"),
+    ("deep nesting", json.loads('{"type": "array", "items": ' * 40 + '{"type": "integer"}' + "}" * 40), "nests"),
+    ("long pattern", {"type": "string", "pattern": "^" + "a" * 2000 + "$"}, "characters"),
+    ("many properties", {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}},
+     "properties"),
+]
+
+
+@pytest.mark.parametrize("name, schema, named", OVERSIZED_SCHEMAS, ids=[case[0] for case in OVERSIZED_SCHEMAS])
+def test_oversized_schema_is_refused_naming_the_limit(name, schema, named):
+    error = refusal(schema_grammar, schema, param="response_format.json_schema.schema")
+    assert error.code == "schema_too_large" and error.param == "response_format.json_schema.schema"
+    assert named in error.message and "Limits:" in error.message
+
+
+def test_oversized_tool_parameters_are_refused_for_forced_calls():
+    parameters = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 100000}}}
+    error = refusal(tool_call_grammar, [("f", parameters)], several=False, param="tool_choice")
+    assert error.param == "tool_choice" and "maxLength" in error.message
+
+
+def test_schemas_at_the_limits_are_accepted():
+    check_schema_limits({"type": "string", "pattern": f"^a{{1,{MAX_REPETITION}}}$"}, param="p")
+    check_schema_limits({"type": "string", "maxLength": MAX_REPETITION}, param="p")
+    check_schema_limits({"enum": list(range(MAX_ALTERNATIVES))}, param="p")
+    check_schema_limits({"type": "string", "pattern": r"^\{99999\}$"}, param="p")  # escaped braces are literal
+
+
+def paren_depth(grammar: str) -> int:
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in grammar:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            in_string = True
+        elif char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    return deepest
+
+
+@pytest.mark.parametrize("schema", [
+    lambda n: {"type": "string", "maxLength": n},
+    lambda n: {"type": "string", "pattern": f"^[a-z]{{3,{n}}}$"},
+    lambda n: {"type": "array", "items": {"type": "integer"}, "maxItems": n},
+])
+def test_repetition_is_written_flat_so_parsing_it_cannot_exhaust_the_stack(schema):
+    # llama.cpp parses nested groups recursively; the old `(x (x (...)?)?)?` form nested n deep.
+    grammar = schema_grammar(schema(MAX_REPETITION), param="p")
+    assert f",{MAX_REPETITION - 1}}}" in grammar or f",{MAX_REPETITION}}}" in grammar, grammar
+    assert paren_depth(grammar) == paren_depth(schema_grammar(schema(10), param="p")) <= 16
+
+
+def test_strict_check_knows_property_names_from_schema_keywords():
+    # A model field called "properties" (an array) is a property, not the keyword.
+    schema = {"type": "object", "properties": {"properties": {"type": "array", "items": {"type": "string"}}},
+              "required": ["properties"], "additionalProperties": False}
+    check_strict(schema, param="p")
+    nested = {"type": "object", "properties": {"inner": {"type": "object", "properties": {"x": {"type": "string"}},
+                                                         "required": [], "additionalProperties": False}},
+              "required": ["inner"], "additionalProperties": False}
+    assert "not required: x" in refusal(check_strict, nested, param="p").message
+
+
+def test_tools_in_auto_mode_beside_a_schema_may_call_or_answer():
+    answer = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    grammar = tool_call_grammar([("f", None)], several=True, param="tool_choice", answer=(answer, "rf"))
+    assert grammar.splitlines()[0] == 'root ::= tool-call-block ("\\n" tool-call-block)* | answer-json'
+
+
+# ---- bodies -------------------------------------------------------------------------------------
+
+def body(**fields) -> bytes:
+    return json.dumps({"messages": USER, **fields}).encode()
+
+
+@pytest.mark.parametrize("raw, param", [
+    (json.dumps({"messages": [1] * 1_000_000}).encode(), "messages"),
+    (body(tools=[1] * 1_000_000), "tools"),
+    (body(stop=["x"] * (MAX_ARRAY_ITEMS + 1)), "stop"),
+], ids=["million messages", "million tools", "long stop list"])
+def test_huge_arrays_are_refused_before_validation(raw, param):
+    error = refusal(parse_body, ChatCompletionRequest, raw)
+    assert error.param == param and str(MAX_ARRAY_ITEMS) in error.message
+
+
+def test_too_many_values_are_refused():
+    many = {f"k{i}": [0] * 9 for i in range(MAX_JSON_VALUES // 10 + 1)}
+    assert str(MAX_JSON_VALUES) in refusal(parse_body, ChatCompletionRequest, body(metadata=many)).message
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"messages":[{"role":"user","content":' + b"[" * 5000 + b"]" * 5000 + b"}]}",
+    b'{"messages":[{"role":"user","content":' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b"}]}",
+], ids=["100,000 deep", "content 5,000 deep", "just past the depth limit"])
+def test_deep_nesting_is_a_400(raw):
+    assert f"{MAX_JSON_DEPTH} levels" in refusal(parse_body, ChatCompletionRequest, raw).message
+
+
+@pytest.mark.parametrize("model, raw, param", [
+    (ChatCompletionRequest, b'{"messages":[{"role":"user","content":"a\\ud800b"}]}', "messages.0.content"),
+    (ChatCompletionRequest, b'{"model":"\\udfff","messages":[{"role":"user","content":"ab"}]}', "model"),
+    (CompletionRequest, b'{"prompt":"x\\udc00"}', "prompt"),
+    (ChatCompletionRequest, b'{"messages":[{"role":"user","content":"x"}],"\\ud800":1}', None),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(model, raw, param):
+    error = refusal(parse_body, model, raw)
+    assert error.param == param and "surrogate" in error.message
+
+
+def test_surrogate_pairs_are_ordinary_text():
+    request = parse_body(ChatCompletionRequest, b'{"messages":[{"role":"user","content":"\\ud83d\\ude00"}]}')
+    assert request.messages[0].content == "\U0001F600"
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "top_k",
+                                   "stream", "parallel_tool_calls", "stream_options"])
+def test_explicit_null_means_the_default(field):
+    request = parse_body(ChatCompletionRequest, body(**{field: None}))
+    assert getattr(request, field) == ChatCompletionRequest.model_fields[field].get_default(call_default_factory=True)
+
+
+def test_null_for_a_required_field_is_still_a_400():
+    assert refusal(parse_body, ChatCompletionRequest, b'{"messages": null}').param == "messages"
