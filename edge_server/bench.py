@@ -206,6 +206,40 @@ def decode_throughput(streams: list[Stream]) -> float:
     return sum(s.usage["completion_tokens"] - 1 for s in streams) / covered
 
 
+# ---- a busy machine --------------------------------------------------------------------------
+
+def cpu_hog() -> subprocess.Popen:
+    """A process that keeps one core busy, as another program on the user's machine would."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def beside_a_busy_core(model: Path, *, threads: int, body: dict, raw_runner: RawRunner, out: Path) -> dict:
+    """Single-stream decode with one core kept busy by another process: raw llama-cpp-python with
+    `threads` threads, the server with its default (fewer threads while fewer run faster), and the
+    server with --fixed-threads."""
+    results: dict = {}
+    hog = cpu_hog()
+    try:
+        results["raw_decode_tok_s"] = max(raw_runner.run()["decode_tok_s"] for _ in range(2))
+        for label, flags in (("adaptive", []), ("fixed", ["--fixed-threads"])):
+            port = free_port()
+            server = start_server(model, port=port, log_path=out / f"server-busy-{label}.log",
+                                  flags=["--threads", str(threads), "--parallel", "1", "--flash-attn", "off", *flags])
+            base_url = f"http://127.0.0.1:{port}"
+            try:
+                runs = [Stream(base_url, body).run().decode_rate for _ in range(3)]  # the first also warms up
+                results[f"server_{label}_decode_tok_s"] = max(runs[1:])
+                results[f"server_{label}_threads_in_use"] = requests.get(base_url + "/health", timeout=5).json()[
+                    "threads_in_use"]
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    finally:
+        hog.kill()
+        hog.wait()
+    return results
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Path) -> dict:
@@ -255,9 +289,13 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
         cold = Stream(base_url, body("First question.", fresh)).run()
         warm = Stream(base_url, body("Second question.", fresh)).run()
         server_rss = peak_rss_mb(server.pid)
+        threads_in_use = requests.get(base_url + "/health", timeout=5).json()["threads_in_use"]
     finally:
         server.terminate()
         server.wait(timeout=30)
+    print("beside a busy core ...", flush=True)
+    busy = beside_a_busy_core(model, threads=threads, body=body("Summarise the notes."), raw_runner=raw_runner,
+                              out=out)
     raw_runner.close()
     raw = {**raw_runs[0], "decode_tok_s": max(r["decode_tok_s"] for r in raw_runs),
            "decode_runs_tok_s": [r["decode_tok_s"] for r in raw_runs],
@@ -272,6 +310,8 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
         "prefix_cache": {"cold_ttft_s": cold.ttft, "warm_ttft_s": warm.ttft},
         "rss_mb": {"raw_peak": raw["peak_rss_mb"], "server_peak_at_4_streams": rss_at_4, "server_peak": server_rss},
         "finish_reasons": finish_reasons,
+        "threads_in_use_unloaded": threads_in_use,
+        "beside_a_busy_core": busy,
     }
     results["checks"] = {
         "decode_ratio": max(s.decode_rate for s in singles) / raw["decode_tok_s"],
@@ -311,6 +351,21 @@ def markdown(results: dict) -> str:
         f"{results['rss_mb']['server_peak_at_4_streams']:.0f} MB | |",
         f"| server RSS over raw | {checks['rss_over_raw_mb']:.0f} MB | <= {TARGETS['rss_over_raw_max_mb']} MB |",
         f"| finish reasons | {results['finish_reasons']} | all `length` |",
+        f"| threads in use after the run (unloaded machine) | {results['threads_in_use_unloaded']} | |",
+    ]
+    busy = results["beside_a_busy_core"]
+    lines += [
+        "",
+        "Single-stream decode with one core kept busy by another process (`while True: pass`):",
+        "",
+        "| side | decode | threads in use |",
+        "|---|---|---|",
+        f"| raw llama-cpp-python, {results['threads']} threads | {busy['raw_decode_tok_s']:.2f} tok/s | "
+        f"{results['threads']} |",
+        f"| server, default (adaptive) | {busy['server_adaptive_decode_tok_s']:.2f} tok/s | "
+        f"{busy['server_adaptive_threads_in_use']} |",
+        f"| server, --fixed-threads | {busy['server_fixed_decode_tok_s']:.2f} tok/s | "
+        f"{busy['server_fixed_threads_in_use']} |",
     ]
     return "\n".join(lines) + "\n"
 

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--n-gpu-layers", help="layers to offload: auto (all when the build can), or a number (default: auto)")
     flag("--flash-attn", choices=["auto", "on", "off"],
          help="flash attention: auto lets llama.cpp decide (on GPUs; on CPUs it speeds prompts, slows decoding ~1%%)")
-    flag("--threads", type=int, help="CPU threads (default: all available cores)")
+    flag("--threads", type=int, help="most CPU threads decoding uses (default: all available cores); fewer while "
+                                     "fewer decode faster, e.g. beside another busy process")
+    flag("--fixed-threads", action="store_const", const=True, help="always use --threads threads, never fewer")
     flag("--parallel", type=int, help="requests decoded together; the KV cache holds this many --n-ctx sequences (default: 4)")
     flag("--max-queue", type=int, help="requests that may wait before 429 (default: 16)")
     flag("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* routes")

@@ -18,6 +18,8 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose as set_llama_log_verbosity
 
+from .threadtuner import ThreadTuner
+
 log = logging.getLogger("edge_server.engine")
 
 DEFAULT_N_CTX = 4096
@@ -206,7 +208,7 @@ class Engine:
     """
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, info: ModelInfo, *,
-                 parallel: int, max_queue: int, fault_seed: int | None = None):
+                 parallel: int, max_queue: int, tuner: ThreadTuner, fault_seed: int | None = None):
         self._model = model
         self._ctx = context
         self._vocab = model.vocab
@@ -221,6 +223,7 @@ class Engine:
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._candidates = _Candidates(context, model.n_vocab())
+        self._tuner = tuner
         self._closing = False
         self._draining = False  # shutting down: no new jobs start
         self._abort_reason: str | None = None  # set: running jobs end with this error at the next step
@@ -241,6 +244,7 @@ class Engine:
         parallel: int = 1,
         max_queue: int = 16,
         flash_attn: str = "auto",
+        adapt_threads: bool = True,
         fault_seed: int | None = None,
     ) -> Engine:
         """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
@@ -292,7 +296,8 @@ class Engine:
             add_bos=bool(model.add_bos_token()),
             metadata=metadata,
         )
-        return cls(model, context, info, parallel=parallel, max_queue=max_queue, fault_seed=fault_seed)
+        return cls(model, context, info, parallel=parallel, max_queue=max_queue,
+                   tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed)
 
     # ---- the HTTP threads' side --------------------------------------------------------------
 
@@ -337,6 +342,11 @@ class Engine:
     def running(self) -> int:
         """Jobs holding a slot."""
         return sum(slot.job is not None for slot in self._slots)
+
+    @property
+    def threads_in_use(self) -> int:
+        """Threads the current decode steps use (fewer than configured while fewer run faster)."""
+        return self._tuner.threads
 
     @property
     def queued(self) -> int:
@@ -456,6 +466,7 @@ class Engine:
                 slot.logits_at = self._add(batch, [slot.next_token], len(slot.cached), slot.seq, logits=True)
                 decoded.append((slot, [slot.next_token]))
         budget = min(PROMPT_CHUNK, BATCH_TOKENS - batch.n_tokens)
+        prefilling = False
         # One prompt chunk per step, oldest job first, so running streams keep flowing.
         for slot in sorted(active, key=lambda s: s.stream.submitted_at):
             if slot.pending_prompt and budget > 0:
@@ -464,8 +475,13 @@ class Engine:
                 slot.logits_at = -1 if slot.pending_prompt else last
                 decoded.append((slot, chunk))
                 budget = 0
+                prefilling = True
         if batch.n_tokens == 0:
             return
+        threads = self._tuner.next_step_threads()
+        if threads != llama_cpp.llama_n_threads(self._ctx.ctx):
+            llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+        started = time.perf_counter()
         try:
             self._ctx.decode(self._batch)
         except RuntimeError as error:
@@ -474,6 +490,8 @@ class Engine:
                 self._forget(slot)
                 self._end(slot, Finish("error", f"decoding failed: {error}"))
             return
+        if not prefilling:  # steps with a prompt chunk take longer for reasons threads do not change
+            self._tuner.record(batch.n_tokens, time.perf_counter() - started)
         for slot, tokens in decoded:
             slot.cached.extend(tokens)
         for slot, _ in decoded:

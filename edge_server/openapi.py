@@ -53,7 +53,9 @@ class Health(BaseModel):
     backend: str = Field(description="llama.cpp backend, e.g. CPU, CUDA, Metal")
     gpu_layers: int = Field(description="layers offloaded to the GPU")
     n_ctx: int = Field(description="tokens per request, prompt + completion")
-    threads: int
+    threads: int = Field(description="the most threads decoding may use (--threads)")
+    threads_in_use: int = Field(description="threads decoding uses now: fewer while fewer run faster, "
+                                            "e.g. beside another busy process (unless --fixed-threads)")
     parallel: int = Field(description="requests decoded together")
     running: int = Field(description="requests being decoded now")
     queued: int = Field(description="requests waiting for a slot")

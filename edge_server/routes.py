@@ -58,6 +58,7 @@ def health():
         "gpu_layers": info.gpu_layers,
         "n_ctx": info.n_ctx,
         "threads": info.threads,
+        "threads_in_use": engine.threads_in_use,
         "parallel": engine.parallel,
         "running": engine.running,
         "queued": engine.queued,

@@ -10,10 +10,9 @@ import sys
 import threading
 import time
 
-from waitress.server import create_server
-
 from . import create_app
 from .engine import Engine, ModelLoadError, check_gguf_file
+from .http_server import create_hardened_server
 from .modelstore import resolve_model
 from .security import warn_if_exposed
 from .settings import EXIT_CONFIG, Settings
@@ -39,13 +38,11 @@ def serve(settings: Settings) -> int:
     warn_if_exposed(settings)
     app = create_app(settings)
     try:
-        server = create_server(
+        server = create_hardened_server(
             app,
-            host=settings.host,
-            port=settings.port,
+            settings,
             threads=settings.parallel + settings.max_queue + 4,  # every waiting request holds a thread
             channel_request_lookahead=1,  # lets a request notice its client hang up without writing
-            max_request_body_size=max(4 * settings.max_body_bytes, 64 * 1024 * 1024),
             ident="edge-server",
             clear_untrusted_proxy_headers=True,
         )
@@ -116,7 +113,8 @@ def _load(settings: Settings, resolved, state: ServerState) -> None:
     try:
         engine = Engine.load(resolved.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
                              threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
-                             flash_attn=settings.flash_attn, fault_seed=settings.fault_seed)
+                             flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
+                             fault_seed=settings.fault_seed)
     except ModelLoadError as error:
         log.error("%s", error)
         logging.shutdown()
@@ -124,9 +122,10 @@ def _load(settings: Settings, resolved, state: ServerState) -> None:
     info = engine.info
     state.attach(ServedModel.of(engine, resolved.model_id, resolved.demo_warning))
     log.info(
-        "model ready: %s (id %r) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d parallel=%d%s",
+        "model ready: %s (id %r) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s parallel=%d%s",
         info.path, resolved.model_id, info.backend, info.gpu_layers, info.n_layer + 1, info.n_ctx,
-        info.n_ctx_train, info.threads, settings.parallel,
+        info.n_ctx_train, info.threads, " (fixed)" if settings.fixed_threads else " (fewer while faster)",
+        settings.parallel,
         "" if info.chat_template else " (no chat template in GGUF: using ChatML)",
     )
     sys.stderr.flush()

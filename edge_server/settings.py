@@ -34,6 +34,7 @@ class Settings(BaseModel):
     n_gpu_layers: int | Literal["auto"] = "auto"
     flash_attn: Literal["auto", "on", "off"] = "auto"
     threads: int = Field(default_factory=available_cores, ge=1)
+    fixed_threads: bool = Field(False, description="always decode with --threads threads, never fewer")
     parallel: int = Field(4, ge=1, le=64)
     max_queue: int = Field(16, ge=0, le=4096)
     api_key: str | None = None

@@ -1,0 +1,152 @@
+"""waitress hardened against slow, idle and malformed clients, answering its own errors with the JSON envelope."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser, ParsingError
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask
+from waitress.utilities import RequestEntityTooLarge, RequestHeaderFieldsTooLarge
+
+from .errors import APIError
+from .settings import Settings
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
+log = logging.getLogger("edge_server")
+
+SPARE_FILE_DESCRIPTORS = 128  # model file, log files, the trigger pipe, the listener, libraries' own handles
+NON_CLIENT_MAP_ENTRIES = 2  # waitress counts its listener and trigger against connection_limit
+
+
+class HardenedRequestParser(HTTPRequestParser):
+    """waitress's parser, also refusing ambiguous framing and announced oversize chunks; notes its first byte."""
+
+    def __init__(self, adj: Adjustments):
+        super().__init__(adj)
+        # The channel makes a parser when a request's first bytes arrive.
+        self.started_at = time.monotonic()
+
+    def parse_header(self, header_plus: bytes) -> None:
+        """Parse as waitress does, then refuse the framings RFC 9112 §6.1 and §6.3 call unsafe."""
+        super().parse_header(header_plus)
+        # waitress removes Transfer-Encoding only from HTTP/1.1 requests, and frames any other by Content-Length.
+        if "TRANSFER_ENCODING" in self.headers:
+            raise ParsingError("Transfer-Encoding is only allowed in HTTP/1.1 requests")
+        if self.chunked and "CONTENT_LENGTH" in self.headers:
+            raise ParsingError("Content-Length and Transfer-Encoding must not both be sent")
+
+    def received(self, data: bytes) -> int:
+        """Take bytes as waitress does; refuse a chunked body once its announced size passes the limit."""
+        consumed = super().received(data)
+        body = self.body_rcv
+        if (self.chunked and body is not None and not self.completed
+                and len(body) + body.chunk_remainder >= self.adj.max_request_body_size):
+            self.error = RequestEntityTooLarge("announced chunk passes the limit")
+            self.completed = True
+        if self.error is not None:
+            # Otherwise waitress answers "100 Continue" to a refused request and reads its body after all.
+            self.expect_continue = False
+        return consumed
+
+
+class JSONErrorTask(ErrorTask):
+    """waitress's own error answers (400, 413, 431, 501, 500) as the OpenAI error envelope; the connection closes."""
+
+    def execute(self) -> None:
+        """Write the envelope."""
+        error = self.request.error
+        body = json.dumps(APIError(self._message(error), status=error.code).body(), separators=(",", ":")).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+    def _message(self, error) -> str:
+        adj = self.channel.adj
+        if isinstance(error, RequestEntityTooLarge):
+            return f"Request body too large (limit {adj.max_request_body_size - 1} bytes)."
+        if isinstance(error, RequestHeaderFieldsTooLarge):
+            return f"Request headers too large (limit {adj.max_request_header_size} bytes)."
+        return f"{error.reason}: {error.body.rstrip('.')}."
+
+
+class HardenedChannel(HTTPChannel):
+    """A connection parsed by HardenedRequestParser whose errors are answered by JSONErrorTask."""
+
+    parser_class = HardenedRequestParser
+    error_task_class = JSONErrorTask
+
+
+class HardenedServer(TcpWSGIServer):
+    """waitress's TCP server that also closes connections whose request headers come too slowly."""
+
+    channel_class = HardenedChannel
+
+    def __init__(self, application, *, header_timeout: float, idle_timeout: float, **kwargs):
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        super().__init__(application, **kwargs)
+
+    def maintenance(self, now: float) -> None:
+        """Close idle connections and those whose current request's headers are overdue."""
+        idle_since = now - self.idle_timeout
+        headers_due_since = time.monotonic() - self.header_timeout
+        closing = False
+        for channel in self.active_channels.values():
+            if channel.requests or channel.will_close:
+                continue  # a request is being answered, or the connection is already closing
+            request = channel.request
+            headers_overdue = (request is not None and not request.headers_finished
+                               and request.started_at < headers_due_since)
+            if headers_overdue or channel.last_activity < idle_since:
+                channel.will_close = True
+                closing = True
+        if closing:
+            # Channels already polled in this round become writable, and so close, only once the loop wakes.
+            self.pull_trigger()
+
+
+def create_hardened_server(app, settings: Settings, *, threads: int, **adjustments) -> HardenedServer:
+    """A HardenedServer for `app` on settings.host:port with `threads` handler threads and other waitress options."""
+    raise_open_file_limit(settings.max_connections + SPARE_FILE_DESCRIPTORS)
+    adj = Adjustments(
+        host=settings.host,
+        port=settings.port,
+        threads=threads,
+        asyncore_use_poll=True,  # select() cannot watch descriptors past 1024
+        connection_limit=settings.max_connections + NON_CLIENT_MAP_ENTRIES,
+        cleanup_interval=1,  # how often maintenance() runs, so the timeouts act within about a second
+        max_request_body_size=settings.max_body_bytes + 1,  # waitress refuses bodies of this size and more
+        **adjustments,
+    )
+    if len(adj.listen) > 1:
+        log.warning("%s resolves to several addresses; listening on the first, %s", settings.host, adj.listen[0][3])
+    return HardenedServer(app, adj=adj, sockinfo=adj.listen[0],
+                          header_timeout=settings.header_timeout, idle_timeout=settings.idle_timeout)
+
+
+def raise_open_file_limit(needed: int) -> None:
+    """Raise the soft open-file limit towards the hard one when it is below `needed`; log when it stays below."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        log.warning("open-file limit is %d, below the %d that --max-connections needs; "
+                    "raise it (ulimit -n) or lower --max-connections", target, needed)
