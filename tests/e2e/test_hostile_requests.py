@@ -8,10 +8,12 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
+import agents
 import pytest
 import requests
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel
 
@@ -235,10 +237,14 @@ VERDICT = {"type": "json_schema", "json_schema": {"name": "verdict", "strict": T
 
 
 @pytest.fixture(scope="module")
-def calling_client(start_server, tmp_path_factory) -> OpenAI:
+def calling_server(start_server, tmp_path_factory):
     model = write_scripted_model(tmp_path_factory.mktemp("models") / "direct-caller.gguf", CALL_SCRIPT)
-    server = start_server("--model", str(model))
-    return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    return start_server("--model", str(model))
+
+
+@pytest.fixture(scope="module")
+def calling_client(calling_server) -> OpenAI:
+    return OpenAI(base_url=calling_server.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
 def test_tools_beside_a_structured_output_can_still_be_called(calling_client):
@@ -248,6 +254,32 @@ def test_tools_beside_a_structured_output_can_still_be_called(calling_client):
     assert choice.finish_reason == "tool_calls", choice
     assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
         ("get_weather", {"city": "Oslo"})]
+
+
+class Verdict(BaseModel):
+    """The Agents SDK's `output_type`: a structured final answer."""
+
+    answer: Literal["yes", "no"]
+
+
+def test_openai_agents_sdk_agent_with_output_type_calls_its_function_tool(calling_server):
+    agents.set_tracing_disabled(True)  # no traces leave this machine
+    called: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: Literal["Paris", "Oslo"]) -> str:
+        """Current weather for a city."""
+        called.append(city)
+        return "sunny"
+
+    model = agents.OpenAIChatCompletionsModel(model="m", openai_client=AsyncOpenAI(
+        base_url=calling_server.base_url + "/v1", api_key="none", max_retries=0, timeout=60))
+    agent = agents.Agent(name="forecaster", instructions="Use the tool.", tools=[get_weather],
+                         output_type=Verdict, model=model, model_settings=agents.ModelSettings(temperature=0))
+    # One turn: the model's call is run; the scripted model would only call again in a second turn.
+    with pytest.raises(agents.MaxTurnsExceeded):
+        agents.Runner.run_sync(agent, "Is it sunny in Oslo?", max_turns=1)
+    assert called == ["Oslo"]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
