@@ -70,8 +70,8 @@ install-test: $(STAMP)
 run: install
 	$(PY) -m edge_server serve $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
-$(TEST_MODEL): edge_server/synthetic.py | install
-	$(PY) -m edge_server.synthetic $@
+$(TEST_MODEL): edge_server/devtools/synthetic.py | install
+	$(PY) -m edge_server.devtools.synthetic $@
 
 tiny-model: $(TEST_MODEL)
 
@@ -83,10 +83,10 @@ model: install
 
 bench: install
 	$(PIP) install -q -e '.[bench]'
-	$(PY) -m edge_server.bench $(if $(MODEL),--model $(MODEL))
+	$(PY) -m edge_server.devtools.bench $(if $(MODEL),--model $(MODEL))
 
 soak: install-test tiny-model
-	$(PY) -m edge_server.soak --seconds $(or $(SECONDS),90)
+	$(PY) -m edge_server.devtools.soak --seconds $(or $(SECONDS),90)
 
 clean:
 	rm -rf $(VENV) models/generated .pytest_cache .hypothesis build *.egg-info

@@ -1,5 +1,5 @@
 """`python -m edge_server` is the `edge-server` command."""
 
-from .cli import main
+from edge_server.cli import main
 
 raise SystemExit(main())

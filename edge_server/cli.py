@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .memory import return_large_buffers_to_the_system
-from .settings import EXIT_CONFIG, Settings, load_settings
+from edge_server.memory import return_large_buffers_to_the_system
+from edge_server.settings import EXIT_CONFIG, Settings, load_settings
 
 log = logging.getLogger("edge_server")
 
@@ -77,8 +77,8 @@ def configure_logging(level: str) -> None:
 
 def pull(argv: Sequence[str]) -> int:
     """`edge-server pull [OWNER/REPO/FILE.gguf]`: download a GGUF into models/ (default: Qwen2.5)."""
-    from .engine import ModelLoadError
-    from .modelstore import DEFAULT_FILE, DEFAULT_REPO, download, split_hub_spec
+    from edge_server.engine.scheduler import ModelLoadError
+    from edge_server.modelstore import DEFAULT_FILE, DEFAULT_REPO, download, split_hub_spec
 
     parser = argparse.ArgumentParser(prog="edge-server pull", description=pull.__doc__)
     parser.add_argument("spec", nargs="?", help=f"default: {DEFAULT_REPO}/{DEFAULT_FILE}")
@@ -96,7 +96,7 @@ def pull(argv: Sequence[str]) -> int:
 
 def list_models(argv: Sequence[str]) -> int:
     """`edge-server models`: the GGUFs in models/, described from their metadata."""
-    from .modelstore import local_models
+    from edge_server.modelstore import local_models
 
     parser = argparse.ArgumentParser(prog="edge-server models", description=list_models.__doc__)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     return_large_buffers_to_the_system()
-    from .server import serve
+    from edge_server.server import serve
 
     return serve(settings)
 

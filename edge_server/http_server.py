@@ -13,8 +13,8 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask
 from waitress.utilities import RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
-from .errors import APIError
-from .settings import Settings
+from edge_server.api.errors import APIError
+from edge_server.settings import Settings
 
 try:
     import resource

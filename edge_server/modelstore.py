@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import ModelLoadError
+from edge_server.engine.scheduler import ModelLoadError
 
 log = logging.getLogger("edge_server.models")
 
@@ -59,7 +59,7 @@ def newest_gguf(models_dir: Path) -> Path | None:
 
 def demo_model(models_dir: Path) -> Path:
     """The offline demo model, generated on first use."""
-    from .synthetic import DEMO_SCRIPT, write_scripted_model
+    from edge_server.devtools.synthetic import DEMO_SCRIPT, write_scripted_model
 
     path = Path(models_dir) / GENERATED_DIR / DEMO_FILE
     if not path.is_file():

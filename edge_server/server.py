@@ -10,13 +10,13 @@ import sys
 import threading
 import time
 
-from . import create_app
-from .engine import Engine, ModelLoadError, check_gguf_file
-from .http_server import create_hardened_server
-from .modelstore import resolve_model
-from .security import warn_if_exposed
-from .settings import EXIT_CONFIG, Settings
-from .state import ServedModel, ServerState
+from edge_server.api.app import create_app
+from edge_server.engine.scheduler import Engine, ModelLoadError, check_gguf_file
+from edge_server.http_server import create_hardened_server
+from edge_server.modelstore import resolve_model
+from edge_server.api.security import warn_if_exposed
+from edge_server.settings import EXIT_CONFIG, Settings
+from edge_server.api.state import ServedModel, ServerState
 
 log = logging.getLogger("edge_server")
 

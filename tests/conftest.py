@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_server.synthetic import write_random_model, write_scripted_model
+from edge_server.devtools.synthetic import write_random_model, write_scripted_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MAKE_TEST_MODEL = ROOT / "models" / "generated" / "tiny-test.gguf"  # written by `make tiny-model`

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from edge_server.harness import free_port
+from edge_server.devtools.harness import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e

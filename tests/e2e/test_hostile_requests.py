@@ -17,7 +17,7 @@ from openai import AsyncOpenAI, OpenAI
 from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel
 
-from edge_server.synthetic import write_scripted_model
+from edge_server.devtools.synthetic import write_scripted_model
 from tests.e2e.conftest import chat, sse_events
 
 USER = [{"role": "user", "content": "Hi"}]

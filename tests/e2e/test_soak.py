@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_server.soak import soak
+from edge_server.devtools.soak import soak
 
 
 def test_mixed_load_keeps_every_promise(start_server, tiny_model):

@@ -29,7 +29,7 @@ def test_offline_with_no_model_serves_the_demo_model_loudly(start_server, tmp_pa
     models = requests.get(server.base_url + "/v1/models", timeout=10).json()["data"]
     assert models[0]["id"] == "edge-server-demo"
     assert models[0]["meta"]["demo"] is True and "OFFLINE DEMO MODEL" in models[0]["meta"]["warning"]
-    from edge_server.synthetic import DEMO_SCRIPT
+    from edge_server.devtools.synthetic import DEMO_SCRIPT
 
     answer = chat(server.base_url, temperature=0).json()["choices"][0]["message"]["content"]
     assert answer == b"".join(DEMO_SCRIPT).decode()
@@ -105,7 +105,7 @@ def test_invalid_flag_value_exits_2(tiny_model):
 
 
 def test_default_context_is_the_models_own_when_smaller_than_4096(start_server, tmp_path):
-    from edge_server.synthetic import write_random_model
+    from edge_server.devtools.synthetic import write_random_model
 
     model = write_random_model(tmp_path / "short-context.gguf", context_length=1024)
     assert start_server("--model", str(model)).health()["n_ctx"] == 1024

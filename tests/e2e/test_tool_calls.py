@@ -8,7 +8,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from edge_server.synthetic import write_scripted_model
+from edge_server.devtools.synthetic import write_scripted_model
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",

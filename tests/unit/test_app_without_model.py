@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_server import create_app
+from edge_server.api.app import create_app
 from edge_server.settings import Settings
 
 

@@ -13,8 +13,9 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 import edge_server
-from edge_server import create_app, openapi
-from edge_server.schemas import (
+from edge_server.api import openapi
+from edge_server.api.app import create_app
+from edge_server.api.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,

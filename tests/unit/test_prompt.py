@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from edge_server.prompt import PromptRenderer
-from edge_server.schemas import ChatMessage
-from edge_server.synthetic import CHAT_TEMPLATE
+from edge_server.generation.prompt import PromptRenderer
+from edge_server.api.schemas import ChatMessage
+from edge_server.devtools.synthetic import CHAT_TEMPLATE
 
 
 def render(messages: list[dict], tools: list[dict] | None = None) -> str:

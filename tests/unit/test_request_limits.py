@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from edge_server.bodylimits import MAX_ARRAY_ITEMS, MAX_JSON_DEPTH, MAX_JSON_VALUES
-from edge_server.errors import APIError
-from edge_server.grammars import schema_grammar, tool_call_grammar
-from edge_server.schemalimits import MAX_ALTERNATIVES, MAX_REPETITION, check_schema_limits, check_strict
-from edge_server.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+from edge_server.api.bodylimits import MAX_ARRAY_ITEMS, MAX_JSON_DEPTH, MAX_JSON_VALUES
+from edge_server.api.errors import APIError
+from edge_server.dialects.grammars import schema_grammar, tool_call_grammar
+from edge_server.dialects.schemalimits import MAX_ALTERNATIVES, MAX_REPETITION, check_schema_limits, check_strict
+from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 USER = [{"role": "user", "content": "Hi"}]
 

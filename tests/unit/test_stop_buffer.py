@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_server.textstream import StopBuffer, Utf8Decoder, earliest_stop
+from edge_server.generation.textstream import StopBuffer, Utf8Decoder, earliest_stop
 
 
 def reference_cut(text: str, stops: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""Tests for the synthetic GGUF writers in edge_server.synthetic."""
+"""Tests for the synthetic GGUF writers in edge_server.devtools.synthetic."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from jinja2 import BaseLoader
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from edge_server import synthetic
+from edge_server.devtools import synthetic
 
 EMOJI_SCRIPT = [b"Hi", b" there", b" \xf0\x9f", b"\x91\x8b", b" \xe4\xbd", b"\xa0\xe5\xa5\xbd", b"!"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_server.threadtuner import ThreadTuner
+from edge_server.engine.threadtuner import ThreadTuner
 
 
 def run(tuner: ThreadTuner, seconds_by_threads: dict[int, float], steps: int, batch: int = 1) -> list[int]:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_server.toolcalls import ContentDelta, ToolCallArguments, ToolCallExtractor, ToolCallStart
+from edge_server.dialects.hermes import ContentDelta, ToolCallArguments, ToolCallExtractor, ToolCallStart
 
 FUNCTIONS = {"get_weather", "add"}
 CALL_1 = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "tags": ["a}", {"x": "\\"}"}]}}\n</tool_call>'

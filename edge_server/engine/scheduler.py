@@ -18,7 +18,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose as set_llama_log_verbosity
 
-from .threadtuner import ThreadTuner
+from edge_server.engine.threadtuner import ThreadTuner
 
 log = logging.getLogger("edge_server.engine")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import requests
 
-from .harness import ROOT, free_port, memory_mb, start_server
-from .settings import available_cores
+from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server
+from edge_server.settings import available_cores
 
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
@@ -38,7 +38,7 @@ def ensure_bench_model(path: Path = BENCH_MODEL) -> Path:
         return path
     import llama_cpp
 
-    from .synthetic import QWEN25_05B_SHAPE, write_shaped_model
+    from edge_server.devtools.synthetic import QWEN25_05B_SHAPE, write_shaped_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     f16 = path.with_suffix(".f16.tmp")
@@ -115,7 +115,7 @@ class RawRunner:
     def __init__(self, model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: dict[str, float],
                  system: str):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "edge_server.bench", "--raw-worker", str(model), "--threads", str(threads),
+            [sys.executable, "-m", "edge_server.devtools.bench", "--raw-worker", str(model), "--threads", str(threads),
              "--n-ctx", str(n_ctx), "--max-tokens", str(max_tokens), "--bias", json.dumps(bias), "--system", system],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
@@ -395,7 +395,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --raw-worker, only the raw llama-cpp-python measurement)."""
-    parser = argparse.ArgumentParser(prog="python -m edge_server.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m edge_server.devtools.bench", description=__doc__)
     parser.add_argument("--model", type=Path, help="GGUF to measure (default: the generated 0.5B-shape model)")
     parser.add_argument("--threads", type=int, default=available_cores())
     parser.add_argument("--parallel", type=int, default=4)

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import APIError
+from edge_server.api.errors import APIError
 
 MAX_SCHEMA_DEPTH = 32  # nested subschemas
 MAX_REPETITION = 1000  # minLength/maxLength, minItems/maxItems, min/maxProperties, regex {m,n}

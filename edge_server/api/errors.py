@@ -7,7 +7,7 @@ import logging
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .observability import log_safe
+from edge_server.api.observability import log_safe
 
 log = logging.getLogger("edge_server")
 

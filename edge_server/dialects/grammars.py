@@ -12,9 +12,9 @@ from typing import Any
 from llama_cpp import llama_grammar
 from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
 
-from .errors import APIError
-from .schemalimits import check_schema_limits
-from .toolcalls import CLOSE_TAG, OPEN_TAG
+from edge_server.api.errors import APIError
+from edge_server.dialects.schemalimits import check_schema_limits
+from edge_server.dialects.hermes import CLOSE_TAG, OPEN_TAG
 
 
 def _native_repetition(item_rule: str, min_items: int, max_items: int | None, separator_rule: str | None = None,

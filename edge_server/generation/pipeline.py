@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .engine import Engine, Finish, Job, QueueFull, Token, TokenStream
-from .errors import APIError
-from .textstream import StopBuffer, Utf8Decoder
-from .toolcalls import ContentDelta, Event, ToolCallArguments, ToolCallExtractor, ToolCallStart
+from edge_server.engine.scheduler import Engine, Finish, Job, QueueFull, Token, TokenStream
+from edge_server.api.errors import APIError
+from edge_server.generation.textstream import StopBuffer, Utf8Decoder
+from edge_server.dialects.hermes import ContentDelta, Event, ToolCallArguments, ToolCallExtractor, ToolCallStart
 
 
 _lowered = threading.local()

@@ -6,11 +6,11 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
-from . import sse
-from .engine import SHUTTING_DOWN
-from .errors import APIError, error_body
-from .generation import HEARTBEAT, ClientGone, Collected, Generation, Outcome
-from .schemas import (
+from edge_server.api import sse
+from edge_server.engine.scheduler import SHUTTING_DOWN
+from edge_server.api.errors import APIError, error_body
+from edge_server.generation.pipeline import HEARTBEAT, ClientGone, Collected, Generation, Outcome
+from edge_server.api.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -27,7 +27,7 @@ from .schemas import (
     completion_id,
     now,
 )
-from .toolcalls import ContentDelta, Event, ToolCallArguments, ToolCallStart
+from edge_server.dialects.hermes import ContentDelta, Event, ToolCallArguments, ToolCallStart
 
 access_log = logging.getLogger("edge_server.access")
 

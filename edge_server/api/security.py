@@ -8,8 +8,8 @@ import logging
 
 from flask import Flask, Response, request
 
-from .errors import APIError
-from .settings import Settings
+from edge_server.api.errors import APIError
+from edge_server.settings import Settings
 
 log = logging.getLogger("edge_server")
 PROTECTED_PREFIX = "/v1/"

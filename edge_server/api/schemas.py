@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
-from .bodylimits import check_body_shape, nesting_error
-from .errors import APIError
+from edge_server.api.bodylimits import check_body_shape, nesting_error
+from edge_server.api.errors import APIError
 
 # JSON has one number type: 1.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
 def _whole(value: Any) -> Any:

@@ -558,7 +558,7 @@ def write_scripted_model(path: str | Path, script: Sequence[bytes], *, seed: int
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a synthetic model from the command line and print its path and size."""
-    parser = argparse.ArgumentParser(prog="python -m edge_server.synthetic", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m edge_server.devtools.synthetic", description=__doc__)
     parser.add_argument("out", type=Path, help="output .gguf path")
     parser.add_argument("--scripted-demo", action="store_true", help="write the offline demo model (DEMO_SCRIPT)")
     parser.add_argument("--seed", type=int, default=0)

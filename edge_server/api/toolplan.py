@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .grammars import any_json_object_grammar, schema_grammar, tool_call_grammar
-from .schemalimits import check_strict
-from .schemas import ChatCompletionRequest, FunctionName, NamedToolChoice
-from .toolcalls import ToolCallExtractor
+from edge_server.dialects.grammars import any_json_object_grammar, schema_grammar, tool_call_grammar
+from edge_server.dialects.schemalimits import check_strict
+from edge_server.api.schemas import ChatCompletionRequest, FunctionName, NamedToolChoice
+from edge_server.dialects.hermes import ToolCallExtractor
 
 
 ANSWER_SCHEMA_PARAM = "response_format.json_schema.schema"

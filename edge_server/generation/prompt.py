@@ -9,8 +9,8 @@ from typing import Any
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from .errors import APIError
-from .schemas import ChatMessage
+from edge_server.api.errors import APIError
+from edge_server.api.schemas import ChatMessage
 
 # Used only when a GGUF carries no template: Qwen models speak ChatML.
 CHATML_TEMPLATE = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import APIError
+from edge_server.api.errors import APIError
 
 MAX_JSON_DEPTH = 64  # nested arrays and objects
 MAX_ARRAY_ITEMS = 10_000  # elements of any one array

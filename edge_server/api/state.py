@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .engine import Engine
-from .prompt import PromptRenderer
-from .settings import Settings
+from edge_server.engine.scheduler import Engine
+from edge_server.generation.prompt import PromptRenderer
+from edge_server.settings import Settings
 
 
 @dataclass

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from .textstream import StopBuffer
+from edge_server.generation.textstream import StopBuffer
 
 log = logging.getLogger("edge_server.toolcalls")
 

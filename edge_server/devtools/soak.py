@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from .harness import ROOT, free_port, memory_mb, start_server
+from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server
 
 PROMPTS = [f"Tell me about the harbour number {i}" for i in range(8)]
 SAMPLE_TOKENS = 32
@@ -202,7 +202,7 @@ def soak(base_url: str, pid: int, *, seconds: float, clients: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Start a server on the generated test model, soak it, print the figures; exit 1 on failures."""
-    parser = argparse.ArgumentParser(prog="python -m edge_server.soak", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m edge_server.devtools.soak", description=__doc__)
     parser.add_argument("--seconds", type=float, default=90)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "generated" / "tiny-test.gguf")

@@ -10,14 +10,14 @@ from contextlib import contextmanager
 from flask import Blueprint, Response, current_app, g, jsonify
 from flask import request as raw_request
 
-from .engine import CompiledGrammar, GrammarRejected, Job, PromptTooLong, Sampling
-from .errors import APIError
-from .generation import ClientGone, Generation, Outcome
-from .observability import defer_access_log, log_safe
-from .responses import chat_answer, chat_stream, log_outcome, text_answer, text_stream
-from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields, parse_body
-from .state import ServedModel, ServerState
-from .toolplan import plan_tools
+from edge_server.engine.scheduler import CompiledGrammar, GrammarRejected, Job, PromptTooLong, Sampling
+from edge_server.api.errors import APIError
+from edge_server.generation.pipeline import ClientGone, Generation, Outcome
+from edge_server.api.observability import defer_access_log, log_safe
+from edge_server.api.serialize import chat_answer, chat_stream, log_outcome, text_answer, text_stream
+from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields, parse_body
+from edge_server.api.state import ServedModel, ServerState
+from edge_server.api.toolplan import plan_tools
 
 log = logging.getLogger("edge_server")
 api = Blueprint("api", __name__)
