@@ -77,7 +77,7 @@ def configure_logging(level: str) -> None:
 
 def pull(argv: Sequence[str]) -> int:
     """`edge-server pull [OWNER/REPO/FILE.gguf]`: download a GGUF into models/ (default: Qwen2.5)."""
-    from edge_server.engine.scheduler import ModelLoadError
+    from edge_server.engine.types import ModelLoadError
     from edge_server.modelstore import DEFAULT_FILE, DEFAULT_REPO, download, split_hub_spec
 
     parser = argparse.ArgumentParser(prog="edge-server pull", description=pull.__doc__)

@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_server.engine.scheduler import ModelLoadError
+from edge_server.engine.types import ModelLoadError
 
 log = logging.getLogger("edge_server.models")
 

@@ -11,7 +11,8 @@ import threading
 import time
 
 from edge_server.api.app import create_app
-from edge_server.engine.scheduler import Engine, ModelLoadError, check_gguf_file
+from edge_server.engine.loader import check_gguf_file, load_engine
+from edge_server.engine.types import ModelLoadError
 from edge_server.http_server import create_hardened_server
 from edge_server.modelstore import resolve_model
 from edge_server.api.security import warn_if_exposed
@@ -111,7 +112,7 @@ class GracefulShutdown:
 
 def _load(settings: Settings, resolved, state: ServerState) -> None:
     try:
-        engine = Engine.load(resolved.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
+        engine = load_engine(resolved.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
                              threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
                              flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
                              fault_seed=settings.fault_seed)

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from flask import Blueprint, Response, current_app, g, jsonify
 from flask import request as raw_request
 
-from edge_server.engine.scheduler import CompiledGrammar, GrammarRejected, Job, PromptTooLong, Sampling
+from edge_server.engine.protocol import CompiledGrammarHandle
+from edge_server.engine.types import GrammarRejected, Job, PromptTooLong, Sampling
 from edge_server.api.errors import APIError
 from edge_server.generation.pipeline import ClientGone, Generation, Outcome
 from edge_server.api.observability import defer_access_log, log_safe
@@ -155,7 +156,7 @@ def completions():
 # ---- helpers ---------------------------------------------------------------------------------
 
 def _start(served: ServedModel, request: SamplingFields, prompt: list[int], limit: int | None, *,
-           grammar: CompiledGrammar | None = None, **options) -> Generation:
+           grammar: CompiledGrammarHandle | None = None, **options) -> Generation:
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
@@ -192,7 +193,7 @@ def _context_check(served: ServedModel) -> Iterator[None]:
         raise _context_exceeded(served.engine.info.n_ctx, f"{error.tokens} prompt tokens") from None
 
 
-def _sampling(request: SamplingFields, n_vocab: int, grammar: CompiledGrammar | None) -> Sampling:
+def _sampling(request: SamplingFields, n_vocab: int, grammar: CompiledGrammarHandle | None) -> Sampling:
     bias = {}
     for key, value in (request.logit_bias or {}).items():
         token = int(key)

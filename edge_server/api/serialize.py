@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 
 from edge_server.api import sse
-from edge_server.engine.scheduler import SHUTTING_DOWN
+from edge_server.engine.types import SHUTTING_DOWN
 from edge_server.api.errors import APIError, error_body
 from edge_server.generation.pipeline import HEARTBEAT, ClientGone, Collected, Generation, Outcome
 from edge_server.api.schemas import (

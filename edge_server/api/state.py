@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from edge_server.engine.scheduler import Engine
+from edge_server.engine.protocol import EngineClient
 from edge_server.generation.prompt import PromptRenderer
 from edge_server.settings import Settings
 
@@ -14,13 +14,13 @@ from edge_server.settings import Settings
 class ServedModel:
     """The loaded engine with the renderer for its chat template and the name clients see."""
 
-    engine: Engine
+    engine: EngineClient
     renderer: PromptRenderer
     model_id: str
     demo_warning: str | None = None
 
     @classmethod
-    def of(cls, engine: Engine, model_id: str, demo_warning: str | None = None) -> ServedModel:
+    def of(cls, engine: EngineClient, model_id: str, demo_warning: str | None = None) -> ServedModel:
         """Wrap a loaded engine, building its prompt renderer from the model's own metadata."""
         info = engine.info
         renderer = PromptRenderer(

@@ -9,7 +9,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from edge_server.engine.scheduler import Engine, Finish, Job, QueueFull, Token, TokenStream
+from edge_server.engine.protocol import EngineClient
+from edge_server.engine.types import Finish, Job, QueueFull, Token, TokenStream
 from edge_server.api.errors import APIError
 from edge_server.generation.textstream import StopBuffer, Utf8Decoder
 from edge_server.dialects.hermes import ContentDelta, Event, ToolCallArguments, ToolCallExtractor, ToolCallStart
@@ -95,7 +96,7 @@ class Generation:
         self.outcome = Outcome(prompt_tokens=prompt_tokens)
 
     @classmethod
-    def start(cls, engine: Engine, job: Job, **options) -> Generation:
+    def start(cls, engine: EngineClient, job: Job, **options) -> Generation:
         """Submit `job` and wrap its stream; a full queue becomes a 429."""
         try:
             stream = engine.submit(job)

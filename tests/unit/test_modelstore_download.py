@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from edge_server import modelstore
-from edge_server.engine.scheduler import ModelLoadError
+from edge_server.engine.types import ModelLoadError
 
 
 @pytest.fixture

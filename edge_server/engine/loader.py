@@ -1,0 +1,143 @@
+"""Loading a GGUF into llama.cpp: file checks, metadata, backend and offload, the context for the scheduler."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+from typing import Any
+
+import gguf
+import llama_cpp
+from llama_cpp import _internals as internals
+from llama_cpp._logger import set_verbose as set_llama_log_verbosity
+
+from edge_server.engine.scheduler import BATCH_TOKENS, Engine
+from edge_server.engine.threadtuner import ThreadTuner
+from edge_server.engine.types import ModelInfo, ModelLoadError
+
+DEFAULT_N_CTX = 4096
+
+
+def load_engine(
+    path: Path,
+    *,
+    n_ctx: int | None = None,
+    n_gpu_layers: int | str = "auto",
+    threads: int,
+    parallel: int = 1,
+    max_queue: int = 16,
+    flash_attn: str = "auto",
+    adapt_threads: bool = True,
+    fault_seed: int | None = None,
+) -> Engine:
+    """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
+
+    `n_ctx` is the limit of one request; the KV cache holds `parallel` such sequences.
+    """
+    path = Path(path)
+    check_gguf_file(path)
+    n_ctx_train = read_n_ctx_train(path)
+    per_request = n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
+    backend = offload_backend()
+    layers = (-1 if backend != "CPU" else 0) if n_gpu_layers == "auto" else int(n_gpu_layers)
+    _init_backend()
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
+    context_params = llama_cpp.llama_context_default_params()
+    context_params.n_ctx = per_request * parallel
+    context_params.n_seq_max = parallel
+    context_params.kv_unified = False  # each sequence gets its own n_ctx cells: none is ever shrunk
+    context_params.n_batch = context_params.n_ubatch = BATCH_TOKENS
+    context_params.n_threads = context_params.n_threads_batch = threads
+    context_params.no_perf = True
+    context_params.flash_attn_type = {
+        "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[flash_attn]
+    try:
+        model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        context = internals.LlamaContext(model=model, params=context_params, verbose=False)
+    except (ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"llama.cpp failed to load {path}: {error}") from None
+    metadata = model.metadata()
+    arch = metadata.get("general.architecture", "")
+    n_layer = int(metadata.get(f"{arch}.block_count", "0") or 0)
+    info = ModelInfo(
+        path=path,
+        n_ctx=per_request,
+        n_ctx_train=n_ctx_train,
+        n_vocab=model.n_vocab(),
+        n_layer=n_layer,
+        backend=backend,
+        gpu_layers=0 if backend == "CPU" else (n_layer + 1 if layers < 0 else min(layers, n_layer + 1)),
+        threads=threads,
+        chat_template=metadata.get("tokenizer.chat_template"),
+        max_token_bytes=_longest_token_bytes(model),
+        bos_token=_token_text(model, model.token_bos()),
+        eos_token=_token_text(model, model.token_eos()),
+        add_bos=bool(model.add_bos_token()),
+        metadata=metadata,
+    )
+    return Engine(model, context, info, parallel=parallel, max_queue=max_queue,
+                  tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed)
+
+
+def read_n_ctx_train(path: Path) -> int:
+    """The model's training context from its GGUF metadata, read without loading the weights."""
+    try:
+        fields = gguf.GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        return int(fields[f"{arch}.context_length"].contents())
+    except (KeyError, ValueError, OSError) as error:
+        raise ModelLoadError(f"{path} has no usable GGUF metadata ({error})") from None
+
+
+def offload_backend() -> str:
+    """Name of the GPU backend this llama-cpp-python build offloads to, or 'CPU'."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "CPU"
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
+    for name in ("CUDA", "METAL", "VULKAN", "HIP", "SYCL"):
+        if name in info:
+            return name.title() if name == "METAL" else name
+    return "GPU"
+
+
+def check_gguf_file(path: Path) -> None:
+    """Raise `ModelLoadError` unless `path` is a readable file that starts like a GGUF."""
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+
+
+def _longest_token_bytes(model: internals.LlamaModel) -> int:
+    buffer = ctypes.create_string_buffer(1024)
+    longest = 1
+    for token in range(model.n_vocab()):
+        size = llama_cpp.llama_token_to_piece(model.vocab, token, buffer, len(buffer), 0, True)
+        longest = max(longest, abs(size))  # negative: the piece is longer than the buffer, by that size
+    return longest
+
+
+def _token_text(model: Any, token: int) -> str:
+    if token < 0:
+        return ""
+    return model.token_get_text(token)
+
+
+_backend_ready = threading.Lock()
+_backend_initialised = False
+
+
+def _init_backend() -> None:
+    global _backend_initialised
+    with _backend_ready:
+        if not _backend_initialised:
+            set_llama_log_verbosity(False)
+            llama_cpp.llama_backend_init()
+            _backend_initialised = True

@@ -1,0 +1,120 @@
+"""Per-request sampling on llama.cpp: the sampler chain, and grammars parsed off the engine thread."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals as internals
+
+from edge_server.engine.types import GrammarRejected, Sampling
+
+PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
+
+
+class CompiledGrammar:
+    """A llama.cpp grammar sampler, parsed on the requesting thread; the engine takes it over once.
+
+    Parsing a large grammar takes long (a 20,000-value enum: about 1 s), and it must never happen on
+    the engine's thread, where it would stall every running stream.
+    """
+
+    def __init__(self, pointer: Any):
+        self._pointer = pointer
+
+    def take(self) -> Any:
+        """The sampler pointer; from now on the caller frees it."""
+        pointer, self._pointer = self._pointer, None
+        return pointer
+
+    def __del__(self) -> None:
+        if self._pointer:  # never started (cancelled while waiting, refused by a full queue)
+            llama_cpp.llama_sampler_free(self._pointer)
+            self._pointer = None
+
+
+class ConstrainedSampler:
+    """Samples under a grammar from one batch position's logits, keeping the whole vocabulary as candidates."""
+
+    def __init__(self, context: internals.LlamaContext, n_vocab: int):
+        self._ctx = context.ctx
+        self._n_vocab = n_vocab
+        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        assert dtype.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+        self._data = np.zeros(n_vocab, dtype=dtype)
+        self._data["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._ids = self._data["id"].copy()
+        self._pointer = self._data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        self._array = llama_cpp.llama_token_data_array(data=self._pointer, size=n_vocab, selected=-1, sorted=False)
+        self._one = llama_cpp.llama_token_data(id=0, logit=0.0, p=0.0)
+        self._one_array = llama_cpp.llama_token_data_array(data=ctypes.pointer(self._one), size=1, selected=-1,
+                                                           sorted=False)
+
+    def sample(self, chain: Any, grammar: Any, index: int) -> int:
+        """Sample with `chain`, constrained by `grammar`, and let both accept the token.
+
+        As llama.cpp's own common sampler does: sample freely, then check only the chosen token
+        against the grammar; the grammar pass over the whole vocabulary (its cost grows with
+        vocabulary size times open alternatives) runs only when that token is refused. Sampling
+        from what the grammar allows gives the same distribution either way.
+        """
+        self._fill(index)
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
+        token = self._array.data[self._array.selected].id
+        self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
+        self._one_array.size, self._one_array.selected = 1, -1
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_array))
+        if self._one.logit == float("-inf"):
+            self._fill(index)
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._array))
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
+            token = self._array.data[self._array.selected].id
+        llama_cpp.llama_sampler_accept(grammar, token)
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
+
+    def _fill(self, index: int) -> None:
+        logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
+        self._data["id"] = self._ids
+        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
+        self._data["p"] = 0.0
+        self._array.data, self._array.size, self._array.selected, self._array.sorted = (
+            self._pointer, self._n_vocab, -1, False)
+
+
+def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.LlamaSampler:
+    """A llama.cpp sampler chain for one request, in llama-server's order (the grammar is kept apart)."""
+    n_vocab = model.n_vocab()
+    sampler = internals.LlamaSampler()
+    if sampling.logit_bias:
+        sampler.add_logit_bias(n_vocab, dict(sampling.logit_bias))
+    if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0):
+        sampler.add_penalties(
+            n_vocab=n_vocab,
+            penalty_last_n=PENALTY_WINDOW,
+            penalty_repeat=sampling.repeat_penalty,
+            penalty_freq=sampling.frequency_penalty,
+            penalty_present=sampling.presence_penalty,
+        )
+    if sampling.temperature == 0.0:
+        sampler.add_greedy()
+        return sampler
+    sampler.add_top_k(sampling.top_k)
+    sampler.add_top_p(sampling.top_p, 1)
+    sampler.add_min_p(sampling.min_p, 1)
+    sampler.add_temp(sampling.temperature)
+    seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed & 0xFFFFFFFF
+    if seed == llama_cpp.LLAMA_DEFAULT_SEED and sampling.seed is not None:
+        seed = 0xFFFFFFFE  # llama.cpp reads the default seed as "pick a random one"; keep the client's fixed
+    sampler.add_dist(seed)
+    return sampler
+
+
+def compile_grammar(vocab: Any, grammar: str) -> CompiledGrammar:
+    """Parse GBNF for `vocab` on the calling thread; raises `GrammarRejected`."""
+    pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not pointer:
+        raise GrammarRejected("llama.cpp rejected the grammar built for this request")
+    return CompiledGrammar(pointer)

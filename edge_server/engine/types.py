@@ -1,0 +1,130 @@
+"""What the engine takes and gives: jobs, sampling settings, token streams, model facts, errors.
+
+No llama.cpp import here: the HTTP side and a fake engine use these types freely.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edge_server.engine.protocol import CompiledGrammarHandle
+
+SHUTTING_DOWN = "shutting_down"
+
+
+class ModelLoadError(Exception):
+    """The model file is missing, not a GGUF, or llama.cpp cannot load it."""
+
+
+class QueueFull(Exception):
+    """More requests are waiting than `--max-queue` allows."""
+
+
+class PromptTooLong(Exception):
+    """A text has more tokens than the limit it was tokenized against."""
+
+    def __init__(self, tokens: int):
+        super().__init__(f"{tokens} tokens")
+        self.tokens = tokens
+
+
+class GrammarRejected(ValueError):
+    """llama.cpp refused to parse a grammar."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-request sampler settings (temperature 0 = greedy)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    grammar: CompiledGrammarHandle | None = None  # what the output must match (forced tool calls, JSON output)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation: prompt tokens, a completion budget that fits the context, and sampling."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+
+
+@dataclass(frozen=True)
+class Token:
+    """A generated token and its bytes (possibly part of a UTF-8 character)."""
+
+    id: int
+    piece: bytes
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of a stream: `stop` (end of turn), `length`, `cancelled` or `error`."""
+
+    reason: str
+    error: str | None = None
+    code: str = "generation_failed"  # the error envelope's code when reason == "error"
+
+
+class TokenStream:
+    """The consumer's side of one job: a thread-safe queue of `Token`s ending with one `Finish`."""
+
+    def __init__(self) -> None:
+        self._events: queue.SimpleQueue[Token | Finish] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self.submitted_at = time.monotonic()
+        self.reused_tokens = 0  # prompt tokens the prefix cache spared
+
+    def next(self, timeout: float | None = None) -> Token | Finish | None:
+        """The next event, or None if nothing arrived within `timeout` seconds."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this job before its next decode step (idempotent)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether `cancel()` was called."""
+        return self._cancelled.is_set()
+
+    def _emit(self, event: Token | Finish) -> None:
+        self._events.put(event)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the loaded model and its context are, for logs, /health and /v1/models."""
+
+    path: Path
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    n_layer: int
+    backend: str
+    gpu_layers: int
+    threads: int
+    chat_template: str | None
+    max_token_bytes: int  # the longest token's text: no n bytes of text are fewer than n / this tokens
+    bos_token: str
+    eos_token: str
+    add_bos: bool
+    metadata: dict[str, str]
