@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
-from waitress.task import ErrorTask
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
 from edge_server.api.errors import APIError
@@ -24,6 +26,7 @@ except ImportError:  # Windows
 log = logging.getLogger("edge_server")
 
 SPARE_FILE_DESCRIPTORS = 128  # model file, log files, the trigger pipe, the listener, libraries' own handles
+HANDLER_NICENESS = 10  # added to the HTTP threads' niceness
 NON_CLIENT_MAP_ENTRIES = 2  # waitress counts its listener and trigger against connection_limit
 
 
@@ -87,6 +90,22 @@ class HardenedChannel(HTTPChannel):
     error_task_class = JSONErrorTask
 
 
+class LowPriorityDispatcher(ThreadedTaskDispatcher):
+    """waitress's handler threads, each at a lower scheduling priority than the engine's compute threads.
+
+    Relaying tokens must never preempt llama.cpp's threads on a machine with few cores (Linux sets
+    priorities per thread; elsewhere this is a no-op).
+    """
+
+    def handler_thread(self, thread_no: int) -> None:
+        """Lower this thread's priority once, then serve tasks as waitress does."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HANDLER_NICENESS)
+        except (AttributeError, OSError):
+            pass
+        super().handler_thread(thread_no)
+
+
 class HardenedServer(TcpWSGIServer):
     """waitress's TCP server that also closes connections whose request headers come too slowly."""
 
@@ -131,7 +150,9 @@ def create_hardened_server(app, settings: Settings, *, threads: int, **adjustmen
     )
     if len(adj.listen) > 1:
         log.warning("%s resolves to several addresses; listening on the first, %s", settings.host, adj.listen[0][3])
-    return HardenedServer(app, adj=adj, sockinfo=adj.listen[0],
+    dispatcher = LowPriorityDispatcher()
+    dispatcher.set_thread_count(threads)
+    return HardenedServer(app, adj=adj, sockinfo=adj.listen[0], dispatcher=dispatcher,
                           header_timeout=settings.header_timeout, idle_timeout=settings.idle_timeout)
 
 

@@ -8,6 +8,7 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from edge_server.api.observability import log_safe
+from edge_server.engine.types import ENGINE_STOPPED, SHUTTING_DOWN, QueueFull
 
 log = logging.getLogger("edge_server")
 
@@ -54,8 +55,25 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
+# The one place where a failure becomes an HTTP status: codes of failed generations...
+_STATUS_BY_GENERATION_CODE = {SHUTTING_DOWN: 503, ENGINE_STOPPED: 503}
+
+
+def generation_failure(message: str, code: str | None) -> APIError:
+    """The error for a generation the engine ended with `code` (whole answers raise it, streams send its body)."""
+    status = _STATUS_BY_GENERATION_CODE.get(code, 500)
+    return APIError(message, status=status, type="server_error", code=code,
+                    headers={"Retry-After": "5"} if status == 503 else None)
+
+
 def register_error_handlers(app: Flask) -> None:
     """Answer every error, expected or not, with the envelope."""
+
+    # ...and the engine's refusals.
+    @app.errorhandler(QueueFull)
+    def _queue_full(error: QueueFull):
+        return _api_error(APIError("The server is busy: too many requests are waiting. Retry shortly.", status=429,
+                                   code="queue_full", headers={"Retry-After": "1"}))
 
     @app.errorhandler(APIError)
     def _api_error(error: APIError):

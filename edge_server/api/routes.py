@@ -11,7 +11,7 @@ from flask import Blueprint, Response, current_app, g, jsonify
 from flask import request as raw_request
 
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import GrammarRejected, Job, PromptTooLong, Sampling
+from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong, Sampling
 from edge_server.api.errors import APIError
 from edge_server.generation.pipeline import ClientGone, Generation, Outcome
 from edge_server.api.observability import defer_access_log, log_safe
@@ -117,7 +117,7 @@ def chat_completions():
                            code="invalid_grammar") from None
     generation = _start(served, request, prompt, request.token_limit(), grammar=grammar,
                         extractor=plan.extractor(incremental=request.stream),
-                        call_finish_reason="function_call" if plan.legacy else "tool_calls")
+                        call_finish_reason=FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS)
     model = request.model or served.model_id
     settings = server_state().settings
     if request.stream:
@@ -244,7 +244,7 @@ def _whole(answer: Callable[[], dict], generation: Generation) -> Response:
         body = answer()
     except ClientGone:
         # Nobody is left to read an answer; the status only shows in our own access log.
-        generation.outcome.finish_reason = "cancelled"
+        generation.outcome.finish_reason = FinishReason.CANCELLED
         _access_logger(499)(generation.outcome)
         return Response(status=499)
     except APIError:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from edge_server.api.bodylimits import check_body_shape, nesting_error
 from edge_server.api.errors import APIError
+from edge_server.engine.types import FinishReason
 
 # JSON has one number type: 1.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
 def _whole(value: Any) -> Any:
@@ -265,7 +266,8 @@ class CompletionRequest(SamplingFields):
 
 # ---- responses -------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
+# The wire's share of the one finish-reason type (cancelled and failed generations never reach a choice).
+WireFinishReason = Literal[FinishReason.STOP, FinishReason.LENGTH, FinishReason.TOOL_CALLS, FinishReason.FUNCTION_CALL]
 
 
 def completion_id(prefix: str = "chatcmpl") -> str:
@@ -338,7 +340,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: FinishReason
+    finish_reason: WireFinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -383,7 +385,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     logprobs: None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: WireFinishReason | None = None
 
 
 class _UsageWhenSet(BaseModel):
@@ -417,7 +419,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     logprobs: None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: WireFinishReason | None = None
 
 
 class TextCompletion(_UsageWhenSet):

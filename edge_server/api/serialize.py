@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 
 from edge_server.api import sse
-from edge_server.engine.types import SHUTTING_DOWN
-from edge_server.api.errors import APIError, error_body
+from edge_server.api.errors import generation_failure
+from edge_server.engine.types import FinishReason
 from edge_server.generation.pipeline import HEARTBEAT, ClientGone, Collected, Generation, Outcome
 from edge_server.api.schemas import (
     AssistantMessage,
@@ -38,8 +38,7 @@ def _usage(outcome: Outcome) -> Usage:
 
 def _raise_if_failed(outcome: Outcome) -> None:
     if outcome.error:
-        status = 503 if outcome.error_code == SHUTTING_DOWN else 500
-        raise APIError(outcome.error, status=status, type="server_error", code=outcome.error_code)
+        raise generation_failure(outcome.error, outcome.error_code)
 
 
 def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seconds: float) -> float:
@@ -172,16 +171,16 @@ def _stream_body(
             for event in events:
                 yield sse.HEARTBEAT if event is HEARTBEAT else delta_event(event)
     except ClientGone:
-        outcome.finish_reason = "cancelled"
+        outcome.finish_reason = FinishReason.CANCELLED
         on_end(outcome)
         return
     except GeneratorExit:  # the WSGI server closed us: the client went away mid-write
-        outcome.finish_reason = "cancelled"
+        outcome.finish_reason = FinishReason.CANCELLED
         on_end(outcome)
         raise
     if outcome.error:
         on_end(outcome)
-        yield sse.event(error_body(outcome.error, type="server_error", code=outcome.error_code))
+        yield sse.event(generation_failure(outcome.error, outcome.error_code).body())
         return
     yield finish_event(outcome.finish_reason)
     if usage_event is not None:

@@ -29,7 +29,9 @@ _SCHEMA_VALUES = ("additionalProperties", "additionalItems", "not", "if", "then"
                   "propertyNames", "unevaluatedProperties", "unevaluatedItems")
 _COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
                    "minContains", "maxContains")
-_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+# What the converter reads as a quantifier: any unescaped {...}, each comma-separated part given to
+# int(), which also takes "1_000_000", "+5" and non-ASCII digits; so the check must read them the same way.
+_BRACES = re.compile(r"(?<!\\)\{([^}]*)\}")
 
 
 def subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -96,9 +98,13 @@ def check_schema_limits(schema: Any, *, param: str) -> None:
 def _check_pattern(pattern: str, param: str) -> None:
     if len(pattern) > MAX_PATTERN_LENGTH:
         _too_large(param, f"a pattern has {len(pattern)} characters, above {MAX_PATTERN_LENGTH}")
-    for match in _QUANTIFIER.finditer(pattern):
-        for count in match.groups():
-            if count and int(count) > MAX_REPETITION:
+    for match in _BRACES.finditer(pattern):
+        for part in match.group(1).split(","):
+            try:
+                count = int(part.strip()) if part.strip() else 0
+            except ValueError:
+                continue  # not a number: the converter refuses it itself
+            if abs(count) > MAX_REPETITION:
                 _too_large(param, f"pattern quantifier {match.group(0)} repeats more than {MAX_REPETITION} times")
 
 

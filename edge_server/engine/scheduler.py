@@ -15,7 +15,7 @@ from llama_cpp import _internals as internals
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.sampler import CompiledGrammar, ConstrainedSampler, compile_grammar, make_sampler
 from edge_server.engine.threadtuner import ThreadTuner
-from edge_server.engine.types import SHUTTING_DOWN, Finish, Job, ModelInfo, QueueFull, Token, TokenStream
+from edge_server.engine.types import SHUTTING_DOWN, Finish, FinishReason, Job, ModelInfo, QueueFull, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
 
 log = logging.getLogger("edge_server.engine")
@@ -149,11 +149,11 @@ class Engine:
                 for slot in self._slots:
                     if slot.job is not None:
                         self._forget(slot)
-                        self._end(slot, Finish("error", f"generation failed: {error}"))
+                        self._end(slot, Finish(FinishReason.ERROR, f"generation failed: {error}"))
         for slot in self._slots:
             if slot.job is not None:
-                self._end(slot, Finish("cancelled"))
-        self._end_waiting(Finish("cancelled"))
+                self._end(slot, Finish(FinishReason.CANCELLED))
+        self._end_waiting(Finish(FinishReason.CANCELLED))
 
     def _end_waiting(self, finish: Finish) -> None:
         """End every job still in the queue with `finish`."""
@@ -183,7 +183,7 @@ class Engine:
                 return
             job, stream = item
             if stream.cancelled:
-                stream._emit(Finish("cancelled"))
+                stream._emit(Finish(FinishReason.CANCELLED))
                 continue
             slot = self._slots[self._cache.choose([slot.seq for slot in free], job.prompt)]
             try:
@@ -192,10 +192,10 @@ class Engine:
                 log.exception("starting a job failed")
                 slot.job = None
                 self._forget(slot)
-                stream._emit(Finish("error", f"generation failed: {error}"))
+                stream._emit(Finish(FinishReason.ERROR, f"generation failed: {error}"))
 
     def _refuse_waiting(self, reason: str) -> None:
-        self._end_waiting(Finish("error", reason, SHUTTING_DOWN))
+        self._end_waiting(Finish(FinishReason.ERROR, reason, SHUTTING_DOWN))
         if not any(slot.job for slot in self._slots):
             time.sleep(0.02)  # nothing runs: idle politely until close() or new (refused) jobs
 
@@ -210,9 +210,9 @@ class Engine:
     def _step(self, active: list[_Slot]) -> None:
         for slot in active:
             if slot.stream.cancelled:
-                self._end(slot, Finish("cancelled"))
+                self._end(slot, Finish(FinishReason.CANCELLED))
             elif self._abort_reason is not None:
-                self._end(slot, Finish("error", self._abort_reason, SHUTTING_DOWN))
+                self._end(slot, Finish(FinishReason.ERROR, self._abort_reason, SHUTTING_DOWN))
         active = [slot for slot in active if slot.job is not None]
         batch = self._batch.batch
         batch.n_tokens = 0
@@ -247,7 +247,7 @@ class Engine:
             log.exception("decoding a batch failed")
             for slot, _ in decoded:
                 self._forget(slot)
-                self._end(slot, Finish("error", f"decoding failed: {error}"))
+                self._end(slot, Finish(FinishReason.ERROR, f"decoding failed: {error}"))
             return
         if not prefilling:  # steps with a prompt chunk take longer for reasons threads do not change
             self._tuner.record(batch.n_tokens, time.perf_counter() - started)
@@ -267,16 +267,16 @@ class Engine:
                 token = self._constrained.sample(slot.sampler.sampler, slot.grammar, slot.logits_at)
         except Exception as error:  # a failing sampler ends its own job only
             log.exception("sampling failed")
-            self._end(slot, Finish("error", f"sampling failed: {error}"))
+            self._end(slot, Finish(FinishReason.ERROR, f"sampling failed: {error}"))
             return
         slot.next_token = None
         if self._vocab.ends_generation(token):
-            self._end(slot, Finish("stop"))
+            self._end(slot, Finish(FinishReason.STOP))
             return
         slot.produced += 1
         slot.stream._emit(Token(token, self._vocab.piece(token)))
         if slot.produced >= slot.job.max_tokens:
-            self._end(slot, Finish("length"))
+            self._end(slot, Finish(FinishReason.LENGTH))
         else:
             slot.next_token = token
 

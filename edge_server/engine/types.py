@@ -10,13 +10,33 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from edge_server.engine.protocol import CompiledGrammarHandle
 
-SHUTTING_DOWN = "shutting_down"
+SHUTTING_DOWN = "shutting_down"  # error code: the server is stopping
+ENGINE_STOPPED = "engine_stopped"  # error code: the engine closed under a running job
+
+
+class FinishReason(str, Enum):
+    """Why a generation ended, from the engine to the wire: the one vocabulary every layer uses.
+
+    The engine ends jobs with STOP, LENGTH, CANCELLED or ERROR; the generation pipeline turns STOP
+    into TOOL_CALLS or FUNCTION_CALL when calls were made. The wire carries only the first four.
+    """
+
+    STOP = "stop"
+    LENGTH = "length"
+    TOOL_CALLS = "tool_calls"
+    FUNCTION_CALL = "function_call"
+    CANCELLED = "cancelled"  # the client left, or the engine closed
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class ModelLoadError(Exception):
@@ -74,9 +94,9 @@ class Token:
 
 @dataclass(frozen=True)
 class Finish:
-    """The end of a stream: `stop` (end of turn), `length`, `cancelled` or `error`."""
+    """The end of a stream: STOP (end of turn), LENGTH, CANCELLED or ERROR."""
 
-    reason: str
+    reason: FinishReason
     error: str | None = None
     code: str = "generation_failed"  # the error envelope's code when reason == "error"
 

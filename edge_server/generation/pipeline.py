@@ -3,32 +3,14 @@ and tool calls, with usage."""
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from edge_server.engine.protocol import EngineClient
-from edge_server.engine.types import Finish, Job, QueueFull, Token, TokenStream
-from edge_server.api.errors import APIError
+from edge_server.engine.types import ENGINE_STOPPED, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.generation.textstream import StopBuffer, Utf8Decoder
 from edge_server.dialects.hermes import ContentDelta, Event, ToolCallArguments, ToolCallExtractor, ToolCallStart
-
-
-_lowered = threading.local()
-
-
-def yield_cpu_to_the_engine() -> None:
-    """Lower this HTTP thread's scheduling priority once, so that relaying tokens never preempts the
-    engine's compute threads on a machine with few cores (Linux only; a no-op elsewhere)."""
-    if getattr(_lowered, "done", False):
-        return
-    _lowered.done = True
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):
-        pass
 
 
 class Heartbeat:
@@ -46,7 +28,7 @@ class ClientGone(Exception):
 class Outcome:
     """How a generation ended and what it cost."""
 
-    finish_reason: str = "stop"
+    finish_reason: FinishReason = FinishReason.STOP
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the prefix cache spared
     completion_tokens: int = 0
@@ -82,7 +64,7 @@ class Generation:
         prompt_tokens: int,
         stops: list[str],
         extractor: ToolCallExtractor | None = None,
-        call_finish_reason: str = "tool_calls",
+        call_finish_reason: FinishReason = FinishReason.TOOL_CALLS,
         client_gone: Callable[[], bool] = lambda: False,
         poll_seconds: float = 0.05,
     ):
@@ -97,17 +79,8 @@ class Generation:
 
     @classmethod
     def start(cls, engine: EngineClient, job: Job, **options) -> Generation:
-        """Submit `job` and wrap its stream; a full queue becomes a 429."""
-        try:
-            stream = engine.submit(job)
-        except QueueFull:
-            raise APIError(
-                "The server is busy: too many requests are waiting. Retry shortly.",
-                status=429,
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            ) from None
-        return cls(stream, prompt_tokens=len(job.prompt), **options)
+        """Submit `job` and wrap its stream; raises `QueueFull` when too many requests wait."""
+        return cls(engine.submit(job), prompt_tokens=len(job.prompt), **options)
 
     def events(self, heartbeat_seconds: float | None = None) -> Iterator[Event | Heartbeat]:
         """Content and tool-call events as they become final, and `HEARTBEAT` after each quiet spell.
@@ -115,7 +88,6 @@ class Generation:
         Closing the iterator early (client gone) cancels the job. Raises `ClientGone` when the
         client disconnects while we wait.
         """
-        yield_cpu_to_the_engine()
         quiet_since = last_check = time.monotonic()
         try:
             while True:
@@ -142,7 +114,7 @@ class Generation:
                 if produced:
                     quiet_since = now
                 if self._stops.stopped:
-                    self._finish(Finish("stop"))
+                    self._finish(Finish(FinishReason.STOP))
                     return
         finally:
             # Whatever ended us early (stop string, disconnect, closed generator), the engine must let go.
@@ -180,12 +152,18 @@ class Generation:
 
     def _finish(self, finish: Finish) -> None:
         self.outcome.cached_tokens = self._stream.reused_tokens
-        if finish.reason == "error":
+        if finish.reason is FinishReason.ERROR:
             self.outcome.error = finish.error or "generation failed"
             self.outcome.error_code = finish.code
-        if finish.reason == "length" and not self._stops.stopped:
-            self.outcome.finish_reason = "length"
+            self.outcome.finish_reason = FinishReason.ERROR
+        elif finish.reason is FinishReason.CANCELLED:
+            # This reader is still here, so the client did not leave: the engine closed under the job.
+            self.outcome.error = "The engine stopped before this generation ended; retry."
+            self.outcome.error_code = ENGINE_STOPPED
+            self.outcome.finish_reason = FinishReason.ERROR
+        elif finish.reason is FinishReason.LENGTH and not self._stops.stopped:
+            self.outcome.finish_reason = FinishReason.LENGTH
         elif self._extractor is not None and self._extractor.calls:
             self.outcome.finish_reason = self._call_finish_reason
         else:
-            self.outcome.finish_reason = "stop"
+            self.outcome.finish_reason = FinishReason.STOP

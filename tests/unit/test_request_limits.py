@@ -28,6 +28,8 @@ OVERSIZED_SCHEMAS = [
     ("pattern a{1,20000}", {"type": "string", "pattern": "^a{1,20000}$"}, "{1,20000}"),
     ("pattern [a-z]{3,100000}", {"type": "string", "pattern": "^[a-z]{3,100000}$"}, "{3,100000}"),
     ("nested quantifiers", {"type": "string", "pattern": "^(x{1,2}){1,1000000}$"}, "{1,1000000}"),
+    ("underscored count", {"type": "string", "pattern": "^x{1_000_000}$"}, "{1_000_000}"),
+    ("spaced and signed count", {"type": "string", "pattern": "^x{ +5000 , }$"}, "{ +5000 , }"),
     ("maxLength", {"type": "string", "maxLength": 100000}, "'maxLength' is 100000"),
     ("maxItems", {"type": "array", "items": {"type": "integer"}, "maxItems": 1000000}, "'maxItems' is 1000000"),
     ("minItems", {"type": "array", "items": {"type": "integer"}, "minItems": 5000}, "'minItems' is 5000"),
