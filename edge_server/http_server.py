@@ -13,7 +13,7 @@ from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
-from waitress.utilities import RequestEntityTooLarge, RequestHeaderFieldsTooLarge
+from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
 from edge_server.api.errors import APIError
 from edge_server.settings import Settings
@@ -26,6 +26,8 @@ except ImportError:  # Windows
 log = logging.getLogger("edge_server")
 
 SPARE_FILE_DESCRIPTORS = 128  # model file, log files, the trigger pipe, the listener, libraries' own handles
+MAX_CHUNK_LINE = 1024  # bytes of one chunk-size line (with extensions)
+MAX_CHUNK_TRAILER = 16 * 1024
 HANDLER_NICENESS = 10  # added to the HTTP threads' niceness
 NON_CLIENT_MAP_ENTRIES = 2  # waitress counts its listener and trigger against connection_limit
 
@@ -51,10 +53,14 @@ class HardenedRequestParser(HTTPRequestParser):
         """Take bytes as waitress does; refuse a chunked body once its announced size passes the limit."""
         consumed = super().received(data)
         body = self.body_rcv
-        if (self.chunked and body is not None and not self.completed
-                and len(body) + body.chunk_remainder >= self.adj.max_request_body_size):
-            self.error = RequestEntityTooLarge("announced chunk passes the limit")
-            self.completed = True
+        if self.chunked and body is not None and not self.completed:
+            if len(body) + body.chunk_remainder >= self.adj.max_request_body_size:
+                self.error = RequestEntityTooLarge("announced chunk passes the limit")
+                self.completed = True
+            elif len(body.control_line) > MAX_CHUNK_LINE or len(body.trailer) > MAX_CHUNK_TRAILER:
+                # waitress copies these buffers on every read: unbounded, they cost quadratic time.
+                self.error = BadRequest("chunk-size line or trailer too long")
+                self.completed = True
         if self.error is not None:
             # Otherwise waitress answers "100 Continue" to a refused request and reads its body after all.
             self.expect_continue = False
@@ -89,6 +95,18 @@ class HardenedChannel(HTTPChannel):
     parser_class = HardenedRequestParser
     error_task_class = JSONErrorTask
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_request_at = self.creation_time  # when a real request was last answered
+
+    def service(self) -> None:
+        """Answer as waitress does, then note the time: only real requests keep a connection alive
+        (a bare CRLF pair, which waitress reads as an empty request, does not)."""
+        try:
+            super().service()
+        finally:
+            self.last_request_at = time.time()
+
 
 class LowPriorityDispatcher(ThreadedTaskDispatcher):
     """waitress's handler threads, each at a lower scheduling priority than the engine's compute threads.
@@ -107,7 +125,7 @@ class LowPriorityDispatcher(ThreadedTaskDispatcher):
 
 
 class HardenedServer(TcpWSGIServer):
-    """waitress's TCP server that also closes connections whose request headers come too slowly."""
+    """waitress's TCP server that also closes connections whose requests come too slowly."""
 
     channel_class = HardenedChannel
 
@@ -117,17 +135,20 @@ class HardenedServer(TcpWSGIServer):
         super().__init__(application, **kwargs)
 
     def maintenance(self, now: float) -> None:
-        """Close idle connections and those whose current request's headers are overdue."""
+        """Close connections idle for idle_timeout, and those whose current request is overdue: its
+        headers after header_timeout, the whole request after idle_timeout (from its first byte)."""
         idle_since = now - self.idle_timeout
         headers_due_since = time.monotonic() - self.header_timeout
+        request_due_since = time.monotonic() - self.idle_timeout
         closing = False
         for channel in self.active_channels.values():
             if channel.requests or channel.will_close:
                 continue  # a request is being answered, or the connection is already closing
             request = channel.request
-            headers_overdue = (request is not None and not request.headers_finished
-                               and request.started_at < headers_due_since)
-            if headers_overdue or channel.last_activity < idle_since:
+            receiving = request is not None and not request.completed
+            overdue = receiving and request.started_at < (
+                request_due_since if request.headers_finished else headers_due_since)
+            if overdue or (not receiving and channel.last_request_at < idle_since):
                 channel.will_close = True
                 closing = True
         if closing:

@@ -12,34 +12,37 @@ from typing import Any
 from edge_server.api.errors import APIError
 
 MAX_JSON_DEPTH = 64  # nested arrays and objects
-MAX_ARRAY_ITEMS = 10_000  # elements of any one array
+MAX_ARRAY_ITEMS = 10_000  # elements of any one array, keys of any one object
 MAX_JSON_VALUES = 200_000  # values in the whole body
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_body_shape(body: Any) -> None:
     """Raise a 400 `APIError` naming the place when `body` nests too deep, holds too many values,
-    has an array that is too long, or a string with a lone surrogate (text that is not Unicode)."""
+    has an array or object that is too large, or a string with a lone surrogate (text that is not Unicode)."""
     pending: list[tuple[Any, int, tuple[str | int, ...]]] = [(body, 1, ())]
-    values = 0
+    values = 1
     while pending:
         value, depth, path = pending.pop()
-        values += 1
-        if values > MAX_JSON_VALUES:
-            _refuse(f"Request body holds more than {MAX_JSON_VALUES} JSON values.", ())
         if isinstance(value, str):
             _check_text(value, path)
-        elif isinstance(value, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                _refuse(f"Request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.", path)
-            if isinstance(value, list):
-                if len(value) > MAX_ARRAY_ITEMS:
-                    _refuse(f"An array has {len(value)} elements; at most {MAX_ARRAY_ITEMS} are accepted.", path)
-                pending.extend((item, depth + 1, (*path, i)) for i, item in enumerate(value))
-            else:
-                for key, item in value.items():
-                    _check_text(key, path)
-                    pending.append((item, depth + 1, (*path, key)))
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            _refuse(f"Request body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep.", path)
+        if len(value) > MAX_ARRAY_ITEMS:
+            kind, unit = ("An array", "elements") if isinstance(value, list) else ("An object", "keys")
+            _refuse(f"{kind} has {len(value)} {unit}; at most {MAX_ARRAY_ITEMS} are accepted.", path)
+        values += len(value)  # counted before queuing: the walk never holds more than the limit
+        if values > MAX_JSON_VALUES:
+            _refuse(f"Request body holds more than {MAX_JSON_VALUES} JSON values.", ())
+        if isinstance(value, list):
+            pending.extend((item, depth + 1, (*path, i)) for i, item in enumerate(value))
+        else:
+            for key, item in value.items():
+                _check_text(key, path)
+                pending.append((item, depth + 1, (*path, key)))
 
 
 def nesting_error() -> APIError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -104,7 +105,7 @@ def chat_completions():
     request = parse_body(ChatCompletionRequest, raw_request.get_data(cache=False))
     _log_unknown_fields(request)
     served = served_model()
-    _refuse_unfittable(sum(len(message.text()) for message in request.messages), served)
+    _refuse_unfittable(_rendered_characters(request), served)
     plan = plan_tools(request)
     with _context_check(served):
         prompt = served.renderer.chat_tokens(request.messages, tools=plan.template_tools)
@@ -173,6 +174,16 @@ def _context_exceeded(n_ctx: int, prompt_size: str) -> APIError:
         f"leaving no room for a completion. Shorten the messages or start the server with a larger --n-ctx.",
         param="messages", code="context_length_exceeded",
     )
+
+
+def _rendered_characters(request: ChatCompletionRequest) -> int:
+    """Characters of everything the chat template renders: texts, names, tool calls and tool definitions."""
+    total = 0
+    for message in request.messages:
+        total += len(message.text()) + len(message.name or "") + len(message.tool_call_id or "")
+        total += sum(len(json.dumps(call)) for call in message.tool_calls or [])
+        total += len(json.dumps(message.function_call)) if message.function_call else 0
+    return total + sum(len(json.dumps(f.parameters)) + len(f.description or "") for f in request.function_definitions())
 
 
 def _refuse_unfittable(characters: int, served: ServedModel) -> None:

@@ -5,8 +5,10 @@ Every schema is checked against `schemalimits` first; conversions are cached by 
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from llama_cpp import llama_grammar
@@ -42,7 +44,8 @@ llama_grammar._build_repetition = _native_repetition
 
 def schema_grammar(schema: dict[str, Any], *, param: str) -> str:
     """GBNF that admits exactly the JSON values `schema` describes; a 400 if it is too large or unconvertible."""
-    return _grammar([("", schema, param)])
+    check_schema_limits(schema, param=param)
+    return _converted({"answer": schema}, param=param)
 
 
 def any_json_object_grammar() -> str:
@@ -58,41 +61,61 @@ def tool_call_grammar(functions: list[tuple[str, dict[str, Any] | None]], *, sev
     value of that schema: tools offered in `auto` mode beside a structured answer give a call or the
     answer, never an answer forced into the schema with no way to call.
     """
-    variants = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": name}, "arguments": parameters or {"type": "object"}},
-            "required": ["name", "arguments"],
-        }
-        for name, parameters in functions
-    ]
-    call_schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    named = [("tool-call-json", call_schema, param)] + ([("answer-json", *answer)] if answer else [])
-    rules = _grammar(named, prop_order=("name", "arguments"))
+    for _, parameters in functions:
+        if parameters is not None:
+            check_schema_limits(parameters, param=param)
+    if answer is not None:
+        check_schema_limits(answer[0], param=answer[1])
+    rules = _converted({"calls": functions, "answer": answer[0] if answer else None}, param=param)
     block = f'{json.dumps(OPEN_TAG + chr(10))} tool-call-json {json.dumps(chr(10) + CLOSE_TAG)}'
     calls = 'tool-call-block ("\\n" tool-call-block)*' if several else "tool-call-block"
     root = f"root ::= {calls} | answer-json" if answer else f"root ::= {calls}"
     return f"{root}\ntool-call-block ::= {block}\n{rules}"
 
 
-def _grammar(named_schemas: list[tuple[str, dict[str, Any], str]], *, prop_order: tuple[str, ...] = ()) -> str:
-    """Rules for each (rule name, schema, request field) in one converter; "" names the root."""
-    for _, schema, param in named_schemas:
-        check_schema_limits(schema, param=param)
-    # Property order matters (it is the order the output must follow): no sort_keys in the cache key.
-    key = json.dumps([(name, schema) for name, schema, _ in named_schemas])
+_CACHE_ENTRIES = 64
+_CACHE_LARGEST = 256 * 1024  # characters of GBNF worth keeping
+_cache: OrderedDict[str, str] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _converted(spec: dict[str, Any], *, param: str) -> str:
+    """Rules for `spec` (`calls`: [(name, parameters)], `answer`: schema), from the cache when seen before."""
+    # Keyed by a digest of the canonical input (property order kept: it is the order the output follows),
+    # so a client that repeats its tools or format pays once and the cache never holds their text.
+    text = json.dumps(spec)
+    key = hashlib.sha256(text.encode()).hexdigest()
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
     try:
-        return _convert(key, prop_order)
+        rules = _convert(json.loads(text))  # a private copy: the converter rewrites $refs in place
     except Exception as error:  # the converter raises many types (KeyError, ValueError, AssertionError...)
         raise APIError(f"Cannot constrain output to this JSON schema: {type(error).__name__}: {error}",
-                       param=named_schemas[0][2], code="unsupported_schema") from None
+                       param=param, code="unsupported_schema") from None
+    if len(rules) <= _CACHE_LARGEST:
+        with _cache_lock:
+            _cache[key] = rules
+            while len(_cache) > _CACHE_ENTRIES:
+                _cache.popitem(last=False)
+    return rules
 
 
-@functools.lru_cache(maxsize=64)
-def _convert(named_schemas_json: str, prop_order: tuple[str, ...]) -> str:
-    # Keyed by the schemas' canonical JSON: a client that repeats its tools or format pays once.
-    converter = SchemaConverter(prop_order={name: i for i, name in enumerate(prop_order)}, allow_fetch=False,
+def _convert(spec: dict[str, Any]) -> str:
+    calls, answer = spec.get("calls"), spec.get("answer")
+    converter = SchemaConverter(prop_order={"name": 0, "arguments": 1} if calls else {}, allow_fetch=False,
                                 dotall=False, raw_pattern=False)
-    for name, schema in json.loads(named_schemas_json):
-        converter.visit(converter.resolve_refs(schema, "stdin"), name)
+    if calls is not None:
+        # Each tool's $refs are resolved against its own parameters, before they are embedded in a call.
+        variants = [
+            {"type": "object", "required": ["name", "arguments"], "properties": {
+                "name": {"const": name},
+                "arguments": converter.resolve_refs(parameters or {"type": "object"}, f"tool-{i}"),
+            }}
+            for i, (name, parameters) in enumerate(calls)
+        ]
+        converter.visit(variants[0] if len(variants) == 1 else {"anyOf": variants}, "tool-call-json")
+    if answer is not None:
+        converter.visit(converter.resolve_refs(answer, "answer"), "answer-json" if calls is not None else "")
     return converter.format_grammar()

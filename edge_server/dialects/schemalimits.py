@@ -6,7 +6,7 @@ enum values and alternatives; these bounds keep every accepted schema cheap and 
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,11 +27,8 @@ _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "depe
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_VALUES = ("additionalProperties", "additionalItems", "not", "if", "then", "else", "contains",
                   "propertyNames", "unevaluatedProperties", "unevaluatedItems")
-_COUNT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
-                   "minContains", "maxContains")
-# What the converter reads as a quantifier: any unescaped {...}, each comma-separated part given to
-# int(), which also takes "1_000_000", "+5" and non-ASCII digits; so the check must read them the same way.
-_BRACES = re.compile(r"(?<!\\)\{([^}]*)\}")
+_COUNT_PAIRS = (("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties"),
+                ("minContains", "maxContains"))
 
 
 def subschemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -69,14 +66,13 @@ def check_schema_limits(schema: Any, *, param: str) -> None:
     """Raise a 400 `APIError` naming the bound when `schema` exceeds one of the limits above."""
     if not isinstance(schema, dict):
         raise APIError("A JSON schema must be an object.", param=param, code="invalid_schema")
-    alternatives = 0
-    for node, depth in walk(schema):
+    for _, depth in walk(schema):
         if depth > MAX_SCHEMA_DEPTH:
             _too_large(param, f"it nests more than {MAX_SCHEMA_DEPTH} levels")
-        for keyword in _COUNT_KEYWORDS:
-            count = node.get(keyword)
-            if isinstance(count, int | float) and not isinstance(count, bool) and count > MAX_REPETITION:
-                _too_large(param, f"'{keyword}' is {count}, above {MAX_REPETITION}")
+    alternatives = 0
+    # Counted over every object in the document, not only schema keywords: a $ref may point anywhere.
+    for node in _every_object(schema):
+        _check_counts(node, param)
         enum = node.get("enum")
         alternatives += len(enum) if isinstance(enum, list) else 0
         for keyword in ("anyOf", "oneOf"):
@@ -95,17 +91,74 @@ def check_schema_limits(schema: Any, *, param: str) -> None:
             _check_pattern(pattern, param)
 
 
+def _every_object(document: Any) -> Iterator[dict[str, Any]]:
+    pending = [document]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            yield value
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
+def _check_counts(node: dict[str, Any], param: str) -> None:
+    for low, high in _COUNT_PAIRS:
+        counts = []
+        for keyword in (low, high):
+            count = node.get(keyword)
+            if count is not None and not isinstance(count, dict | list):
+                if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                    _invalid(param, f"'{keyword}' must be a whole number of at least 0, got {json.dumps(count)}")
+                if count > MAX_REPETITION:
+                    _too_large(param, f"'{keyword}' is {count}, above {MAX_REPETITION}")
+            counts.append(count if isinstance(count, int) else None)
+        if None not in counts and counts[0] > counts[1]:
+            _invalid(param, f"'{low}' ({counts[0]}) is above '{high}' ({counts[1]})")
+
+
 def _check_pattern(pattern: str, param: str) -> None:
+    """Read `pattern` as llama-cpp-python's converter does: escapes, [classes], {m,n} quantifiers."""
     if len(pattern) > MAX_PATTERN_LENGTH:
         _too_large(param, f"a pattern has {len(pattern)} characters, above {MAX_PATTERN_LENGTH}")
-    for match in _BRACES.finditer(pattern):
-        for part in match.group(1).split(","):
-            try:
-                count = int(part.strip()) if part.strip() else 0
-            except ValueError:
-                continue  # not a number: the converter refuses it itself
-            if abs(count) > MAX_REPETITION:
-                _too_large(param, f"pattern quantifier {match.group(0)} repeats more than {MAX_REPETITION} times")
+    i, n = 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if char == "\\":
+            i += 2
+        elif char == "[":
+            i += 1
+            while i < n and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+        elif char == "{" and (end := pattern.find("}", i)) >= 0:
+            _check_quantifier(pattern[i:end + 1], param)
+            i = end + 1
+        elif char in "]}":
+            # The converter would loop forever on it: no branch consumes a stray closing bracket.
+            _invalid(param, f"the pattern has an unmatched '{char}' at position {i}; escape it as '\\{char}'")
+        else:
+            i += 1
+
+
+def _check_quantifier(quantifier: str, param: str) -> None:
+    # The converter gives each comma-separated part to int(), which also reads "1_000_000" and "+5".
+    parts = [part.strip() for part in quantifier[1:-1].split(",")]
+    try:
+        counts = [int(part) if part else None for part in parts]
+    except ValueError:
+        return  # not a quantifier the converter accepts: it refuses the pattern itself
+    given = [count for count in counts if count is not None]
+    if any(count < 0 for count in given):
+        _invalid(param, f"pattern quantifier {quantifier} has a negative count")
+    if any(count > MAX_REPETITION for count in given):
+        _too_large(param, f"pattern quantifier {quantifier} repeats more than {MAX_REPETITION} times")
+    if len(counts) == 2 and None not in counts and counts[0] > counts[1]:
+        _invalid(param, f"pattern quantifier {quantifier} has its minimum above its maximum")
+
+
+def _invalid(param: str, reason: str) -> None:
+    raise APIError(f"Invalid JSON schema: {reason}.", param=param, code="invalid_schema")
 
 
 def _too_large(param: str, reason: str) -> None:
@@ -121,7 +174,10 @@ def check_strict(schema: Any, *, param: str) -> None:
         properties = node.get("properties")
         if not isinstance(properties, dict):
             continue
-        missing = set(properties) - set(node.get("required") or [])
+        required = node.get("required") or []
+        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+            _invalid(param, "'required' must be a list of property names")
+        missing = set(properties) - set(required)
         if missing or node.get("additionalProperties") is not False:
             raise APIError(
                 "strict schemas must list every property in 'required' and set 'additionalProperties': false"

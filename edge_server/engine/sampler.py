@@ -11,6 +11,10 @@ from llama_cpp import _internals as internals
 
 from edge_server.engine.types import GrammarRejected, Sampling
 
+
+class GrammarDeadEnd(RuntimeError):
+    """No token of the vocabulary can continue the grammar (e.g. a pattern asking for a NUL byte)."""
+
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 
 
@@ -69,6 +73,9 @@ class ConstrainedSampler:
         if self._one.logit == float("-inf"):
             self._fill(index)
             llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._array))
+            if not np.isfinite(self._data["logit"][: self._array.size]).any():
+                # Accepting any token now would make llama.cpp abort the process: end this job instead.
+                raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
             llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
             token = self._array.data[self._array.selected].id
         llama_cpp.llama_sampler_accept(grammar, token)

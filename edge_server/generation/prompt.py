@@ -45,7 +45,7 @@ def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     if isinstance(arguments, str):
         try:
             function["arguments"] = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deep to render: keep the text
             pass
     return {**call, "function": function}
 
@@ -65,7 +65,7 @@ class PromptRenderer:
         """The prompt text for a conversation, ending with the assistant's generation prompt."""
         try:
             return self._formatter(messages=[template_message(m) for m in messages], tools=tools).prompt
-        except (jinja2.TemplateError, ValueError, TypeError) as error:
+        except (jinja2.TemplateError, ValueError, TypeError, RecursionError) as error:
             raise APIError(f"The model's chat template rejected these messages: {error}", param="messages",
                            code="invalid_messages") from None
 

@@ -157,6 +157,23 @@ def test_headers_not_finished_within_header_timeout_are_cut_off(hostile_server):
     assert elapsed >= HEADER_TIMEOUT - 0.1
 
 
+def test_bare_line_breaks_do_not_keep_a_connection_alive(hostile_server):
+    # waitress reads each CRLF pair as an empty request; they must not count as activity.
+    with connect(hostile_server) as sock:
+        started = time.monotonic()
+        assert closed_by_server(sock, within=IDLE_TIMEOUT + CLOSE_SLACK, trickle=b"\r\n\r\n")
+        assert time.monotonic() - started >= IDLE_TIMEOUT - 0.1
+
+
+def test_a_body_trickled_past_the_idle_timeout_is_cut_off(hostile_server):
+    with connect(hostile_server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 4000\r\n\r\n")
+        started = time.monotonic()
+        assert closed_by_server(sock, within=IDLE_TIMEOUT + CLOSE_SLACK, trickle=b" ")
+        assert time.monotonic() - started >= IDLE_TIMEOUT - 0.2
+
+
 def test_content_length_with_chunked_is_refused_and_the_connection_closed(hostile_server):
     smuggling = (b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
                  b"0\r\n\r\n"

@@ -93,6 +93,23 @@ def test_huge_enum_is_refused_without_touching_the_engine(server, size, refusal)
     assert server.health()["running"] == 0
 
 
+def test_grammar_no_token_can_continue_ends_the_request_not_the_process(server):
+    # A pattern asking for a NUL byte: no token can write it, and accepting any token there made
+    # llama.cpp abort the whole process.
+    response = post(server.base_url, {"messages": USER, "max_tokens": 8, "temperature": 0,
+                                      "response_format": json_schema_format({"type": "string", "pattern": "^\\x00$"})})
+    assert response.status_code == 500 and "allows no token" in response.json()["error"]["message"]
+    assert server.process.poll() is None
+    assert chat(server.base_url, max_tokens=2, temperature=0).status_code == 200
+
+
+@pytest.mark.parametrize("schema", [{"type": "string", "minLength": 5, "maxLength": 2},
+                                    {"type": "string", "pattern": "^a]$"}], ids=["min above max", "stray bracket"])
+def test_schemas_that_hung_or_exhausted_the_process_are_a_400(server, schema):
+    response = post(server.base_url, {"messages": USER, "response_format": json_schema_format(schema)})
+    assert assert_400(response, "response_format.json_schema.schema")["code"] == "invalid_schema"
+
+
 # ---- 3 and 4: bodies that cost before they are refused -----------------------------------------
 
 def test_million_element_bodies_are_refused(server):

@@ -100,28 +100,35 @@ def test_waitress_errors_are_answered_with_the_envelope_and_close(request_bytes,
     assert task.close_on_finish
 
 
-def fake_channel(*, idle_for: float = 0.0, headers_pending_for: float | None = None, busy: bool = False):
+def fake_channel(*, served_ago: float = 0.0, headers_pending_for: float | None = None,
+                 body_pending_for: float | None = None, busy: bool = False):
     request = None
     if headers_pending_for is not None:
-        request = SimpleNamespace(headers_finished=False, started_at=time.monotonic() - headers_pending_for)
+        request = SimpleNamespace(headers_finished=False, completed=False,
+                                  started_at=time.monotonic() - headers_pending_for)
+    if body_pending_for is not None:
+        request = SimpleNamespace(headers_finished=True, completed=False, started_at=time.monotonic() - body_pending_for)
     return SimpleNamespace(requests=["running"] if busy else [], request=request, will_close=False,
-                           last_activity=time.time() - idle_for)
+                           last_request_at=time.time() - served_ago)
 
 
-def test_maintenance_closes_idle_and_header_overdue_connections_only():
+def test_maintenance_closes_idle_and_overdue_connections_only():
     server = create_hardened_server(lambda environ, start_response: [], Settings(port=0, header_timeout=2,
                                     idle_timeout=4), threads=1)
     try:
         channels = {
-            "fresh": fake_channel(idle_for=1),
-            "idle": fake_channel(idle_for=5),
-            "headers on time": fake_channel(headers_pending_for=1),
+            "fresh": fake_channel(served_ago=1),
+            "idle": fake_channel(served_ago=5),
+            "headers on time": fake_channel(served_ago=5, headers_pending_for=1),
             "headers overdue": fake_channel(headers_pending_for=3),
-            "answering a request": fake_channel(idle_for=5, headers_pending_for=3, busy=True),
+            "body on time": fake_channel(served_ago=5, body_pending_for=3),
+            "body overdue": fake_channel(body_pending_for=5),
+            "answering a request": fake_channel(served_ago=5, headers_pending_for=3, busy=True),
         }
         server.active_channels.update(enumerate(channels.values()))
         server.maintenance(time.time())
-        assert {name for name, channel in channels.items() if channel.will_close} == {"idle", "headers overdue"}
+        assert {name for name, channel in channels.items() if channel.will_close} == {
+            "idle", "headers overdue", "body overdue"}
     finally:
         server.active_channels.clear()
         server.close()

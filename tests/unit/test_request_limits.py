@@ -49,6 +49,48 @@ def test_oversized_schema_is_refused_naming_the_limit(name, schema, named):
     assert named in error.message and "Limits:" in error.message
 
 
+INVALID_SCHEMAS = [
+    ("minLength above maxLength", {"type": "string", "minLength": 5, "maxLength": 2}, "'minLength' (5) is above"),
+    ("minItems above maxItems", {"type": "array", "minItems": 3, "maxItems": 2}, "'minItems' (3) is above"),
+    ("quantifier min above max", {"type": "string", "pattern": "^a{5,2}$"}, "minimum above its maximum"),
+    ("count as a string", {"type": "string", "maxLength": "100000"}, "whole number"),
+    ("negative count", {"type": "string", "minLength": -1}, "whole number"),
+    ("stray ]", {"type": "string", "pattern": "^a]$"}, "unmatched ']'"),
+    ("stray }", {"type": "string", "pattern": "^}$"}, "unmatched '}'"),
+    ("negative quantifier", {"type": "string", "pattern": "^a{-5}$"}, "negative"),
+]
+
+
+@pytest.mark.parametrize("name, schema, named", INVALID_SCHEMAS, ids=[case[0] for case in INVALID_SCHEMAS])
+def test_schema_that_would_hang_or_exhaust_llama_cpp_is_invalid(name, schema, named):
+    # min above max made llama.cpp's repetition count wrap to 2^64 (memory ran out); a stray
+    # closing bracket made the converter loop forever.
+    error = refusal(schema_grammar, schema, param="p")
+    assert error.code == "invalid_schema" and named in error.message
+
+
+def test_limits_follow_refs_anywhere_in_the_document():
+    schema = {"$ref": "#/x/e", "x": {"e": {"enum": list(range(MAX_ALTERNATIVES + 1))}}}
+    assert refusal(schema_grammar, schema, param="p").code == "schema_too_large"
+    assert refusal(schema_grammar, {"type": "string", "pattern": "^\\\\{0,99999}$"}, param="p").code == \
+        "schema_too_large"
+
+
+def test_tools_with_their_own_defs_beside_a_structured_answer():
+    item = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    parameters = {"type": "object", "properties": {"item": {"$ref": "#/$defs/Item"}}, "required": ["item"],
+                  "$defs": {"Item": item}}
+    answer = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {"enum": [1, 2]}}}
+    grammar = tool_call_grammar([("f", parameters), ("g", parameters)], several=False, param="tool_choice",
+                                answer=(answer, "rf"))
+    assert "Item ::=" in grammar and "X ::=" in grammar
+
+
+def test_strict_required_must_list_names():
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": 5, "additionalProperties": False}
+    assert refusal(check_strict, schema, param="p").code == "invalid_schema"
+
+
 def test_oversized_tool_parameters_are_refused_for_forced_calls():
     parameters = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 100000}}}
     error = refusal(tool_call_grammar, [("f", parameters)], several=False, param="tool_choice")
@@ -124,8 +166,14 @@ def test_huge_arrays_are_refused_before_validation(raw, param):
 
 
 def test_too_many_values_are_refused():
-    many = {f"k{i}": [0] * 9 for i in range(MAX_JSON_VALUES // 10 + 1)}
+    many = [[0] * (MAX_ARRAY_ITEMS - 1) for _ in range(MAX_JSON_VALUES // (MAX_ARRAY_ITEMS - 1) + 1)]
     assert str(MAX_JSON_VALUES) in refusal(parse_body, ChatCompletionRequest, body(metadata=many)).message
+
+
+def test_huge_objects_are_refused():
+    keys = {f"k{i}": 0 for i in range(MAX_ARRAY_ITEMS + 1)}
+    error = refusal(parse_body, ChatCompletionRequest, body(metadata=keys))
+    assert error.param == "metadata" and f"{MAX_ARRAY_ITEMS + 1} keys" in error.message
 
 
 @pytest.mark.parametrize("raw", [
