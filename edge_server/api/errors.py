@@ -8,7 +8,9 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from edge_server.api.observability import log_safe
+from edge_server.dialects.schemalimits import SchemaRefused
 from edge_server.engine.types import ENGINE_STOPPED, SHUTTING_DOWN, QueueFull
+from edge_server.generation.prompt import TemplateRefused
 
 log = logging.getLogger("edge_server")
 
@@ -69,7 +71,15 @@ def generation_failure(message: str, code: str | None) -> APIError:
 def register_error_handlers(app: Flask) -> None:
     """Answer every error, expected or not, with the envelope."""
 
-    # ...and the engine's refusals.
+    # ...and the refusals of the rooms below, which know nothing of HTTP.
+    @app.errorhandler(SchemaRefused)
+    def _schema_refused(error: SchemaRefused):
+        return _api_error(APIError(error.message, param=error.param, code=error.code))
+
+    @app.errorhandler(TemplateRefused)
+    def _template_refused(error: TemplateRefused):
+        return _api_error(APIError(str(error), param="messages", code="invalid_messages"))
+
     @app.errorhandler(QueueFull)
     def _queue_full(error: QueueFull):
         return _api_error(APIError("The server is busy: too many requests are waiting. Retry shortly.", status=429,

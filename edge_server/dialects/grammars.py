@@ -14,8 +14,7 @@ from typing import Any
 from llama_cpp import llama_grammar
 from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
 
-from edge_server.api.errors import APIError
-from edge_server.dialects.schemalimits import check_schema_limits
+from edge_server.dialects.schemalimits import SchemaRefused, check_schema_limits
 from edge_server.dialects.hermes import CLOSE_TAG, OPEN_TAG
 
 
@@ -92,8 +91,8 @@ def _converted(spec: dict[str, Any], *, param: str) -> str:
     try:
         rules = _convert(json.loads(text))  # a private copy: the converter rewrites $refs in place
     except Exception as error:  # the converter raises many types (KeyError, ValueError, AssertionError...)
-        raise APIError(f"Cannot constrain output to this JSON schema: {type(error).__name__}: {error}",
-                       param=param, code="unsupported_schema") from None
+        raise SchemaRefused(f"Cannot constrain output to this JSON schema: {type(error).__name__}: {error}",
+                            param=param, code="unsupported_schema") from None
     if len(rules) <= _CACHE_LARGEST:
         with _cache_lock:
             _cache[key] = rules

@@ -10,7 +10,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from edge_server.api.errors import APIError
 
 MAX_SCHEMA_DEPTH = 32  # nested subschemas
 MAX_REPETITION = 1000  # minLength/maxLength, minItems/maxItems, min/maxProperties, regex {m,n}
@@ -22,6 +21,14 @@ LIMITS_TEXT = (f"schemas may nest {MAX_SCHEMA_DEPTH} levels, repeat at most {MAX
                f"(lengths, item counts, regex {{m,n}}), offer at most {MAX_ALTERNATIVES} alternatives "
                f"(enum values and anyOf/oneOf branches together), list {MAX_PROPERTIES} properties per object "
                f"and use patterns of up to {MAX_PATTERN_LENGTH} characters")
+
+class SchemaRefused(ValueError):
+    """A client schema this server will not turn into a grammar; `param` names the request field."""
+
+    def __init__(self, message: str, *, param: str, code: str):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -63,9 +70,9 @@ def walk(schema: dict[str, Any]) -> Iterator[tuple[dict[str, Any], int]]:
 
 
 def check_schema_limits(schema: Any, *, param: str) -> None:
-    """Raise a 400 `APIError` naming the bound when `schema` exceeds one of the limits above."""
+    """Raise `SchemaRefused` naming the bound when `schema` exceeds one of the limits above."""
     if not isinstance(schema, dict):
-        raise APIError("A JSON schema must be an object.", param=param, code="invalid_schema")
+        raise SchemaRefused("A JSON schema must be an object.", param=param, code="invalid_schema")
     for _, depth in walk(schema):
         if depth > MAX_SCHEMA_DEPTH:
             _too_large(param, f"it nests more than {MAX_SCHEMA_DEPTH} levels")
@@ -158,12 +165,12 @@ def _check_quantifier(quantifier: str, param: str) -> None:
 
 
 def _invalid(param: str, reason: str) -> None:
-    raise APIError(f"Invalid JSON schema: {reason}.", param=param, code="invalid_schema")
+    raise SchemaRefused(f"Invalid JSON schema: {reason}.", param=param, code="invalid_schema")
 
 
 def _too_large(param: str, reason: str) -> None:
-    raise APIError(f"This JSON schema is too large to enforce: {reason}. Limits: {LIMITS_TEXT}.", param=param,
-                   code="schema_too_large")
+    raise SchemaRefused(f"This JSON schema is too large to enforce: {reason}. Limits: {LIMITS_TEXT}.", param=param,
+                        code="schema_too_large")
 
 
 def check_strict(schema: Any, *, param: str) -> None:
@@ -179,7 +186,7 @@ def check_strict(schema: Any, *, param: str) -> None:
             _invalid(param, "'required' must be a list of property names")
         missing = set(properties) - set(required)
         if missing or node.get("additionalProperties") is not False:
-            raise APIError(
+            raise SchemaRefused(
                 "strict schemas must list every property in 'required' and set 'additionalProperties': false"
                 + (f" (not required: {', '.join(sorted(missing))})" if missing else ""),
                 param=param, code="invalid_schema")

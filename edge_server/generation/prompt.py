@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from edge_server.api.errors import APIError
-from edge_server.api.schemas import ChatMessage
 
 # Used only when a GGUF carries no template: Qwen models speak ChatML.
 CHATML_TEMPLATE = (
@@ -19,6 +17,9 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+if TYPE_CHECKING:
+    from edge_server.api.schemas import ChatMessage
 
 Tokenize = Callable[[bytes, bool, bool], list[int]]
 
@@ -50,6 +51,10 @@ def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
     return {**call, "function": function}
 
 
+class TemplateRefused(ValueError):
+    """The model's chat template raised on these messages (a client error: the conversation's shape)."""
+
+
 class PromptRenderer:
     """Render conversations with the model's chat template and tokenize them."""
 
@@ -66,8 +71,7 @@ class PromptRenderer:
         try:
             return self._formatter(messages=[template_message(m) for m in messages], tools=tools).prompt
         except (jinja2.TemplateError, ValueError, TypeError, RecursionError) as error:
-            raise APIError(f"The model's chat template rejected these messages: {error}", param="messages",
-                           code="invalid_messages") from None
+            raise TemplateRefused(f"The model's chat template rejected these messages: {error}") from None
 
     def chat_tokens(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt tokens for a conversation (control tokens of the template parsed as such)."""

@@ -9,16 +9,23 @@ import pytest
 from edge_server.api.bodylimits import MAX_ARRAY_ITEMS, MAX_JSON_DEPTH, MAX_JSON_VALUES
 from edge_server.api.errors import APIError
 from edge_server.dialects.grammars import schema_grammar, tool_call_grammar
-from edge_server.dialects.schemalimits import MAX_ALTERNATIVES, MAX_REPETITION, check_schema_limits, check_strict
+from edge_server.dialects.schemalimits import (
+    MAX_ALTERNATIVES,
+    MAX_REPETITION,
+    SchemaRefused,
+    check_schema_limits,
+    check_strict,
+)
 from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 USER = [{"role": "user", "content": "Hi"}]
 
 
-def refusal(call, *args, **kwargs) -> APIError:
-    with pytest.raises(APIError) as caught:
+def refusal(call, *args, **kwargs) -> APIError | SchemaRefused:
+    """The error `call` refuses with: a 400 APIError (bodies) or a SchemaRefused (schemas, a 400 on the wire)."""
+    with pytest.raises((APIError, SchemaRefused)) as caught:
         call(*args, **kwargs)
-    assert caught.value.status == 400
+    assert getattr(caught.value, "status", 400) == 400
     return caught.value
 
 
