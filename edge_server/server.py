@@ -17,7 +17,7 @@ from edge_server.http_server import create_hardened_server
 from edge_server.modelstore import resolve_model
 from edge_server.api.security import warn_if_exposed
 from edge_server.settings import EXIT_CONFIG, Settings
-from edge_server.api.state import ServedModel, ServerState
+from edge_server.api.state import ServedModel, ServerState, state_of
 
 log = logging.getLogger("edge_server")
 
@@ -50,7 +50,7 @@ def serve(settings: Settings) -> int:
     except OSError as error:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
         return EXIT_CONFIG
-    state: ServerState = app.extensions["edge_server"]
+    state = state_of(app)
     threading.Thread(target=_load, args=(settings, resolved, state), name="edge-loader", daemon=True).start()
     log.info("listening on http://%s:%s (model loading; GET /health is 503 until ready)",
              settings.host, server.effective_port)

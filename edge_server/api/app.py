@@ -19,7 +19,7 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     from edge_server.api.openapi import spec
     from edge_server.api.routes import api
     from edge_server.api.security import register_security
-    from edge_server.api.state import ServerState
+    from edge_server.api.state import ServerState, attach_state
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -28,7 +28,7 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     state = ServerState(settings=settings)
     if served is not None:
         state.attach(served)
-    app.extensions["edge_server"] = state
+    attach_state(app, state)
     register_observability(app, Metrics(running=state.running, queued=state.queued))
     register_security(app, settings)
     app.register_blueprint(api)

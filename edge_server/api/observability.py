@@ -51,6 +51,14 @@ class Metrics:
             self.decode_rate.observe(rate)
 
 
+_EXTENSION = "edge_server_metrics"
+
+
+def metrics_of(app: Flask | None = None) -> Metrics:
+    """The metrics of `app`, or of the app handling the current request."""
+    return (app or current_app).extensions[_EXTENSION]
+
+
 def route_label() -> str:
     """The matched route's pattern (bounded label values), or 'unmatched'."""
     return request.url_rule.rule if request.url_rule is not None else "unmatched"
@@ -63,7 +71,7 @@ def defer_access_log() -> None:
 
 def register_observability(app: Flask, metrics: Metrics) -> None:
     """Give each request an id (echoed as X-Request-Id), count it, and log it."""
-    app.extensions["edge_server_metrics"] = metrics
+    app.extensions[_EXTENSION] = metrics
     app.register_blueprint(metrics_api)
 
     @app.before_request
@@ -87,5 +95,5 @@ def register_observability(app: Flask, metrics: Metrics) -> None:
 @metrics_api.get("/metrics")
 def metrics_text():
     """Prometheus text exposition of this app's metrics."""
-    registry = current_app.extensions["edge_server_metrics"].registry
+    registry = metrics_of().registry
     return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

@@ -24,6 +24,7 @@ from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 from pydantic_core import core_schema
 
 from edge_server import __version__
+from edge_server.api.state import state_of
 from edge_server.api.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -207,7 +208,7 @@ _NON_EMPTY_ARRAY = {"type": "array", "minItems": 1}
 
 
 def _sampling_rules(schemas: dict[str, Any]) -> None:
-    """SamplingFields' validators: n == 1, stop strings, logit_bias keys and range."""
+    """GenerationRequest' validators: n == 1, stop strings, logit_bias keys and range."""
     for model in ("ChatCompletionRequest", "CompletionRequest"):
         _replace(schemas, model, "n", {"type": "integer", "const": 1,
                                        "description": "only 1: one choice per request"})
@@ -527,7 +528,7 @@ def document_for(app: Flask) -> bytes:
     """`app`'s document as JSON bytes, built on first use and cached in the app."""
     cached = app.extensions.get(_CACHE_KEY)
     if cached is None:
-        settings = app.extensions["edge_server"].settings
+        settings = state_of(app).settings
         document = build_document(api_key_required=settings.api_key is not None,
                                   metrics_public=settings.metrics_public, max_body_bytes=app.config.get("MAX_CONTENT_LENGTH"))
         cached = app.extensions[_CACHE_KEY] = json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8")

@@ -8,17 +8,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, g, jsonify
 from flask import request as raw_request
 
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong, Sampling
+from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong
 from edge_server.api.errors import APIError
 from edge_server.generation.pipeline import ClientGone, Generation, Outcome
-from edge_server.api.observability import defer_access_log, log_safe
+from edge_server.api.observability import defer_access_log, log_safe, metrics_of
 from edge_server.api.serialize import chat_answer, chat_stream, log_outcome, text_answer, text_stream
-from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields, parse_body
-from edge_server.api.state import ServedModel, ServerState
+from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, GenerationRequest, parse_body
+from edge_server.api.state import ServedModel, ServerState, state_of
 from edge_server.api.toolplan import plan_tools
 
 log = logging.getLogger("edge_server")
@@ -27,7 +27,7 @@ api = Blueprint("api", __name__)
 
 def server_state() -> ServerState:
     """The state of the app handling this request."""
-    return current_app.extensions["edge_server"]
+    return state_of()
 
 
 def served_model() -> ServedModel:
@@ -125,7 +125,7 @@ def chat_completions():
         return _event_stream(chat_stream(generation, model, include_usage=request.include_usage(),
                                          heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy,
                                          on_end=_access_logger(200)))
-    return _whole(lambda: chat_answer(generation, model, legacy_functions=plan.legacy).model_dump(), generation)
+    return _whole_answer(lambda: chat_answer(generation, model, legacy_functions=plan.legacy).model_dump(), generation)
 
 
 @api.post("/v1/completions")
@@ -151,18 +151,18 @@ def completions():
         return _event_stream(text_stream(generation, model, include_usage=request.include_usage(),
                                          heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo,
                                          on_end=_access_logger(200)))
-    return _whole(lambda: text_answer(generation, model, echo_prefix=echo).model_dump(), generation)
+    return _whole_answer(lambda: text_answer(generation, model, echo_prefix=echo).model_dump(), generation)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
 
-def _start(served: ServedModel, request: SamplingFields, prompt: list[int], limit: int | None, *,
+def _start(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
            grammar: CompiledGrammarHandle | None = None, **options) -> Generation:
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
         raise _context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
-    sampling = _sampling(request, info.n_vocab, grammar)
+    sampling = request.sampling(info.n_vocab, grammar)
     job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling)
     client_gone = raw_request.environ.get("waitress.client_disconnected") or (lambda: False)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone, **options)
@@ -204,29 +204,7 @@ def _context_check(served: ServedModel) -> Iterator[None]:
         raise _context_exceeded(served.engine.info.n_ctx, f"{error.tokens} prompt tokens") from None
 
 
-def _sampling(request: SamplingFields, n_vocab: int, grammar: CompiledGrammarHandle | None) -> Sampling:
-    bias = {}
-    for key, value in (request.logit_bias or {}).items():
-        token = int(key)
-        if token >= n_vocab:
-            raise APIError(f"logit_bias names token {token}, but the vocabulary has {n_vocab} tokens.",
-                           param="logit_bias", code="invalid_value")
-        bias[token] = value
-    return Sampling(
-        temperature=request.temperature,
-        top_k=request.top_k,
-        top_p=request.top_p,
-        min_p=request.min_p,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        repeat_penalty=request.repeat_penalty,
-        seed=request.seed,
-        logit_bias=bias,
-        grammar=grammar,
-    )
-
-
-def _log_unknown_fields(request: SamplingFields) -> None:
+def _log_unknown_fields(request: GenerationRequest) -> None:
     if request.model_extra:
         log.debug("ignoring unknown request fields: %s", log_safe(", ".join(sorted(request.model_extra))))
 
@@ -234,7 +212,7 @@ def _log_unknown_fields(request: SamplingFields) -> None:
 def _access_logger(status: int) -> Callable[[Outcome], None]:
     defer_access_log()
     request_id, route, started = g.request_id, raw_request.path, time.monotonic()
-    metrics = current_app.extensions["edge_server_metrics"]
+    metrics = metrics_of()
 
     def on_end(outcome: Outcome) -> None:
         rate = log_outcome(request_id, route, status, outcome, time.monotonic() - started)
@@ -249,7 +227,7 @@ def _event_stream(events: Iterator[bytes]) -> Response:
     return Response(events, mimetype="text/event-stream", headers=headers)
 
 
-def _whole(answer: Callable[[], dict], generation: Generation) -> Response:
+def _whole_answer(answer: Callable[[], dict], generation: Generation) -> Response:
     on_end = _access_logger(200)
     try:
         body = answer()

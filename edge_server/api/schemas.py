@@ -12,17 +12,20 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from edge_server.api.bodylimits import check_body_shape, nesting_error
 from edge_server.api.errors import APIError
-from edge_server.engine.types import FinishReason
+from edge_server.engine.protocol import CompiledGrammarHandle
+from edge_server.engine.types import FinishReason, Sampling
 
 # JSON has one number type: 1.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
-def _whole(value: Any) -> Any:
+def _whole_number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def whole_int(**bounds: int) -> Any:
     """An integer type that also takes whole floats like 5.0, with JSON-schema bounds (ge/lt...)."""
-    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
 _TOKEN_ID = re.compile(r"\s*[0-9]+\s*")  # str.isdigit() would also accept "²" or "١٢"
+
+_DEFAULTS = Sampling()  # the engine's defaults are the API's: written once, in engine/types.py
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -84,18 +87,18 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(RequestModel):
-    """Fields shared by chat and legacy completions requests."""
+class GenerationRequest(RequestModel):
+    """The fields chat and legacy completion requests share, and their translation into engine `Sampling`."""
 
     model: str | None = None
     max_tokens: whole_int(ge=1) | None = None
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: whole_int(ge=0) = 40
-    min_p: float = Field(0.05, ge=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    temperature: float = Field(_DEFAULTS.temperature, ge=0.0, le=2.0)
+    top_p: float = Field(_DEFAULTS.top_p, gt=0.0, le=1.0)
+    top_k: whole_int(ge=0) = _DEFAULTS.top_k
+    min_p: float = Field(_DEFAULTS.min_p, ge=0.0, le=1.0)
+    presence_penalty: float = Field(_DEFAULTS.presence_penalty, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(_DEFAULTS.frequency_penalty, ge=-2.0, le=2.0)
+    repeat_penalty: float = Field(_DEFAULTS.repeat_penalty, gt=0.0, le=10.0)
     seed: whole_int(ge=-(2**63), lt=2**64) | None = None
     stop: str | list[str] | None = None
     n: whole_int() = 1
@@ -130,6 +133,19 @@ class SamplingFields(RequestModel):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for token {key}")
         return value
+
+    def sampling(self, n_vocab: int, grammar: CompiledGrammarHandle | None = None) -> Sampling:
+        """The engine's sampler settings for this request; a 400 for a logit_bias token beyond the vocabulary."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            token = int(key)
+            if token >= n_vocab:
+                raise APIError(f"logit_bias names token {token}, but the vocabulary has {n_vocab} tokens.",
+                               param="logit_bias", code="invalid_value")
+            bias[token] = value
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                        presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                        repeat_penalty=self.repeat_penalty, seed=self.seed, logit_bias=bias, grammar=grammar)
 
     def stop_list(self) -> list[str]:
         """The stop strings as a list."""
@@ -204,7 +220,7 @@ class ResponseFormat(RequestModel):
         return self
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(GenerationRequest):
     """Body of POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -240,7 +256,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(GenerationRequest):
     """Body of POST /v1/completions (legacy prompt completion)."""
 
     prompt: str | list[str]

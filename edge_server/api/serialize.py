@@ -9,7 +9,7 @@ from contextlib import closing
 from edge_server.api import sse
 from edge_server.api.errors import generation_failure
 from edge_server.engine.types import FinishReason
-from edge_server.generation.pipeline import HEARTBEAT, ClientGone, Collected, Generation, Outcome
+from edge_server.generation.pipeline import QUIET, ClientGone, Collected, Generation, Outcome
 from edge_server.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -169,7 +169,7 @@ def _stream_body(
     try:
         with closing(generation.events(heartbeat_seconds)) as events:
             for event in events:
-                yield sse.HEARTBEAT if event is HEARTBEAT else delta_event(event)
+                yield sse.PING if event is QUIET else delta_event(event)
     except ClientGone:
         outcome.finish_reason = FinishReason.CANCELLED
         on_end(outcome)

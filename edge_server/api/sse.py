@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 DONE = b"data: [DONE]\n\n"
 # An SSE comment: every client skips it, but writing it tells the server whether the client is still there.
-HEARTBEAT = b": ping\n\n"
+PING = b": ping\n\n"
 
 
 def to_json(payload: BaseModel | dict[str, Any]) -> str:

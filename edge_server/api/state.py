@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from flask import Flask, current_app
+
 from edge_server.engine.protocol import EngineClient
 from edge_server.generation.prompt import PromptRenderer
 from edge_server.settings import Settings
@@ -35,7 +37,7 @@ class ServedModel:
 
 @dataclass
 class ServerState:
-    """Kept in `app.extensions["edge_server"]`; `served` is None while the model loads."""
+    """One per app (`state_of`); `served` is None while the model loads."""
 
     settings: Settings
     served: ServedModel | None = None
@@ -52,3 +54,16 @@ class ServerState:
     def attach(self, served: ServedModel) -> None:
         """Start answering with a loaded model."""
         self.served = served
+
+
+_EXTENSION = "edge_server"
+
+
+def attach_state(app: Flask, state: ServerState) -> None:
+    """Give `app` its state."""
+    app.extensions[_EXTENSION] = state
+
+
+def state_of(app: Flask | None = None) -> ServerState:
+    """The state of `app`, or of the app handling the current request."""
+    return (app or current_app).extensions[_EXTENSION]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import threading
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +130,8 @@ def _token_text(model: Any, token: int) -> str:
     return model.token_get_text(token)
 
 
-_backend_ready = threading.Lock()
-_backend_initialised = False
-
-
+@functools.cache
 def _init_backend() -> None:
-    global _backend_initialised
-    with _backend_ready:
-        if not _backend_initialised:
-            set_llama_log_verbosity(False)
-            llama_cpp.llama_backend_init()
-            _backend_initialised = True
+    # Once per process (functools.cache): llama.cpp's backend is global state.
+    set_llama_log_verbosity(False)
+    llama_cpp.llama_backend_init()

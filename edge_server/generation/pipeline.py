@@ -17,7 +17,7 @@ class Heartbeat:
     """Yielded by `Generation.events` when nothing was produced for a while (keeps the stream alive)."""
 
 
-HEARTBEAT = Heartbeat()
+QUIET = Heartbeat()  # yielded by `Generation.events` after a quiet spell
 
 
 class ClientGone(Exception):
@@ -83,7 +83,7 @@ class Generation:
         return cls(engine.submit(job), prompt_tokens=len(job.prompt), **options)
 
     def events(self, heartbeat_seconds: float | None = None) -> Iterator[Event | Heartbeat]:
-        """Content and tool-call events as they become final, and `HEARTBEAT` after each quiet spell.
+        """Content and tool-call events as they become final, and `QUIET` after each quiet spell.
 
         Closing the iterator early (client gone) cancels the job. Raises `ClientGone` when the
         client disconnects while we wait.
@@ -101,7 +101,7 @@ class Generation:
                 if event is None:
                     if heartbeat_seconds is not None and now - quiet_since >= heartbeat_seconds:
                         quiet_since = now
-                        yield HEARTBEAT
+                        yield QUIET
                     continue
                 if isinstance(event, Finish):
                     yield from self._split(self._stops.push(self._decoder.flush()) + self._stops.flush(), final=True)
