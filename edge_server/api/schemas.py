@@ -98,7 +98,7 @@ class GenerationRequest(RequestModel):
     min_p: float = Field(_DEFAULTS.min_p, ge=0.0, le=1.0)
     presence_penalty: float = Field(_DEFAULTS.presence_penalty, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(_DEFAULTS.frequency_penalty, ge=-2.0, le=2.0)
-    repeat_penalty: float = Field(_DEFAULTS.repeat_penalty, gt=0.0, le=10.0)
+    repeat_penalty: float = Field(_DEFAULTS.repeat_penalty, ge=0.01, le=10.0)
     seed: whole_int(ge=-(2**63), lt=2**64) | None = None
     stop: str | list[str] | None = None
     n: whole_int() = 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -72,6 +73,23 @@ def tool_call_grammar(functions: list[tuple[str, dict[str, Any] | None]], *, sev
     return f"{root}\ntool-call-block ::= {block}\n{rules}"
 
 
+class _Converter(SchemaConverter):
+    """llama-cpp-python's converter, naming each $ref's rule after the whole reference.
+
+    Upstream names it after the reference's last segment and reuses any rule of that name, so two
+    tools that both define `$defs/Item`, or a definition called `string`, would share one rule.
+    """
+
+    def _resolve_ref(self, ref: str) -> str:
+        rule_name = f"ref-{_UNSAFE_RULE_CHARACTERS.sub('-', ref)}-{hashlib.sha256(ref.encode()).hexdigest()[:8]}"
+        if rule_name not in self._rules and ref not in self._refs_being_resolved:
+            self._refs_being_resolved.add(ref)
+            rule_name = self.visit(self._refs[ref], rule_name)
+            self._refs_being_resolved.remove(ref)
+        return rule_name
+
+
+_UNSAFE_RULE_CHARACTERS = re.compile(r"[^a-zA-Z0-9-]+")
 _CACHE_ENTRIES = 64
 _CACHE_LARGEST = 256 * 1024  # characters of GBNF worth keeping
 _cache: OrderedDict[str, str] = OrderedDict()
@@ -103,7 +121,7 @@ def _converted(spec: dict[str, Any], *, param: str) -> str:
 
 def _convert(spec: dict[str, Any]) -> str:
     calls, answer = spec.get("calls"), spec.get("answer")
-    converter = SchemaConverter(prop_order={"name": 0, "arguments": 1} if calls else {}, allow_fetch=False,
+    converter = _Converter(prop_order={"name": 0, "arguments": 1} if calls else {}, allow_fetch=False,
                                 dotall=False, raw_pattern=False)
     if calls is not None:
         # Each tool's $refs are resolved against its own parameters, before they are embedded in a call.

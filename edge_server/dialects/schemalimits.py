@@ -16,11 +16,14 @@ MAX_REPETITION = 1000  # minLength/maxLength, minItems/maxItems, min/maxProperti
 MAX_ALTERNATIVES = 256  # enum values + anyOf/oneOf branches + type lists, over the whole schema
 MAX_PROPERTIES = 256  # properties of one object
 MAX_PATTERN_LENGTH = 1000  # characters of one `pattern`
+MAX_PROPERTIES_IN_ALL = 512  # properties over the whole schema (allOf merges objects)
+MAX_OPTIONAL_PROPERTIES = 64  # properties not in `required`, over the whole schema (the converter's cost is cubic)
 
 LIMITS_TEXT = (f"schemas may nest {MAX_SCHEMA_DEPTH} levels, repeat at most {MAX_REPETITION} times "
                f"(lengths, item counts, regex {{m,n}}), offer at most {MAX_ALTERNATIVES} alternatives "
-               f"(enum values and anyOf/oneOf branches together), list {MAX_PROPERTIES} properties per object "
-               f"and use patterns of up to {MAX_PATTERN_LENGTH} characters")
+               f"(enum values and anyOf/oneOf branches together), list {MAX_PROPERTIES} properties per object, "
+               f"{MAX_PROPERTIES_IN_ALL} in all of which {MAX_OPTIONAL_PROPERTIES} optional, and use patterns "
+               f"of up to {MAX_PATTERN_LENGTH} characters expanding to at most {MAX_REPETITION} repeated items")
 
 class SchemaRefused(ValueError):
     """A client schema this server will not turn into a grammar; `param` names the request field."""
@@ -76,7 +79,7 @@ def check_schema_limits(schema: Any, *, param: str) -> None:
     for _, depth in walk(schema):
         if depth > MAX_SCHEMA_DEPTH:
             _too_large(param, f"it nests more than {MAX_SCHEMA_DEPTH} levels")
-    alternatives = 0
+    alternatives = property_count = optional_count = 0
     # Counted over every object in the document, not only schema keywords: a $ref may point anywhere.
     for node in _every_object(schema):
         _check_counts(node, param)
@@ -91,8 +94,17 @@ def check_schema_limits(schema: Any, *, param: str) -> None:
             _too_large(param, f"it offers more than {MAX_ALTERNATIVES} alternatives (enum values and "
                               f"anyOf/oneOf branches together)")
         properties = node.get("properties")
-        if isinstance(properties, dict) and len(properties) > MAX_PROPERTIES:
-            _too_large(param, f"an object lists {len(properties)} properties, above {MAX_PROPERTIES}")
+        if isinstance(properties, dict):
+            if len(properties) > MAX_PROPERTIES:
+                _too_large(param, f"an object lists {len(properties)} properties, above {MAX_PROPERTIES}")
+            required = node.get("required") if isinstance(node.get("required"), list) else []
+            property_count += len(properties)
+            optional_count += len(set(properties) - set(required))
+            if property_count > MAX_PROPERTIES_IN_ALL:
+                _too_large(param, f"it lists more than {MAX_PROPERTIES_IN_ALL} properties in all")
+            if optional_count > MAX_OPTIONAL_PROPERTIES:
+                _too_large(param, f"it has more than {MAX_OPTIONAL_PROPERTIES} optional properties in all "
+                                  f"(not in 'required')")
         pattern = node.get("pattern")
         if isinstance(pattern, str):
             _check_pattern(pattern, param)
@@ -125,36 +137,62 @@ def _check_counts(node: dict[str, Any], param: str) -> None:
 
 
 def _check_pattern(pattern: str, param: str) -> None:
-    """Read `pattern` as llama-cpp-python's converter does: escapes, [classes], {m,n} quantifiers."""
+    """Read `pattern` as llama-cpp-python's converter does (escapes, [classes], (groups), {m,n}) and
+    bound its expanded size: every quantifier multiplies what it repeats, nested ones multiply again.
+
+    llama.cpp follows each position a repetition may be at as a stack of its own, and a character
+    costs time in the square of their number: "a{0,1000}" written 110 times, or "((a{1,1000}){1,1000})",
+    passed each per-quantifier bound yet took the engine thread seconds per character.
+    """
     if len(pattern) > MAX_PATTERN_LENGTH:
         _too_large(param, f"a pattern has {len(pattern)} characters, above {MAX_PATTERN_LENGTH}")
+    # Each open group: [size of its content so far, size of its last atom].
+    groups: list[list[int]] = [[0, 0]]
     i, n = 0, len(pattern)
     while i < n:
-        char = pattern[i]
+        char, atom = pattern[i], None
         if char == "\\":
-            i += 2
+            i, atom = i + 2, 1
         elif char == "[":
             i += 1
             while i < n and pattern[i] != "]":
                 i += 2 if pattern[i] == "\\" else 1
+            i, atom = i + 1, 1
+        elif char == "(":
+            groups.append([0, 0])
+            i += 1
+        elif char == ")" and len(groups) > 1:
+            atom = groups.pop()[0]
             i += 1
         elif char == "{" and (end := pattern.find("}", i)) >= 0:
-            _check_quantifier(pattern[i:end + 1], param)
+            times = _check_quantifier(pattern[i:end + 1], param)
+            group = groups[-1]
+            group[0] += group[1] * (times - 1)
+            group[1] *= times
             i = end + 1
+        elif char in "^$":
+            i += 1  # anchors match no character
         elif char in "]}":
             # The converter would loop forever on it: no branch consumes a stray closing bracket.
             _invalid(param, f"the pattern has an unmatched '{char}' at position {i}; escape it as '\\{char}'")
         else:
-            i += 1
+            i, atom = i + 1, 1
+        if atom is not None:
+            groups[-1][0] += atom
+            groups[-1][1] = atom
+        if groups[-1][0] > MAX_REPETITION or any(group[0] > MAX_REPETITION for group in groups):
+            _too_large(param, f"the pattern expands to more than {MAX_REPETITION} repeated items "
+                              f"(quantifiers multiply what they repeat, nested ones multiply again)")
 
 
-def _check_quantifier(quantifier: str, param: str) -> None:
+def _check_quantifier(quantifier: str, param: str) -> int:
+    """How many times `quantifier` may repeat its atom at most (its minimum when unbounded)."""
     # The converter gives each comma-separated part to int(), which also reads "1_000_000" and "+5".
     parts = [part.strip() for part in quantifier[1:-1].split(",")]
     try:
         counts = [int(part) if part else None for part in parts]
     except ValueError:
-        return  # not a quantifier the converter accepts: it refuses the pattern itself
+        return 1  # not a quantifier the converter accepts: it refuses the pattern itself
     given = [count for count in counts if count is not None]
     if any(count < 0 for count in given):
         _invalid(param, f"pattern quantifier {quantifier} has a negative count")
@@ -162,6 +200,7 @@ def _check_quantifier(quantifier: str, param: str) -> None:
         _too_large(param, f"pattern quantifier {quantifier} repeats more than {MAX_REPETITION} times")
     if len(counts) == 2 and None not in counts and counts[0] > counts[1]:
         _invalid(param, f"pattern quantifier {quantifier} has its minimum above its maximum")
+    return max(given, default=1) or 1
 
 
 def _invalid(param: str, reason: str) -> None:

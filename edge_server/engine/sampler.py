@@ -15,6 +15,7 @@ from edge_server.engine.types import GrammarRejected, Sampling
 class GrammarDeadEnd(RuntimeError):
     """No token of the vocabulary can continue the grammar (e.g. a pattern asking for a NUL byte)."""
 
+GREEDY_BELOW = 1e-3  # temperatures below this sample greedily (dividing logits by ~0 gives inf and NaN)
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 
 
@@ -67,20 +68,28 @@ class ConstrainedSampler:
         self._fill(index)
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
         token = self._array.data[self._array.selected].id
-        self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
-        self._one_array.size, self._one_array.selected = 1, -1
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_array))
-        if self._one.logit == float("-inf"):
+        if not self._allows(grammar, token):
             self._fill(index)
             llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._array))
-            if not np.isfinite(self._data["logit"][: self._array.size]).any():
+            allowed = self._data["logit"].copy()  # the grammar's verdict, before the chain reorders the data
+            if not np.isfinite(allowed).any():
                 # Accepting any token now would make llama.cpp abort the process: end this job instead.
                 raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
             llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
             token = self._array.data[self._array.selected].id
+            if not self._allows(grammar, token):
+                # Extreme settings (a temperature of 1e-40, a penalty near 0) turn logits into NaN and the
+                # chain picks a refused token: take the best token the grammar allows instead.
+                token = int(self._ids[np.nanargmax(np.where(np.isfinite(allowed), allowed, -np.inf))])
         llama_cpp.llama_sampler_accept(grammar, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
+
+    def _allows(self, grammar: Any, token: int) -> bool:
+        self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
+        self._one_array.size, self._one_array.selected = 1, -1
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_array))
+        return self._one.logit != float("-inf")
 
     def _fill(self, index: int) -> None:
         logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
@@ -105,7 +114,7 @@ def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.L
             penalty_freq=sampling.frequency_penalty,
             penalty_present=sampling.presence_penalty,
         )
-    if sampling.temperature == 0.0:
+    if sampling.temperature < GREEDY_BELOW:
         sampler.add_greedy()
         return sampler
     sampler.add_top_k(sampling.top_k)

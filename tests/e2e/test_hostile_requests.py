@@ -103,6 +103,19 @@ def test_grammar_no_token_can_continue_ends_the_request_not_the_process(server):
     assert chat(server.base_url, max_tokens=2, temperature=0).status_code == 200
 
 
+def test_extreme_sampling_settings_never_make_the_grammar_accept_a_refused_token(server):
+    # A temperature of 1e-40 turned logits into inf and NaN; the chain then picked a token the grammar
+    # refuses, and accepting it aborts llama.cpp.
+    for seed in range(3):
+        response = post(server.base_url, {"messages": USER, "max_tokens": 12, "temperature": 1e-40, "top_p": 1,
+                                          "min_p": 0, "seed": seed,
+                                          "response_format": json_schema_format({"enum": ["yes", "no"]})})
+        assert response.status_code == 200, response.text
+        assert json.loads(response.json()["choices"][0]["message"]["content"]) in ("yes", "no")
+    assert assert_400(post(server.base_url, {"messages": USER, "repeat_penalty": 1e-300}), "repeat_penalty")
+    assert server.process.poll() is None
+
+
 @pytest.mark.parametrize("schema", [{"type": "string", "minLength": 5, "maxLength": 2},
                                     {"type": "string", "pattern": "^a]$"}], ids=["min above max", "stray bracket"])
 def test_schemas_that_hung_or_exhausted_the_process_are_a_400(server, schema):

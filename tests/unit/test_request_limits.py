@@ -76,6 +76,36 @@ def test_schema_that_would_hang_or_exhaust_llama_cpp_is_invalid(name, schema, na
     assert error.code == "invalid_schema" and named in error.message
 
 
+@pytest.mark.parametrize("pattern", ["^" + "a{0,1000}" * 110 + "$", "^((a{1,1000}){1,1000})$", "^(ab){1,600}$"],
+                         ids=["many quantifiers", "nested quantifiers", "repeated group"])
+def test_patterns_are_bounded_by_what_they_expand_to(pattern):
+    # Each passed the per-quantifier bound, yet llama.cpp then took seconds per character.
+    error = refusal(schema_grammar, {"type": "string", "pattern": pattern}, param="p")
+    assert error.code == "schema_too_large" and "expands" in error.message
+
+
+@pytest.mark.parametrize("pattern", [r"^\d{4}-\d{2}-\d{2}$", "^[a-z]{3,1000}$", "^a{0,500}b{0,500}$", "^(ab){1,400}$"])
+def test_ordinary_patterns_pass(pattern):
+    check_schema_limits({"type": "string", "pattern": pattern}, param="p")
+
+
+def test_optional_properties_are_bounded_over_the_whole_schema():
+    # The converter's cost grows with the cube of an object's optional properties; allOf merges objects.
+    part = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(40)}}
+    error = refusal(schema_grammar, {"allOf": [{"anyOf": [part, part]}]}, param="p")
+    assert error.code == "schema_too_large" and "optional" in error.message
+
+
+def test_each_tool_keeps_its_own_definitions():
+    def tool(values):
+        return {"type": "object", "properties": {"x": {"$ref": "#/$defs/Foo"}}, "required": ["x"],
+                "$defs": {"Foo": {"enum": values}}}
+
+    grammar = tool_call_grammar([("f", tool([1, 2])), ("g", tool(["A", "B"]))], several=False, param="t")
+    definitions = [line.split(" ::= ")[1] for line in grammar.splitlines() if line.startswith("ref-")]
+    assert sorted(definitions) == ['"1" | "2"', '"\\"A\\"" | "\\"B\\""']
+
+
 def test_limits_follow_refs_anywhere_in_the_document():
     schema = {"$ref": "#/x/e", "x": {"e": {"enum": list(range(MAX_ALTERNATIVES + 1))}}}
     assert refusal(schema_grammar, schema, param="p").code == "schema_too_large"
@@ -90,7 +120,9 @@ def test_tools_with_their_own_defs_beside_a_structured_answer():
     answer = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {"enum": [1, 2]}}}
     grammar = tool_call_grammar([("f", parameters), ("g", parameters)], several=False, param="tool_choice",
                                 answer=(answer, "rf"))
-    assert "Item ::=" in grammar and "X ::=" in grammar
+    rules = [line.split(" ::= ")[0] for line in grammar.splitlines()]
+    assert any(rule.startswith("ref-tool-0-defs-Item") for rule in rules)
+    assert any(rule.startswith("ref-answer-defs-X") for rule in rules)
 
 
 def test_strict_required_must_list_names():
