@@ -31,6 +31,7 @@ from edge_server.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
+    MAX_STOP_CHARACTERS,
     ModelList,
     RequestModel,
     TextCompletion,
@@ -212,11 +213,12 @@ def _sampling_rules(schemas: dict[str, Any]) -> None:
     for model in ("ChatCompletionRequest", "CompletionRequest"):
         _replace(schemas, model, "n", {"type": "integer", "const": 1,
                                        "description": "only 1: one choice per request"})
-        stop = {"type": "string", "minLength": 1}
+        stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARACTERS}
         _replace(schemas, model, "stop", {"anyOf": [stop, {"type": "array", "items": stop, "maxItems": 16}, _NULL],
-                                          "description": "a stop string or up to 16; none may be empty"})
+                                          "description": f"a stop string or up to 16; none may be empty or longer "
+                                                         f"than {MAX_STOP_CHARACTERS} characters"})
         _replace(schemas, model, "logit_bias", {
-            "anyOf": [{"type": "object", "propertyNames": {"pattern": r"^\s*[0-9]+\s*$"},
+            "anyOf": [{"type": "object", "propertyNames": {"pattern": r"^\s*[0-9]{1,10}\s*$"},
                        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}, _NULL],
             "description": "token id (a whole number as a string, below the model's vocabulary size) "
                            "-> bias between -100 and 100",

@@ -201,7 +201,8 @@ def _context_check(served: ServedModel) -> Iterator[None]:
     try:
         yield
     except PromptTooLong as error:
-        raise _context_exceeded(served.engine.info.n_ctx, f"{error.tokens} prompt tokens") from None
+        count = f"at least {error.tokens}" if error.at_least else str(error.tokens)
+        raise _context_exceeded(served.engine.info.n_ctx, f"{count} prompt tokens") from None
 
 
 def _log_unknown_fields(request: GenerationRequest) -> None:

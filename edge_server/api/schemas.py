@@ -23,7 +23,9 @@ def _whole_number(value: Any) -> Any:
 def whole_int(**bounds: int) -> Any:
     """An integer type that also takes whole floats like 5.0, with JSON-schema bounds (ge/lt...)."""
     return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
-_TOKEN_ID = re.compile(r"\s*[0-9]+\s*")  # str.isdigit() would also accept "²" or "١٢"
+_TOKEN_ID = re.compile(r"\s*[0-9]{1,10}\s*")  # str.isdigit() would also accept "²" or "١٢"
+MAX_STOP_CHARACTERS = 256  # per stop string: the stop buffer's work per token grows with its square
+MAX_INTEGER_DIGITS = 40  # JSON integers longer than this are refused (int() of 4,300 digits raises)
 
 _DEFAULTS = Sampling()  # the engine's defaults are the API's: written once, in engine/types.py
 
@@ -122,6 +124,8 @@ class GenerationRequest(RequestModel):
             raise ValueError("at most 16 stop strings")
         if any(not stop for stop in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(stop) > MAX_STOP_CHARACTERS for stop in stops):
+            raise ValueError(f"stop strings may have at most {MAX_STOP_CHARACTERS} characters")
         return value
 
     @field_validator("logit_bias")
@@ -493,6 +497,16 @@ def _most_useful_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
     return min(errors, key=lambda error: len(error["loc"]))
 
 
+class _IntegerTooLong(ValueError):
+    """A JSON integer literal too long to be any field's value."""
+
+
+def _bounded_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise _IntegerTooLong
+    return int(literal)
+
+
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     """Decode and validate a JSON request body, raising a 400 `APIError` that names the bad field."""
     try:
@@ -502,12 +516,15 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     if not text.strip():
         raise APIError("Request body is empty; send a JSON object.", code="invalid_json")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_int=_bounded_int)
     except json.JSONDecodeError as error:
         raise APIError(f"Request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}.",
                        code="invalid_json") from None
     except RecursionError:
         raise nesting_error() from None
+    except _IntegerTooLong:
+        raise APIError(f"Request body has an integer of more than {MAX_INTEGER_DIGITS} digits.",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(f"Request body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
     check_body_shape(data)

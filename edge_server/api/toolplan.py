@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_server.dialects.grammars import any_json_object_grammar, schema_grammar, tool_call_grammar
-from edge_server.dialects.schemalimits import check_strict
+from edge_server.dialects.schemalimits import check_schema_limits, check_strict
 from edge_server.api.schemas import ChatCompletionRequest, FunctionName, NamedToolChoice
 from edge_server.dialects.hermes import ToolCallExtractor
 
@@ -40,6 +40,10 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     answer_schema = _answer_schema(request)
     if not functions or choice == "none":
         return ToolPlan(grammar=_answer_grammar(request, answer_schema))
+    for index, function in enumerate(functions):
+        # Every tool's schema is rendered into the prompt (templates may indent it), called or not.
+        if function.parameters is not None:
+            check_schema_limits(function.parameters, param=f"{'functions' if legacy else 'tools'}.{index}")
     template_tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in functions]
     several = request.parallel_tool_calls and not legacy
     named = choice.function.name if isinstance(choice, NamedToolChoice) else (

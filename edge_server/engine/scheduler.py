@@ -74,6 +74,10 @@ class Engine:
 
     def tokenize(self, text: bytes, add_bos: bool, special: bool, max_tokens: int | None = None) -> list[int]:
         """Tokens of `text`; `PromptTooLong` past `max_tokens` (safe from any thread)."""
+        fewest = len(text) // self.info.max_token_bytes
+        if max_tokens is not None and fewest > max_tokens:
+            # No token is longer than max_token_bytes: refused without the tokenizer's work on all of it.
+            raise PromptTooLong(fewest, at_least=True)
         return self._vocab.tokenize(text, add_bos, special, max_tokens)
 
     def compile_grammar(self, grammar: str) -> CompiledGrammar:

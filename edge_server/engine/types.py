@@ -50,9 +50,10 @@ class QueueFull(Exception):
 class PromptTooLong(Exception):
     """A text has more tokens than the limit it was tokenized against."""
 
-    def __init__(self, tokens: int):
-        super().__init__(f"{tokens} tokens")
+    def __init__(self, tokens: int, *, at_least: bool = False):
+        super().__init__(f"{'at least ' if at_least else ''}{tokens} tokens")
         self.tokens = tokens
+        self.at_least = at_least  # counted from the text's length, without tokenizing it
 
 
 class GrammarRejected(ValueError):

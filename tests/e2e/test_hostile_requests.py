@@ -67,7 +67,7 @@ def test_schema_that_crashed_the_process_is_a_400_naming_the_limit(server, schem
         "type": "object", "properties": {"value": schema}, "required": ["value"]}}}
     response = post(server.base_url, {"messages": USER, "stream": stream, "max_tokens": 4, "tools": [tool],
                                       "tool_choice": {"type": "function", "function": {"name": "f"}}})
-    assert_400(response, "tool_choice")
+    assert_400(response, "tools.0")  # the tool whose parameters are too large
     assert server.process.poll() is None
     assert chat(server.base_url, max_tokens=2, temperature=0).status_code == 200
 
@@ -163,6 +163,21 @@ def test_eight_huge_prompts_are_refused_before_they_are_tokenized(start_server, 
     assert peak - before < 800 * 1024  # tokenizing them all reached +3.5 GB
     assert after - before < 60 * 1024
     assert chat(server.base_url, max_tokens=2, temperature=0).status_code == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": USER, "stop": ["b" * 400_000] * 15 + ["a" * 400_000 + "b"]}, "stop"),
+    ({"messages": USER, "logit_bias": {"0" * 5000: 1}}, "logit_bias"),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": json.loads(
+        '{"type": "object", "properties": {"a": ' * 40 + '{"type": "string"}' + "}}" * 40)}}]}, "tools.0"),
+], ids=["long stop strings", "4,000-digit token id", "deep tool schema"])
+def test_costly_field_values_are_refused_up_front(server, body, param):
+    assert assert_400(post(server.base_url, body))["param"].startswith(param)
+
+
+def test_integer_literals_past_40_digits_are_a_400(server):
+    raw = b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"1" * 5000 + b"}"
+    assert "40 digits" in assert_400(post(server.base_url, raw))["message"]
 
 
 # ---- 5: nesting and invalid text are 400s, streamed or not -------------------------------------
