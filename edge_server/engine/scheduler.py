@@ -15,7 +15,17 @@ from llama_cpp import _internals as internals
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.sampler import CompiledGrammar, ConstrainedSampler, compile_grammar, make_sampler
 from edge_server.engine.threadtuner import ThreadTuner
-from edge_server.engine.types import SHUTTING_DOWN, Finish, FinishReason, Job, ModelInfo, QueueFull, Token, TokenStream
+from edge_server.engine.types import (
+    SHUTTING_DOWN,
+    Finish,
+    FinishReason,
+    Job,
+    ModelInfo,
+    PromptTooLong,
+    QueueFull,
+    Token,
+    TokenStream,
+)
 from edge_server.engine.vocab import Vocabulary
 
 log = logging.getLogger("edge_server.engine")

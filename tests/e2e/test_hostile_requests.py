@@ -18,6 +18,8 @@ from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel
 
 from edge_server.devtools.synthetic import write_scripted_model
+from edge_server.engine.loader import load_engine
+from edge_server.engine.types import PromptTooLong
 from tests.e2e.conftest import chat, sse_events
 
 USER = [{"role": "user", "content": "Hi"}]
@@ -178,6 +180,24 @@ def test_costly_field_values_are_refused_up_front(server, body, param):
 def test_integer_literals_past_40_digits_are_a_400(server):
     raw = b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + b"1" * 5000 + b"}"
     assert "40 digits" in assert_400(post(server.base_url, raw))["message"]
+
+
+def test_text_whose_bytes_cannot_fit_is_refused_before_the_tokenizer_reads_it(start_server, tiny_model):
+    engine = load_engine(tiny_model, threads=1)
+    try:
+        longest = engine.info.max_token_bytes
+        with pytest.raises(PromptTooLong) as refused:
+            engine.tokenize(b"x" * (longest * 300), False, True, max_tokens=256)
+        assert refused.value.at_least and refused.value.tokens == 300
+    finally:
+        engine.close()
+    # Four bytes per character: the character count lets it through, the rendered bytes cannot fit.
+    server = start_server("--model", str(tiny_model), "--n-ctx", "256")
+    emoji = "\U0001F600" * (100 * longest)
+    for route, body in (("/v1/completions", {"prompt": emoji}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": emoji}]})):
+        error = assert_400(post(server.base_url, body, route))
+        assert error["code"] == "context_length_exceeded" and "at least" in error["message"]
 
 
 # ---- 5: nesting and invalid text are 400s, streamed or not -------------------------------------
