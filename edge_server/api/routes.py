@@ -18,24 +18,19 @@ from edge_server.generation.pipeline import ClientGone, Generation, Outcome
 from edge_server.api.observability import defer_access_log, log_safe, metrics_of
 from edge_server.api.serialize import chat_answer, chat_stream, log_outcome, text_answer, text_stream
 from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, GenerationRequest, parse_body
-from edge_server.api.state import ServedModel, ServerState, state_of
+from edge_server.api.state import ServedModel, state_of
 from edge_server.api.toolplan import plan_tools
 
 log = logging.getLogger("edge_server")
 api = Blueprint("api", __name__)
 
 
-def server_state() -> ServerState:
-    """The state of the app handling this request."""
-    return state_of()
-
-
 def served_model() -> ServedModel:
     """The loaded model, or a 503 while it is still loading or the server is shutting down."""
-    if server_state().shutting_down:
+    if state_of().shutting_down:
         raise APIError("The server is shutting down; retry against its next start.", status=503,
                        code="shutting_down", headers={"Retry-After": "5"})
-    served = server_state().served
+    served = state_of().served
     if served is None:
         raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
                        status=503, code="model_loading", headers={"Retry-After": "2"})
@@ -45,7 +40,7 @@ def served_model() -> ServedModel:
 @api.get("/health")
 def health():
     """Readiness: 503 while loading or shutting down, else the engine's state."""
-    state = server_state()
+    state = state_of()
     if state.shutting_down:
         return jsonify({"status": "shutting_down"}), 503
     if state.served is None:
@@ -120,7 +115,7 @@ def chat_completions():
                         extractor=plan.extractor(incremental=request.stream),
                         call_finish_reason=FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS)
     model = request.model or served.model_id
-    settings = server_state().settings
+    settings = state_of().settings
     if request.stream:
         return _event_stream(chat_stream(generation, model, include_usage=request.include_usage(),
                                          heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy,
@@ -146,7 +141,7 @@ def completions():
     generation = _start(served, request, prompt, request.token_limit())
     model = request.model or served.model_id
     echo = prompt_text if request.echo else ""
-    settings = server_state().settings
+    settings = state_of().settings
     if request.stream:
         return _event_stream(text_stream(generation, model, include_usage=request.include_usage(),
                                          heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo,

@@ -15,6 +15,7 @@ from edge_server.engine.types import GrammarRejected, Sampling
 class GrammarDeadEnd(RuntimeError):
     """No token of the vocabulary can continue the grammar (e.g. a pattern asking for a NUL byte)."""
 
+
 GREEDY_BELOW = 1e-3  # temperatures below this sample greedily (dividing logits by ~0 gives inf and NaN)
 PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp's default)
 

@@ -62,7 +62,7 @@ class GrammarRejected(ValueError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """Per-request sampler settings (temperature 0 = greedy)."""
+    """Per-request sampler settings (a temperature of 0, or below `sampler.GREEDY_BELOW`, is greedy)."""
 
     temperature: float = 0.8
     top_k: int = 40
