@@ -1,0 +1,141 @@
+"""The engine's slots: one sequence of the shared context each, and what happens to the job it runs.
+
+A slot starts a job (prefix-cache reuse, its sampler chain and grammar), samples and detokenizes
+each of its tokens, and ends it (freeing what it held before telling the client). Engine thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _internals as internals
+
+from edge_server.engine.prefixcache import PrefixCache
+from edge_server.engine.sampler import ConstrainedSampler, make_sampler
+from edge_server.engine.types import Finish, FinishReason, Job, Token, TokenStream
+from edge_server.engine.vocab import Vocabulary
+
+log = logging.getLogger("edge_server.engine")
+
+
+@dataclass
+class Slot:
+    """One sequence of the shared context and the job it runs (its cells are the prefix cache's)."""
+
+    seq: int
+    job: Job | None = None
+    stream: TokenStream | None = None
+    sampler: internals.LlamaSampler | None = None
+    grammar: Any = None  # llama.cpp grammar sampler pointer, owned by the slot while its job runs
+    pending_prompt: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
+    next_token: int | None = None  # sampled, emitted, and to be decoded in the next step
+    produced: int = 0
+    logits_at: int = -1  # index of this slot's logits in the current batch, -1 if none
+
+
+PickToken = Callable[[Slot], int]  # the token a slot samples from its logits in the current batch
+
+
+def inject_faults(pick: PickToken, seed: int) -> PickToken:
+    """Tests only (`EDGE_FAULT_SEED`): `pick`, except that a job with this seed fails on its third token.
+
+    Installed at construction when the setting is on, so that the sampling path never checks for it.
+    """
+
+    def pick_or_fail(slot: Slot) -> int:
+        if slot.job.sampling.seed == seed and slot.produced == 3:
+            raise RuntimeError("injected fault (EDGE_FAULT_SEED)")
+        return pick(slot)
+
+    return pick_or_fail
+
+
+class Slots:
+    """The `parallel` slots of one context, with the prefix cache that records their cells."""
+
+    def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, vocab: Vocabulary,
+                 cache: PrefixCache, *, parallel: int, fault_seed: int | None = None):
+        self._model = model
+        self._ctx = context
+        self._vocab = vocab
+        self._cache = cache
+        self._constrained = ConstrainedSampler(context, model.n_vocab())
+        self.all = [Slot(seq) for seq in range(parallel)]
+        self._pick: PickToken = self._pick_token if fault_seed is None else inject_faults(self._pick_token, fault_seed)
+
+    @property
+    def running(self) -> int:
+        """Slots holding a job."""
+        return sum(slot.job is not None for slot in self.all)
+
+    def active(self) -> list[Slot]:
+        """The slots holding a job."""
+        return [slot for slot in self.all if slot.job is not None]
+
+    def free(self) -> list[Slot]:
+        """The slots holding no job."""
+        return [slot for slot in self.all if slot.job is None]
+
+    def start(self, free: list[Slot], job: Job, stream: TokenStream) -> None:
+        """Run `job` in the free slot whose cells share the longest prefix with its prompt."""
+        slot = self.all[self._cache.choose([slot.seq for slot in free], job.prompt)]
+        try:
+            reuse = self._cache.reuse(slot.seq, job.prompt)
+            stream.reused_tokens = reuse
+            slot.job, slot.stream, slot.produced, slot.next_token = job, stream, 0, None
+            slot.pending_prompt = job.prompt[reuse:]
+            slot.sampler = make_sampler(job.sampling, self._model)
+            slot.grammar = job.sampling.grammar.take() if job.sampling.grammar is not None else None
+        except Exception as error:  # e.g. a sampler llama.cpp refuses: only this job fails
+            log.exception("starting a job failed")
+            slot.job = None
+            self._cache.forget(slot.seq)
+            stream._emit(Finish(FinishReason.ERROR, f"generation failed: {error}"))
+
+    def sample(self, slot: Slot) -> None:
+        """Sample `slot`'s next token from its logits, send its piece, and end the job when it is done."""
+        try:
+            token = self._pick(slot)
+        except Exception as error:  # a failing sampler ends its own job only
+            log.exception("sampling failed")
+            self.end(slot, Finish(FinishReason.ERROR, f"sampling failed: {error}"))
+            return
+        slot.next_token = None
+        if self._vocab.ends_generation(token):
+            self.end(slot, Finish(FinishReason.STOP))
+            return
+        slot.produced += 1
+        slot.stream._emit(Token(token, self._vocab.piece(token)))
+        if slot.produced >= slot.job.max_tokens:
+            self.end(slot, Finish(FinishReason.LENGTH))
+        else:
+            slot.next_token = token
+
+    def _pick_token(self, slot: Slot) -> int:
+        if slot.grammar is None:
+            return slot.sampler.sample(self._ctx, slot.logits_at)
+        return self._constrained.sample(slot.sampler.sampler, slot.grammar, slot.logits_at)
+
+    def end(self, slot: Slot, finish: Finish) -> None:
+        """End `slot`'s job with `finish`, freeing the slot before the client hears of it."""
+        stream, sampler, grammar = slot.stream, slot.sampler, slot.grammar
+        slot.job = slot.stream = slot.sampler = slot.grammar = None
+        slot.next_token = None
+        slot.pending_prompt = []
+        self._cache.release(slot.seq, time.monotonic())
+        if sampler is not None:
+            sampler.close()
+        if grammar is not None:
+            llama_cpp.llama_sampler_free(grammar)
+        # Free the slot before telling the client: whoever reads the answer then sees the engine idle.
+        stream._emit(finish)
+
+    def fail(self, slot: Slot, error: str) -> None:
+        """End `slot`'s job with `error` after a failed step, dropping its cells (their contents are unknown)."""
+        self._cache.forget(slot.seq)
+        self.end(slot, Finish(FinishReason.ERROR, error))
