@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--idle-timeout", type=float, help="seconds an idle keep-alive connection stays open (default: 60)")
     flag("--metrics-public", action="store_const", const=True,
          help="serve /metrics without the API key (by default it needs the key when one is set)")
+    flag("--chat-template", help="render chats with this Jinja file or llama.cpp built-in template (e.g. chatml, gemma, "
+                                 "llama3) instead of the GGUF's own (default: the GGUF's, else its architecture's built-in)")
+    flag("--reasoning", choices=["on", "off", "auto"],
+         help="thinking models (Qwen3, QwQ, Qwen3.5): think, don't, or as the template defaults (default: auto)")
+    flag("--reasoning-format", choices=["separate", "none"],
+         help="separate: reasoning in reasoning_content; none: the raw <think> text stays in content (default: separate)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
     return parser
 

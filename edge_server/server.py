@@ -121,12 +121,14 @@ def _load(settings: Settings, resolved, state: ServerState) -> None:
         logging.shutdown()
         os._exit(EXIT_CONFIG)  # the HTTP server runs on the main thread; nothing useful is left to serve
     info = engine.info
-    state.attach(ServedModel.of(engine, resolved.model_id, resolved.demo_warning))
+    served = ServedModel.of(engine, resolved.model_id, resolved.demo_warning, chat_template=settings.chat_template)
+    state.attach(served)
     log.info(
-        "model ready: %s (id %r) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s parallel=%d%s",
+        "model ready: %s (id %r) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s parallel=%d "
+        "chat_template=%s%s",
         info.path, resolved.model_id, info.backend, info.gpu_layers, info.n_layer + 1, info.n_ctx,
         info.n_ctx_train, info.threads, " (fixed)" if settings.fixed_threads else " (fewer while faster)",
-        settings.parallel,
-        "" if info.chat_template else " (no chat template in GGUF: using ChatML)",
+        settings.parallel, served.renderer.template.label,
+        " (thinking: reasoning_content)" if served.renderer.thinks and settings.reasoning_format == "separate" else "",
     )
     sys.stderr.flush()

@@ -50,6 +50,9 @@ class Settings(BaseModel):
     download_timeout: float = Field(10.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     shutdown_grace: float = Field(10.0, ge=0)
+    chat_template: str | None = Field(None, description="a Jinja file or llama.cpp built-in name instead of the GGUF's template")
+    reasoning: Literal["on", "off", "auto"] = Field("auto", description="thinking models think (on), do not (off) or as their template defaults (auto)")
+    reasoning_format: Literal["separate", "none"] = Field("separate", description="reasoning in reasoning_content (separate) or left in content (none)")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
 
     @field_validator("cors_origin", mode="before")
@@ -81,7 +84,16 @@ class Settings(BaseModel):
                 raise ValueError("must be 'auto' or a whole number of layers (-1 = all)") from None
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("api_key", "model_alias", "model", mode="before")
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            from edge_server.engine.chat_templates import template_override  # imports llama.cpp: only when asked
+
+            template_override(value)
+        return value
+
+    @field_validator("api_key", "model_alias", "model", "chat_template", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -6,6 +6,8 @@ from importlib import resources
 
 from flask import Blueprint, Response, request
 
+from edge_server.api.declaration import Reply, documented
+
 page = Blueprint("chatpage", __name__)
 
 PAGE_DIR, PAGE_NAME = "static", "chat.html"  # inside the edge_server package
@@ -18,6 +20,10 @@ CONTENT_SECURITY_POLICY = (
 
 
 @page.get("/")
+@documented("chatPage", "page", "The chat page (self-contained HTML)", {
+    200: Reply("The page.", media="text/html", headers=("ETag",)),
+    304: Reply("Not modified (the `If-None-Match` ETag is current).", headers=("ETag",)),
+}, params={"If-None-Match": "the ETag of a page fetched earlier: 304 while it is current"})
 def chat_page() -> Response:
     """The chat page (read per request: a few KB, and edits show without a restart)."""
     html = resources.files(__package__).joinpath(PAGE_DIR).joinpath(PAGE_NAME).read_bytes()

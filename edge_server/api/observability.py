@@ -1,4 +1,4 @@
-"""Request ids, the access log, and Prometheus metrics (`GET /metrics`)."""
+"""Request ids, the access log, each generation's accounting, and Prometheus metrics (`GET /metrics`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from edge_server.api.declaration import Reply, documented
+
+if TYPE_CHECKING:
+    from edge_server.generation.pipeline import Outcome
 
 access_log = logging.getLogger("edge_server.access")
 metrics_api = Blueprint("metrics", __name__)
@@ -64,9 +70,28 @@ def route_label() -> str:
     return request.url_rule.rule if request.url_rule is not None else "unmatched"
 
 
-def defer_access_log() -> None:
-    """Mark this request as logging its own access line when its generation ends."""
-    g.access_log_deferred = True
+class Accounting:
+    """One generation request's access-log line and metrics. The route opens it once the generation has
+    started (this request then logs its own line); serialize.py ends it once, however the answer ends."""
+
+    def __init__(self) -> None:
+        g.access_log_deferred = True
+        self.request_id, self.route, self.started = g.request_id, request.path, time.monotonic()
+        self.metrics = metrics_of()
+
+    def end(self, outcome: Outcome, status: int = 200) -> None:
+        """Write the access-log line and count the generation in the metrics."""
+        seconds = time.monotonic() - self.started
+        decode_seconds = seconds - (outcome.first_token_seconds or 0.0)
+        tokens = outcome.completion_tokens
+        rate = (tokens - 1) / decode_seconds if tokens > 1 and decode_seconds > 0 else 0.0
+        ttft = f"{outcome.first_token_seconds * 1000:.0f}ms" if outcome.first_token_seconds is not None else "-"
+        access_log.info(
+            "%s POST %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s cached=%d%s",
+            self.request_id, self.route, status, outcome.prompt_tokens, tokens, ttft, rate,
+            outcome.finish_reason, outcome.cached_tokens, f" error={outcome.error!r}" if outcome.error else "",
+        )
+        self.metrics.observe_generation(outcome.prompt_tokens, tokens, outcome.first_token_seconds, rate)
 
 
 def register_observability(app: Flask, metrics: Metrics) -> None:
@@ -93,6 +118,7 @@ def register_observability(app: Flask, metrics: Metrics) -> None:
 
 
 @metrics_api.get("/metrics")
+@documented("metrics", "operations", "Prometheus metrics (text exposition)", {200: Reply("Metrics.", media="text/plain")})
 def metrics_text():
     """Prometheus text exposition of this app's metrics."""
     registry = metrics_of().registry

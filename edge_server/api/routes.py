@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, jsonify
 from flask import request as raw_request
+from pydantic import BaseModel
 
 from edge_server.engine.protocol import CompiledGrammarHandle
 from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong
+from edge_server.api.declaration import Reply, documented
+from edge_server.api.docs import CHAT_EVENTS, CHAT_EXAMPLES, COMPLETION_EVENTS, COMPLETION_EXAMPLES
 from edge_server.api.errors import APIError
-from edge_server.generation.pipeline import ClientGone, Generation, Outcome
-from edge_server.api.observability import defer_access_log, log_safe, metrics_of
-from edge_server.api.serialize import chat_answer, chat_stream, log_outcome, text_answer, text_stream
+from edge_server.generation.pipeline import ClientGone, Generation
+from edge_server.api.observability import Accounting, log_safe
+from edge_server.api.serialize import chat_answer, chat_stream, text_answer, text_stream
+from edge_server.api.openapi import Health, HealthUnavailable
 from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, GenerationRequest, parse_body
-from edge_server.api.state import ServedModel, state_of
+from edge_server.api.schemas import ChatCompletion, ChatCompletionChunk, TextCompletion
+from edge_server.api.state import ServedModel, client_gone, state_of
+from edge_server.generation.reasoning import ReasoningSplitter, grammar_after_reasoning
 from edge_server.api.toolplan import plan_tools
+from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
 
 log = logging.getLogger("edge_server")
 api = Blueprint("api", __name__)
@@ -38,6 +44,8 @@ def served_model() -> ServedModel:
 
 
 @api.get("/health")
+@documented("health", "operations", "Readiness and load", {200: Reply("The model is loaded.", Health),
+                                                          503: Reply("Loading or shutting down.", HealthUnavailable)})
 def health():
     """Readiness: 503 while loading or shutting down, else the engine's state."""
     state = state_of()
@@ -71,7 +79,8 @@ def _model_card(served: ServedModel) -> ModelCard:
         "n_ctx_train": info.n_ctx_train,
         "n_vocab": info.n_vocab,
         "backend": info.backend,
-        "chat_template": "gguf" if served.renderer.has_own_template else "chatml-fallback",
+        "chat_template": served.renderer.template.label,
+        "thinking": served.renderer.thinks,
     }
     if served.demo_warning:
         meta.update(demo=True, warning=served.demo_warning)
@@ -79,12 +88,15 @@ def _model_card(served: ServedModel) -> ModelCard:
 
 
 @api.get("/v1/models")
+@documented("listModels", "models", "The served model", {200: Reply("The one served model.", ModelList)}, errors=(503,))
 def list_models():
     """The served model (OpenAI `models.list`)."""
     return ModelList(data=[_model_card(served_model())]).model_dump()
 
 
 @api.get("/v1/models/<path:model_id>")
+@documented("getModel", "models", "One model by id", {200: Reply("The model.", ModelCard)}, errors=(404, 503),
+            params={"model_id": "the served model's id (--model-alias); may contain '/'"})
 def get_model(model_id: str):
     """One model by id, or a 404 envelope."""
     served = served_model()
@@ -95,35 +107,49 @@ def get_model(model_id: str):
 
 
 @api.post("/v1/chat/completions")
+@documented("createChatCompletion", "generation", "Chat completion", {200: Reply(
+    "The answer: `application/json` (`chat.completion`), or `text/event-stream` when `stream` is true.",
+    ChatCompletion, stream=ChatCompletionChunk, events=CHAT_EVENTS)},
+    body=ChatCompletionRequest, examples=CHAT_EXAMPLES, errors=(429, 503))
 def chat_completions():
     """Chat completion, streamed (SSE) or whole, with tools and structured output."""
     request = parse_body(ChatCompletionRequest, raw_request.get_data(cache=False))
     _log_unknown_fields(request)
     served = served_model()
     _refuse_unfittable(_rendered_characters(request), served)
-    plan = plan_tools(request)
+    plan = plan_tools(request, served.dialect)
+    settings = state_of().settings
     with _context_check(served):
-        prompt = served.renderer.chat_tokens(request.messages, tools=plan.template_tools)
+        prompt = served.renderer.chat_prompt(request.messages, tools=plan.template_tools,
+                                             template_kwargs=request.template_kwargs(settings.reasoning))
     grammar = None
     if plan.grammar is not None:
         try:
-            grammar = served.engine.compile_grammar(plan.grammar)
+            # A prompt that opened <think> lets the model reason before the constrained answer.
+            grammar = served.engine.compile_grammar(
+                grammar_after_reasoning(plan.grammar) if prompt.opens_reasoning else plan.grammar)
         except GrammarRejected as error:
             raise APIError(str(error), param="tools" if plan.callable_names else "response_format",
                            code="invalid_grammar") from None
-    generation = _start(served, request, prompt, request.token_limit(), grammar=grammar,
+    split_reasoning = served.renderer.thinks and settings.reasoning_format == "separate"
+    generation = _start(served, request, prompt.tokens, request.token_limit(), grammar=grammar,
                         extractor=plan.extractor(incremental=request.stream),
+                        reasoning=ReasoningSplitter(opened_in_prompt=prompt.opens_reasoning,
+                                                    answer_openers=(CALL_OPEN_TAG,) if plan.callable_names else ())
+                        if split_reasoning else None,
                         call_finish_reason=FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS)
-    model = request.model or served.model_id
-    settings = state_of().settings
+    model, account = request.model or served.model_id, Accounting()
     if request.stream:
-        return _event_stream(chat_stream(generation, model, include_usage=request.include_usage(),
-                                         heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy,
-                                         on_end=_access_logger(200)))
-    return _whole_answer(lambda: chat_answer(generation, model, legacy_functions=plan.legacy).model_dump(), generation)
+        return _event_stream(chat_stream(generation, model, account, include_usage=request.include_usage(),
+                                         heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy))
+    return _whole_answer(lambda: chat_answer(generation, model, account, legacy_functions=plan.legacy))
 
 
 @api.post("/v1/completions")
+@documented("createCompletion", "generation", "Legacy prompt completion", {200: Reply(
+    "The answer: `application/json` (`text_completion`), or `text/event-stream` when `stream` is true.",
+    TextCompletion, stream=TextCompletion, events=COMPLETION_EVENTS)},
+    body=CompletionRequest, examples=COMPLETION_EXAMPLES, errors=(429, 503))
 def completions():
     """Legacy prompt completion, streamed (SSE) or whole."""
     request = parse_body(CompletionRequest, raw_request.get_data(cache=False))
@@ -139,14 +165,13 @@ def completions():
     with _context_check(served):
         prompt = served.renderer.text_tokens(prompt_text)
     generation = _start(served, request, prompt, request.token_limit())
-    model = request.model or served.model_id
+    model, account = request.model or served.model_id, Accounting()
     echo = prompt_text if request.echo else ""
     settings = state_of().settings
     if request.stream:
-        return _event_stream(text_stream(generation, model, include_usage=request.include_usage(),
-                                         heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo,
-                                         on_end=_access_logger(200)))
-    return _whole_answer(lambda: text_answer(generation, model, echo_prefix=echo).model_dump(), generation)
+        return _event_stream(text_stream(generation, model, account, include_usage=request.include_usage(),
+                                         heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo))
+    return _whole_answer(lambda: text_answer(generation, model, account, echo_prefix=echo))
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -159,8 +184,7 @@ def _start(served: ServedModel, request: GenerationRequest, prompt: list[int], l
         raise _context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
     sampling = request.sampling(info.n_vocab, grammar)
     job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling)
-    client_gone = raw_request.environ.get("waitress.client_disconnected") or (lambda: False)
-    return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone, **options)
+    return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
 
 
 def _context_exceeded(n_ctx: int, prompt_size: str) -> APIError:
@@ -176,6 +200,7 @@ def _rendered_characters(request: ChatCompletionRequest) -> int:
     total = 0
     for message in request.messages:
         total += len(message.text()) + len(message.name or "") + len(message.tool_call_id or "")
+        total += len(message.reasoning_content or message.reasoning or "")
         total += sum(len(json.dumps(call)) for call in message.tool_calls or [])
         total += len(json.dumps(message.function_call)) if message.function_call else 0
     return total + sum(len(json.dumps(f.parameters)) + len(f.description or "") for f in request.function_definitions())
@@ -205,36 +230,15 @@ def _log_unknown_fields(request: GenerationRequest) -> None:
         log.debug("ignoring unknown request fields: %s", log_safe(", ".join(sorted(request.model_extra))))
 
 
-def _access_logger(status: int) -> Callable[[Outcome], None]:
-    defer_access_log()
-    request_id, route, started = g.request_id, raw_request.path, time.monotonic()
-    metrics = metrics_of()
-
-    def on_end(outcome: Outcome) -> None:
-        rate = log_outcome(request_id, route, status, outcome, time.monotonic() - started)
-        metrics.observe_generation(outcome.prompt_tokens, outcome.completion_tokens, outcome.first_token_seconds,
-                                   rate)
-
-    return on_end
-
-
 def _event_stream(events: Iterator[bytes]) -> Response:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(events, mimetype="text/event-stream", headers=headers)
 
 
-def _whole_answer(answer: Callable[[], dict], generation: Generation) -> Response:
-    on_end = _access_logger(200)
+def _whole_answer(answer: Callable[[], BaseModel]) -> Response:
     try:
-        body = answer()
+        return jsonify(answer().model_dump())
     except ClientGone:
         # Nobody is left to read an answer; the status only shows in our own access log.
-        generation.outcome.finish_reason = FinishReason.CANCELLED
-        _access_logger(499)(generation.outcome)
         return Response(status=499)
-    except APIError:
-        on_end(generation.outcome)
-        raise
-    on_end(generation.outcome)
-    return jsonify(body)
 

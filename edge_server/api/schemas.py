@@ -14,6 +14,7 @@ from edge_server.api.bodylimits import check_body_shape, nesting_error
 from edge_server.api.errors import APIError
 from edge_server.engine.protocol import CompiledGrammarHandle
 from edge_server.engine.types import FinishReason, Sampling
+from edge_server.generation.prompt import RESERVED_TEMPLATE_VARIABLES
 
 # JSON has one number type: 1.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
 def _whole_number(value: Any) -> Any:
@@ -28,6 +29,15 @@ MAX_STOP_CHARACTERS = 256  # per stop string: the stop buffer's work per token g
 MAX_INTEGER_DIGITS = 40  # JSON integers longer than this are refused (int() of 4,300 digits raises)
 
 _DEFAULTS = Sampling()  # the engine's defaults are the API's: written once, in engine/types.py
+
+# The validators' checks are also stated as JSON Schema (`json_schema_extra`) for the OpenAPI document;
+# tests/unit/test_openapi.py checks that the server and the document accept and reject the same bodies.
+_NULL = {"type": "null"}
+
+
+def _given(*fields: str) -> dict[str, Any]:
+    """JSON Schema: each of `fields` is present, a non-empty array."""
+    return {"required": list(fields), "properties": {field: {"type": "array", "minItems": 1} for field in fields}}
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -52,6 +62,9 @@ class RequestModel(BaseModel):
 class ContentPart(RequestModel):
     """One part of a list-form message content; only text parts can be used by a text model."""
 
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "text"], "properties": {  # `_text_only`
+        "type": {"const": "text", "description": "only text parts are accepted"}, "text": {"type": "string"}}})
+
     type: str
     text: str | None = None
 
@@ -64,8 +77,25 @@ class ContentPart(RequestModel):
         return self
 
 
+_CALLED_FUNCTION = {"type": "object", "required": ["name", "arguments"],
+                    "properties": {"name": {"type": "string"}, "arguments": {"description": "a JSON string or value"}}}
+
+
 class ChatMessage(RequestModel):
     """One conversation turn as the client sent it."""
+
+    # An assistant turn's calls go through the chat template, which needs each call's function name and
+    # arguments (legacy `function_call` counts only when there are no `tool_calls`); other roles' are ignored.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["role"], "properties": {"role": {"const": "assistant"}}},
+        "then": {
+            "properties": {"tool_calls": {"anyOf": [{"type": "array", "items": {
+                "type": "object", "required": ["function"], "properties": {"function": _CALLED_FUNCTION}}}, _NULL]}},
+            "if": _given("tool_calls"),
+            "else": {"properties": {"function_call": {"anyOf": [{"type": "object", "maxProperties": 0},
+                                                                _CALLED_FUNCTION, _NULL]}}},
+        },
+    })
 
     role: Role
     content: str | list[ContentPart] | None = None
@@ -73,6 +103,8 @@ class ChatMessage(RequestModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     function_call: dict[str, Any] | None = None
+    reasoning_content: str | None = None  # an earlier answer's reasoning, handed back to the template
+    reasoning: str | None = None  # the same under vLLM's and Ollama's name
 
     def text(self) -> str:
         """The content as one string (text parts joined, null as empty)."""
@@ -89,6 +121,9 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+_STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARACTERS}
+
+
 class GenerationRequest(RequestModel):
     """The fields chat and legacy completion requests share, and their translation into engine `Sampling`."""
 
@@ -102,11 +137,17 @@ class GenerationRequest(RequestModel):
     frequency_penalty: float = Field(_DEFAULTS.frequency_penalty, ge=-2.0, le=2.0)
     repeat_penalty: float = Field(_DEFAULTS.repeat_penalty, ge=0.01, le=10.0)
     seed: whole_int(ge=-(2**63), lt=2**64) | None = None
-    stop: str | list[str] | None = None
-    n: whole_int() = 1
+    stop: str | list[str] | None = Field(None, json_schema_extra={"anyOf": [
+        _STOP, {"type": "array", "items": _STOP, "maxItems": 16}, _NULL]},
+        description=f"a stop string or up to 16; none may be empty or longer than {MAX_STOP_CHARACTERS} characters")
+    n: whole_int() = Field(1, json_schema_extra={"const": 1}, description="only 1: one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "object", "propertyNames": {"pattern": f"^{_TOKEN_ID.pattern}$"},
+         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}}, _NULL]},
+        description="token id (a whole number as a string, below the model's vocabulary size) -> bias between "
+                    "-100 and 100")
     user: str | None = None
 
     @field_validator("n")
@@ -169,7 +210,9 @@ class FunctionDefinition(RequestModel):
 
     name: str = Field(pattern=_FUNCTION_NAME)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "object", "additionalProperties": True, "properties": {"type": {"const": "object"}}}, _NULL]},
+        description="a JSON schema of type object")
     strict: bool | None = None
 
     @field_validator("parameters")
@@ -214,6 +257,10 @@ class JsonSchemaFormat(RequestModel):
 class ResponseFormat(RequestModel):
     """`response_format`: plain text, any JSON object, or JSON matching a schema."""
 
+    model_config = ConfigDict(json_schema_extra={  # `_schema_given`
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -225,7 +272,21 @@ class ResponseFormat(RequestModel):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    """Body of POST /v1/chat/completions."""
+    """Body of POST /v1/chat/completions.
+
+    A named `tool_choice` / `function_call` must name one of the request's functions;
+    `response_format.json_schema.strict` needs every object schema to list all properties as required
+    with `additionalProperties: false`."""
+
+    # What `_choices_name_known_functions` checks, as far as JSON Schema can say it.
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"not": _given("tools", "functions")},
+        {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"anyOf": [{"const": "required"},
+                                                                                       {"type": "object"}]}}},
+         "then": {"anyOf": [_given("tools"), _given("functions")]}},
+        {"if": {"required": ["function_call"], "properties": {"function_call": {"type": "object"}}},
+         "then": {"anyOf": [_given("tools"), _given("functions")]}},
+    ]})
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: whole_int(ge=1) | None = None
@@ -235,6 +296,28 @@ class ChatCompletionRequest(GenerationRequest):
     functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
     function_call: Literal["none", "auto"] | FunctionName | None = None
     response_format: ResponseFormat | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        clashes = sorted(set(value or {}) & RESERVED_TEMPLATE_VARIABLES)
+        if clashes:
+            raise ValueError(f"may not set {', '.join(clashes)}: the server renders those itself")
+        return value
+
+    def template_kwargs(self, server_reasoning: str) -> dict[str, Any]:
+        """Variables for the chat template: the client's own over `reasoning_effort` over the server's
+        `--reasoning` (on/off/auto; auto leaves the template's default)."""
+        variables: dict[str, Any] = {}
+        if server_reasoning != "auto":
+            variables["enable_thinking"] = server_reasoning == "on"
+        if self.reasoning_effort is not None:
+            variables["enable_thinking"] = self.reasoning_effort != "none"
+            variables["reasoning_effort"] = self.reasoning_effort
+        variables.update(self.chat_template_kwargs or {})
+        return variables
 
     @model_validator(mode="after")
     def _choices_name_known_functions(self) -> ChatCompletionRequest:
@@ -263,10 +346,14 @@ class ChatCompletionRequest(GenerationRequest):
 class CompletionRequest(GenerationRequest):
     """Body of POST /v1/completions (legacy prompt completion)."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [  # `_single_prompt`, and routes refuse ""
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
+        description="one non-empty prompt (a string, or a list holding one string)")
     max_tokens: whole_int(ge=1) | None = 16
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = Field(None, json_schema_extra={"anyOf": [{"type": "string", "maxLength": 0}, _NULL]},
+                               description="not supported: a non-empty suffix is a 400")
 
     @field_validator("prompt")
     @classmethod
@@ -300,29 +387,38 @@ def now() -> int:
     return int(time.time())
 
 
-class Usage(BaseModel):
-    """Token counts of one request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        """Usage with the total filled in."""
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
-
-
 class _Sparse(BaseModel):
     """A wire object whose unset (None) keys are left out, as OpenAI's deltas do."""
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler: Any) -> dict[str, Any]:
         return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class CompletionTokensDetails(BaseModel):
+    """What the completion tokens were spent on."""
+
+    reasoning_tokens: int
+
+
+class Usage(_Sparse):
+    """Token counts of one request (`completion_tokens_details` only where the output was split)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> Usage:
+        """Usage with the total filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens_details=(None if reasoning_tokens is None
+                                       else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)),
+        )
 
 
 class FunctionCall(BaseModel):
@@ -345,6 +441,7 @@ class AssistantMessage(_Sparse):
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None
 
@@ -395,6 +492,7 @@ class Delta(_Sparse):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
     function_call: FunctionDelta | None = None
 

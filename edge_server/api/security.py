@@ -24,7 +24,7 @@ def register_security(app: Flask, settings: Settings) -> None:
     def _preflight_then_auth():
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             return Response(status=204)  # answered before auth: browsers send no credentials here
-        if settings.api_key is not None and _needs_key(request.path, settings):
+        if settings.api_key is not None and needs_key(request.path, settings):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
                 raise APIError("Missing or wrong API key: send 'Authorization: Bearer <key>'.", status=401,
@@ -44,7 +44,8 @@ def register_security(app: Flask, settings: Settings) -> None:
         return response
 
 
-def _needs_key(path: str, settings: Settings) -> bool:
+def needs_key(path: str, settings: Settings) -> bool:
+    """Whether a request to `path` must carry the API key, once the server has one."""
     # /metrics tells request, token and queue figures: private with the API, unless asked otherwise.
     return path.startswith(PROTECTED_PREFIX) or (path == METRICS_PATH and not settings.metrics_public)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
 from edge_server.api import sse
 from edge_server.api.errors import generation_failure
+from edge_server.api.observability import Accounting
 from edge_server.engine.types import FinishReason
+from edge_server.generation.reasoning import ReasoningDelta
 from edge_server.generation.pipeline import QUIET, ClientGone, Collected, Generation, Outcome
 from edge_server.api.schemas import (
     AssistantMessage,
@@ -27,40 +28,35 @@ from edge_server.api.schemas import (
     completion_id,
     now,
 )
-from edge_server.dialects.hermes import ContentDelta, Event, ToolCallArguments, ToolCallStart
-
-access_log = logging.getLogger("edge_server.access")
+from edge_server.dialects.calls import ContentDelta, Event, ToolCallArguments, ToolCallStart
 
 
 def _usage(outcome: Outcome) -> Usage:
-    return Usage.of(outcome.prompt_tokens, outcome.completion_tokens)
+    return Usage.of(outcome.prompt_tokens, outcome.completion_tokens, outcome.reasoning_tokens)
 
 
-def _raise_if_failed(outcome: Outcome) -> None:
-    if outcome.error:
-        raise generation_failure(outcome.error, outcome.error_code)
-
-
-def log_outcome(request_id: str, route: str, status: int, outcome: Outcome, seconds: float) -> float:
-    """Write the access-log line of one generation request; returns its decode rate (tokens/s)."""
-    decode_seconds = seconds - (outcome.first_token_seconds or 0.0)
-    rate = (outcome.completion_tokens - 1) / decode_seconds if outcome.completion_tokens > 1 and decode_seconds > 0 else 0.0
-    ttft = f"{outcome.first_token_seconds * 1000:.0f}ms" if outcome.first_token_seconds is not None else "-"
-    access_log.info(
-        "%s POST %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s cached=%d%s",
-        request_id, route, status, outcome.prompt_tokens, outcome.completion_tokens, ttft, rate,
-        outcome.finish_reason, outcome.cached_tokens, f" error={outcome.error!r}" if outcome.error else "",
-    )
-    return rate
+def _collect(generation: Generation, account: Accounting) -> Collected:
+    """Run the generation to its end and account for it once: a 499 when the client left (`ClientGone`
+    goes on up), else a 200, then the error of a failed generation is raised."""
+    try:
+        collected = generation.collect()
+    except ClientGone:
+        generation.outcome.finish_reason = FinishReason.CANCELLED
+        account.end(generation.outcome, status=499)
+        raise
+    account.end(generation.outcome)
+    if generation.outcome.error:
+        raise generation_failure(generation.outcome.error, generation.outcome.error_code)
+    return collected
 
 
 # ---- chat ------------------------------------------------------------------------------------
 
-def chat_answer(generation: Generation, model: str, *, legacy_functions: bool = False) -> ChatCompletion:
+def chat_answer(generation: Generation, model: str, account: Accounting, *,
+                legacy_functions: bool = False) -> ChatCompletion:
     """The whole `chat.completion` once the generation has ended."""
-    collected = generation.collect()
+    collected = _collect(generation, account)
     outcome = generation.outcome
-    _raise_if_failed(outcome)
     return ChatCompletion(
         id=completion_id(),
         created=now(),
@@ -74,14 +70,16 @@ def chat_answer(generation: Generation, model: str, *, legacy_functions: bool = 
 def _assistant_message(collected: Collected, legacy_functions: bool) -> AssistantMessage:
     calls = [FunctionCall(name=call.name, arguments=call.arguments) for call in collected.calls]
     if legacy_functions:
-        return AssistantMessage(content=collected.content, function_call=calls[0] if calls else None)
+        return AssistantMessage(content=collected.content, reasoning_content=collected.reasoning,
+                                function_call=calls[0] if calls else None)
     tool_calls = [ToolCall(id=call.id, function=function) for call, function in zip(collected.calls, calls)]
-    return AssistantMessage(content=collected.content, tool_calls=tool_calls or None)
+    return AssistantMessage(content=collected.content, reasoning_content=collected.reasoning,
+                            tool_calls=tool_calls or None)
 
 
 def chat_stream(
-    generation: Generation, model: str, *, include_usage: bool, heartbeat_seconds: float,
-    legacy_functions: bool = False, on_end: Callable[[Outcome], None] = lambda outcome: None,
+    generation: Generation, model: str, account: Accounting, *, include_usage: bool, heartbeat_seconds: float,
+    legacy_functions: bool = False,
 ) -> Iterator[bytes]:
     """SSE events: role chunk, content and tool-call deltas, the finish chunk, usage if asked, `[DONE]`."""
     chunk_id, created = completion_id(), now()
@@ -96,16 +94,18 @@ def chat_stream(
     yield from _stream_body(
         generation,
         heartbeat_seconds,
+        account,
         delta_event=delta_event,
         finish_event=lambda reason: chunk([ChunkChoice(delta=Delta(), finish_reason=reason)]),
         usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
-        on_end=on_end,
     )
 
 
-def _chat_delta(event: Event, legacy_functions: bool) -> Delta:
+def _chat_delta(event: Event | ReasoningDelta, legacy_functions: bool) -> Delta:
     if isinstance(event, ContentDelta):
         return Delta(content=event.text)
+    if isinstance(event, ReasoningDelta):
+        return Delta(reasoning_content=event.text)
     if isinstance(event, ToolCallStart):
         function = FunctionDelta(name=event.name, arguments="")
         if legacy_functions:
@@ -120,11 +120,10 @@ def _chat_delta(event: Event, legacy_functions: bool) -> Delta:
 
 # ---- legacy completions ----------------------------------------------------------------------
 
-def text_answer(generation: Generation, model: str, *, echo_prefix: str = "") -> TextCompletion:
+def text_answer(generation: Generation, model: str, account: Accounting, *, echo_prefix: str = "") -> TextCompletion:
     """The whole `text_completion` once the generation has ended."""
-    text = generation.collect().content or ""
+    text = _collect(generation, account).content or ""
     outcome = generation.outcome
-    _raise_if_failed(outcome)
     return TextCompletion(
         id=completion_id("cmpl"),
         created=now(),
@@ -135,8 +134,8 @@ def text_answer(generation: Generation, model: str, *, echo_prefix: str = "") ->
 
 
 def text_stream(
-    generation: Generation, model: str, *, include_usage: bool, heartbeat_seconds: float, echo_prefix: str = "",
-    on_end: Callable[[Outcome], None] = lambda outcome: None,
+    generation: Generation, model: str, account: Accounting, *, include_usage: bool, heartbeat_seconds: float,
+    echo_prefix: str = "",
 ) -> Iterator[bytes]:
     """SSE events of a legacy completion: text deltas, the finish chunk, usage if asked, `[DONE]`."""
     chunk_id, created = completion_id("cmpl"), now()
@@ -149,41 +148,38 @@ def text_stream(
     yield from _stream_body(
         generation,
         heartbeat_seconds,
+        account,
         delta_event=lambda event: chunk([CompletionChoice(text=event.text)]),
         finish_event=lambda reason: chunk([CompletionChoice(text="", finish_reason=reason)]),
         usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
-        on_end=on_end,
     )
 
 
 def _stream_body(
     generation: Generation,
     heartbeat_seconds: float,
+    account: Accounting,
     *,
     delta_event: Callable[[Event], bytes],
     finish_event: Callable[[str], bytes],
     usage_event: Callable[[Usage], bytes] | None,
-    on_end: Callable[[Outcome], None],
 ) -> Iterator[bytes]:
     outcome = generation.outcome
     try:
         with closing(generation.events(heartbeat_seconds)) as events:
             for event in events:
                 yield sse.PING if event is QUIET else delta_event(event)
-    except ClientGone:
+    except (ClientGone, GeneratorExit) as gone:  # GeneratorExit: the WSGI server closed us mid-write
         outcome.finish_reason = FinishReason.CANCELLED
-        on_end(outcome)
+        account.end(outcome)
+        if isinstance(gone, GeneratorExit):
+            raise
         return
-    except GeneratorExit:  # the WSGI server closed us: the client went away mid-write
-        outcome.finish_reason = FinishReason.CANCELLED
-        on_end(outcome)
-        raise
+    account.end(outcome)  # before the last events: the line is logged by the time the client has them
     if outcome.error:
-        on_end(outcome)
         yield sse.event(generation_failure(outcome.error, outcome.error_code).body())
         return
     yield finish_event(outcome.finish_reason)
     if usage_event is not None:
         yield usage_event(_usage(outcome))
     yield sse.DONE
-    on_end(outcome)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from flask import Flask, current_app
+from flask import Flask, current_app, request
 
+from edge_server.dialects.dialect import ToolDialect, detect_dialect
+from edge_server.engine.chat_templates import choose_chat_template, template_override
 from edge_server.engine.protocol import EngineClient
 from edge_server.generation.prompt import PromptRenderer
 from edge_server.settings import Settings
@@ -21,12 +24,22 @@ class ServedModel:
     model_id: str
     demo_warning: str | None = None
 
+    @property
+    def dialect(self) -> ToolDialect:
+        """How the chat template in use asks the model to write tool calls (read from its text)."""
+        return detect_dialect(self.renderer.template_source)
+
     @classmethod
-    def of(cls, engine: EngineClient, model_id: str, demo_warning: str | None = None) -> ServedModel:
-        """Wrap a loaded engine, building its prompt renderer from the model's own metadata."""
+    def of(cls, engine: EngineClient, model_id: str, demo_warning: str | None = None, *,
+           chat_template: str | None = None) -> ServedModel:
+        """Wrap a loaded engine, building its prompt renderer from the model's own metadata (or the
+        `--chat-template` override)."""
         info = engine.info
+        template = choose_chat_template(
+            info.chat_template, architecture=str(info.metadata.get("general.architecture", "")),
+            n_vocab=info.n_vocab, override=template_override(chat_template) if chat_template else None)
         renderer = PromptRenderer(
-            info.chat_template,
+            template,
             bos_token=info.bos_token,
             eos_token=info.eos_token,
             add_bos=info.add_bos,
@@ -67,3 +80,9 @@ def attach_state(app: Flask, state: ServerState) -> None:
 def state_of(app: Flask | None = None) -> ServerState:
     """The state of `app`, or of the app handling the current request."""
     return (app or current_app).extensions[_EXTENSION]
+
+
+def client_gone() -> Callable[[], bool]:
+    """Whether the current request's client has disconnected, as a check to call later (waitress
+    tells, through its `waitress.client_disconnected` environ key; other servers never do)."""
+    return request.environ.get("waitress.client_disconnected") or (lambda: False)

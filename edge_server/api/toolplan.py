@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from edge_server.dialects.grammars import any_json_object_grammar, schema_grammar, tool_call_grammar
+from edge_server.dialects.calls import CallExtractor
+from edge_server.dialects.dialect import ToolDialect
+from edge_server.dialects.grammars import any_json_object_grammar, schema_grammar
 from edge_server.dialects.schemalimits import check_schema_limits, check_strict
 from edge_server.api.schemas import ChatCompletionRequest, FunctionName, NamedToolChoice
-from edge_server.dialects.hermes import ToolCallExtractor
 
 
 ANSWER_SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -19,20 +21,28 @@ class ToolPlan:
     """The tool/format decisions for one request, made before anything is generated."""
 
     template_tools: list[dict[str, Any]] | None = None  # what the chat template lists for the model
-    callable_names: frozenset[str] = frozenset()  # calls to extract from the output (empty: plain text)
+    # The functions whose calls are extracted from the output, with their parameters (empty: plain text).
+    functions: Mapping[str, dict[str, Any] | None] = field(default_factory=dict)
     max_calls: int | None = None
     legacy: bool = False  # answer with `function_call` instead of `tool_calls`
     grammar: str | None = None
+    dialect: ToolDialect | None = None  # how the model writes calls (set whenever `functions` is)
 
-    def extractor(self, *, incremental: bool) -> ToolCallExtractor | None:
+    @property
+    def callable_names(self) -> frozenset[str]:
+        """The functions whose calls are extracted from the output."""
+        return frozenset(self.functions)
+
+    def extractor(self, *, incremental: bool) -> CallExtractor | None:
         """A fresh tool-call extractor for the output, or None when calls are not expected."""
-        if not self.callable_names:
+        if not self.functions:
             return None
-        return ToolCallExtractor(self.callable_names, max_calls=self.max_calls, incremental=incremental)
+        return self.dialect.extractor(self.functions, max_calls=self.max_calls, incremental=incremental)
 
 
-def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
-    """Decide how `request`'s tools, tool choice and response format shape prompt, sampling and parsing."""
+def plan_tools(request: ChatCompletionRequest, dialect: ToolDialect) -> ToolPlan:
+    """Decide how `request`'s tools, tool choice and response format shape prompt, sampling and parsing,
+    for a model that writes its calls in `dialect`."""
     functions = request.function_definitions()
     legacy = bool(request.functions)
     choice = request.function_call if legacy else request.tool_choice
@@ -49,20 +59,19 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     named = choice.function.name if isinstance(choice, NamedToolChoice) else (
         choice.name if isinstance(choice, FunctionName) else None)
     if named is not None:
-        chosen = [f for f in functions if f.name == named]
-        grammar = tool_call_grammar([(f.name, f.parameters) for f in chosen], several=False, param=param)
-        return ToolPlan(template_tools, frozenset([named]), 1, legacy, grammar)
-    names = frozenset(f.name for f in functions)
+        chosen = [(f.name, f.parameters) for f in functions if f.name == named]
+        grammar = dialect.call_grammar(chosen, several=False, param=param)
+        return ToolPlan(template_tools, dict(chosen), 1, legacy, grammar, dialect)
     signatures = [(f.name, f.parameters) for f in functions]
     if choice == "required":
-        grammar = tool_call_grammar(signatures, several=several, param=param)
+        grammar = dialect.call_grammar(signatures, several=several, param=param)
     elif answer_schema is not None:
         # auto beside a structured answer: the model either calls a tool or gives the answer.
-        grammar = tool_call_grammar(signatures, several=several, param=param,
-                                    answer=(answer_schema, ANSWER_SCHEMA_PARAM))
+        grammar = dialect.call_grammar(signatures, several=several, param=param,
+                                       answer=(answer_schema, ANSWER_SCHEMA_PARAM))
     else:
         grammar = None
-    return ToolPlan(template_tools, names, None if several else 1, legacy, grammar)
+    return ToolPlan(template_tools, dict(signatures), None if several else 1, legacy, grammar, dialect)
 
 
 def _answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ class FakeEngine:
     finish: FinishReason = FinishReason.STOP
     error_code: str = "generation_failed"
     queue_full: bool = False
+    chat_template: str | None = None  # the GGUF template the fake model carries
     n_ctx: int = 512
     parallel: int = 1
     jobs: list[Job] = field(default_factory=list)
@@ -45,7 +46,7 @@ class FakeEngine:
     def __post_init__(self) -> None:
         self.info = ModelInfo(
             path=Path(__file__), n_ctx=self.n_ctx, n_ctx_train=self.n_ctx, n_vocab=256, n_layer=1, backend="CPU",
-            gpu_layers=0, threads=1, chat_template=None, max_token_bytes=1, bos_token="", eos_token="<|im_end|>",
+            gpu_layers=0, threads=1, chat_template=self.chat_template, max_token_bytes=1, bos_token="", eos_token="<|im_end|>",
             add_bos=False, metadata={})
 
     running = 0

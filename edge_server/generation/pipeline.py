@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 from edge_server.engine.protocol import EngineClient
 from edge_server.engine.types import ENGINE_STOPPED, Finish, FinishReason, Job, Token, TokenStream
+from edge_server.generation.reasoning import ReasoningDelta, ReasoningSplitter
 from edge_server.generation.textstream import StopBuffer, Utf8Decoder
-from edge_server.dialects.hermes import ContentDelta, Event, ToolCallArguments, ToolCallExtractor, ToolCallStart
+from edge_server.dialects.calls import CallExtractor, ContentDelta, Event, ToolCallArguments, ToolCallStart
 
 
 class Heartbeat:
@@ -32,6 +33,7 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens the prefix cache spared
     completion_tokens: int = 0
+    reasoning_tokens: int | None = None  # None: the output was not split (no thinking template)
     error: str | None = None
     error_code: str | None = None
     first_token_seconds: float | None = None
@@ -48,10 +50,11 @@ class CollectedCall:
 
 @dataclass
 class Collected:
-    """A whole answer: its content (None when only calls were made) and its tool calls."""
+    """A whole answer: its content (None when only calls were made), tool calls and reasoning."""
 
     content: str | None
     calls: list[CollectedCall] = field(default_factory=list)
+    reasoning: str | None = None
 
 
 class Generation:
@@ -63,7 +66,8 @@ class Generation:
         *,
         prompt_tokens: int,
         stops: list[str],
-        extractor: ToolCallExtractor | None = None,
+        extractor: CallExtractor | None = None,
+        reasoning: ReasoningSplitter | None = None,
         call_finish_reason: FinishReason = FinishReason.TOOL_CALLS,
         client_gone: Callable[[], bool] = lambda: False,
         poll_seconds: float = 0.05,
@@ -72,18 +76,19 @@ class Generation:
         self._stops = StopBuffer(stops)
         self._decoder = Utf8Decoder()
         self._extractor = extractor
+        self._reasoning = reasoning
         self._call_finish_reason = call_finish_reason
         self._client_gone = client_gone
         self._poll = poll_seconds
-        self.outcome = Outcome(prompt_tokens=prompt_tokens)
+        self.outcome = Outcome(prompt_tokens=prompt_tokens, reasoning_tokens=0 if reasoning else None)
 
     @classmethod
     def start(cls, engine: EngineClient, job: Job, **options) -> Generation:
         """Submit `job` and wrap its stream; raises `QueueFull` when too many requests wait."""
         return cls(engine.submit(job), prompt_tokens=len(job.prompt), **options)
 
-    def events(self, heartbeat_seconds: float | None = None) -> Iterator[Event | Heartbeat]:
-        """Content and tool-call events as they become final, and `QUIET` after each quiet spell.
+    def events(self, heartbeat_seconds: float | None = None) -> Iterator[Event | ReasoningDelta | Heartbeat]:
+        """Reasoning, content and tool-call events as they become final, and `QUIET` after each quiet spell.
 
         Closing the iterator early (client gone) cancels the job. Raises `ClientGone` when the
         client disconnects while we wait.
@@ -108,9 +113,12 @@ class Generation:
                     self._finish(event)
                     return
                 produced = False
+                reasoning_before = self._reasoning is not None and self._reasoning.in_block
                 for produced_event in self._split(self._on_token(event), final=self._stops.stopped):
                     produced = True
                     yield produced_event
+                if reasoning_before or (self._reasoning is not None and self._reasoning.in_block):
+                    self.outcome.reasoning_tokens += 1
                 if produced:
                     quiet_since = now
                 if self._stops.stopped:
@@ -123,18 +131,29 @@ class Generation:
     def collect(self) -> Collected:
         """Run to the end and return the whole answer (for non-streamed responses)."""
         content: list[str] = []
+        reasoning: list[str] = []
         calls: list[CollectedCall] = []
         for event in self.events():
             if isinstance(event, ContentDelta):
                 content.append(event.text)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
             elif isinstance(event, ToolCallStart):
                 calls.append(CollectedCall(event.id, event.name))
             elif isinstance(event, ToolCallArguments):
                 calls[-1].arguments += event.fragment
         text = "".join(content)
-        return Collected(None if calls and not text.strip() else text, calls)
+        thought = "".join(reasoning) or None
+        return Collected(None if calls and not text.strip() else text, calls, thought)
 
-    def _split(self, text: str, *, final: bool) -> Iterator[Event]:
+    def _split(self, text: str, *, final: bool) -> Iterator[Event | ReasoningDelta]:
+        if self._reasoning is not None:
+            thought, text = self._reasoning.push(text)
+            if final:
+                more_thought, more_text = self._reasoning.finish()
+                thought, text = thought + more_thought, text + more_text
+            if thought:
+                yield ReasoningDelta(thought)
         if self._extractor is None:
             if text:
                 yield ContentDelta(text)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from edge_server.engine.chat_templates import ChatTemplate, apply_builtin_template
+from edge_server.generation.reasoning import prompt_opens_reasoning, template_thinks
 
 
 # Used only when a GGUF carries no template: Qwen models speak ChatML.
@@ -33,6 +37,9 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
         rendered["name"] = message.name
     if message.tool_call_id is not None:
         rendered["tool_call_id"] = message.tool_call_id
+    reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+    if reasoning is not None:
+        rendered["reasoning_content"] = reasoning  # Qwen3 / Qwen3.5 templates read this name
     calls = message.tool_calls or ([{"type": "function", "function": message.function_call}] if message.function_call else [])
     if calls:
         rendered["tool_calls"] = [_with_parsed_arguments(call) for call in calls]
@@ -40,7 +47,8 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
 
 
 def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
-    # Clients send arguments as a JSON string; templates render them with tojson, which would encode twice.
+    # Clients send arguments as a JSON string; templates render them with tojson (which would encode
+    # twice) or iterate them with `|items` (Qwen3-Coder, Qwen3.5): they need the mapping.
     function = dict(call.get("function") or {})
     arguments = function.get("arguments")
     if isinstance(arguments, str):
@@ -55,30 +63,65 @@ class TemplateRefused(ValueError):
     """The model's chat template raised on these messages (a client error: the conversation's shape)."""
 
 
+# Variables the renderer itself sets: a request's chat_template_kwargs may not replace them.
+RESERVED_TEMPLATE_VARIABLES = frozenset({
+    "messages", "tools", "functions", "tool_choice", "function_call", "add_generation_prompt",
+    "bos_token", "eos_token", "raise_exception", "strftime_now",
+})
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered conversation: its text, its tokens, and whether it ends inside a `<think>` block."""
+
+    text: str
+    tokens: list[int]
+    opens_reasoning: bool
+
+
 class PromptRenderer:
     """Render conversations with the model's chat template and tokenize them."""
 
-    def __init__(self, template: str | None, *, bos_token: str, eos_token: str, add_bos: bool, tokenize: Tokenize):
-        self.has_own_template = bool(template)
+    def __init__(self, template: ChatTemplate | str | None, *, bos_token: str, eos_token: str, add_bos: bool,
+                 tokenize: Tokenize):
+        if not isinstance(template, ChatTemplate):
+            template = ChatTemplate(label="gguf", jinja=template) if template else ChatTemplate(label="chatml-fallback")
+        self.template = template
+        self.has_own_template = template.label == "gguf"
+        # The template text in use: dialects (tool calls, thinking) are read from it.
+        self.template_source = template.jinja or ("" if template.builtin else CHATML_TEMPLATE)
+        self.thinks = template_thinks(self.template_source)
         self._formatter = Jinja2ChatFormatter(
-            template=template or CHATML_TEMPLATE, eos_token=eos_token, bos_token=bos_token
+            template=template.jinja or CHATML_TEMPLATE, eos_token=eos_token, bos_token=bos_token
         )
         self._add_bos = add_bos
         self._tokenize = tokenize
 
-    def chat_text(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None) -> str:
+    def chat_text(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                  template_kwargs: Mapping[str, Any] | None = None) -> str:
         """The prompt text for a conversation, ending with the assistant's generation prompt."""
+        rendered = [template_message(m) for m in messages]
         try:
-            return self._formatter(messages=[template_message(m) for m in messages], tools=tools).prompt
+            if self.template.builtin is not None:
+                # llama.cpp's built-in templates know roles and texts only.
+                return apply_builtin_template(self.template.builtin, [
+                    {"role": m["role"], "content": m["content"]} for m in rendered])
+            return self._formatter(messages=rendered, tools=tools, **dict(template_kwargs or {})).prompt
         except (jinja2.TemplateError, ValueError, TypeError, RecursionError) as error:
             raise TemplateRefused(f"The model's chat template rejected these messages: {error}") from None
 
-    def chat_tokens(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Prompt tokens for a conversation (control tokens of the template parsed as such)."""
-        text = self.chat_text(messages, tools)
+    def chat_prompt(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: Mapping[str, Any] | None = None) -> ChatPrompt:
+        """The rendered and tokenized prompt (control tokens of the template parsed as such)."""
+        text = self.chat_text(messages, tools, template_kwargs)
         # The template already wrote any BOS it wants; adding one again would double it.
         add_bos = self._add_bos and not self._starts_with_bos(text)
-        return self._tokenize(text.encode("utf-8"), add_bos, True)
+        tokens = self._tokenize(text.encode("utf-8"), add_bos, True)
+        return ChatPrompt(text, tokens, self.thinks and prompt_opens_reasoning(text))
+
+    def chat_tokens(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt tokens for a conversation."""
+        return self.chat_prompt(messages, tools).tokens
 
     def text_tokens(self, prompt: str) -> list[int]:
         """Prompt tokens for a legacy completion: the text as is, control tokens included."""

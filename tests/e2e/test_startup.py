@@ -109,3 +109,46 @@ def test_default_context_is_the_models_own_when_smaller_than_4096(start_server, 
 
     model = write_random_model(tmp_path / "short-context.gguf", context_length=1024)
     assert start_server("--model", str(model)).health()["n_ctx"] == 1024
+
+
+def _prompt_tokens(base_url: str, messages: list[dict]) -> int:
+    body = {"messages": messages, "max_tokens": 1, "temperature": 0}
+    response = requests.post(base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens"]
+
+
+def test_chat_template_flag_takes_a_built_in_name(start_server, tiny_model):
+    from edge_server.engine.chat_templates import apply_builtin_template
+    from llama_cpp import Llama
+
+    server = start_server("--model", str(tiny_model), "--chat-template", "gemma")
+    card = requests.get(server.base_url + "/v1/models", timeout=10).json()["data"][0]
+    assert card["meta"]["chat_template"] == "builtin:gemma"
+    assert "chat_template=builtin:gemma" in server.log()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    expected = apply_builtin_template("gemma", messages)
+    assert expected.startswith("<start_of_turn>user\nBe brief.")  # gemma folds the system text into the turn
+    vocab = Llama(str(tiny_model), vocab_only=True, verbose=False)
+    assert _prompt_tokens(server.base_url, messages) == len(vocab.tokenize(expected.encode(), add_bos=False,
+                                                                               special=True))
+
+
+def test_chat_template_flag_takes_a_jinja_file(start_server, tiny_model, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
+    server = start_server("--model", str(tiny_model), "--chat-template", str(template))
+    card = requests.get(server.base_url + "/v1/models", timeout=10).json()["data"][0]
+    assert card["meta"]["chat_template"] == "file:plain.jinja"
+    from llama_cpp import Llama
+
+    vocab = Llama(str(tiny_model), vocab_only=True, verbose=False)
+    expected = vocab.tokenize(b"user: Hello there\nassistant:", add_bos=False, special=True)
+    assert _prompt_tokens(server.base_url, [{"role": "user", "content": "Hello there"}]) == len(expected)
+
+
+def test_unknown_chat_template_exits_2_naming_the_choices(tiny_model):
+    result = run_to_exit("--model", str(tiny_model), "--chat-template", "no-such-template", "--port", str(free_port()))
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "--chat-template" in line and "no-such-template" in line and "gemma" in line

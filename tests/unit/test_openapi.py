@@ -15,6 +15,7 @@ from openapi_spec_validator import OpenAPIV31SpecValidator
 import edge_server
 from edge_server.api import openapi
 from edge_server.api.app import create_app
+from edge_server.api.declaration import Reply, documented
 from edge_server.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -22,9 +23,11 @@ from edge_server.api.schemas import (
     ChatCompletionChunk,
     ChunkChoice,
     CompletionChoice,
+    CompletionRequest,
     Delta,
     FunctionCall,
     FunctionDelta,
+    ModelCard,
     TextCompletion,
     ToolCall,
     ToolCallDelta,
@@ -152,6 +155,32 @@ def test_every_route_of_the_app_is_documented_and_nothing_else(app, document):
     }
     documented = {(path, method) for path, item in document["paths"].items() for method in item}
     assert documented == routes
+
+
+def test_a_route_without_a_declaration_fails_the_document():
+    app = create_app(Settings(threads=1))
+    app.add_url_rule("/v1/undeclared", "undeclared", lambda: "")
+    with pytest.raises(LookupError, match="'undeclared' has no @documented"):
+        openapi.build_document(app=app)
+    assert app.test_client().get("/openapi.json").status_code == 500
+
+
+def test_declared_routes_are_documented_from_their_declarations():
+    app = create_app(Settings(threads=1))
+
+    @app.post("/v1/echo/<name>")
+    @documented("echo", "models", "Echo", {200: Reply("The echo.", ModelCard)}, body=CompletionRequest,
+                errors=(404,), params={"name": "what to echo"})
+    def echo(name):
+        return name
+
+    operation = openapi.build_document(app=app)["paths"]["/v1/echo/{name}"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CompletionRequest"}
+    assert operation["parameters"] == [{"name": "name", "in": "path", "required": True,
+                                        "description": "what to echo", "schema": {"type": "string", "minLength": 1}}]
+    assert sorted(operation["responses"]) == ["200", "400", "401", "404", "413", "500"]
+    assert operation["security"] == [{}, {"bearer": []}]
 
 
 def test_every_error_response_is_the_envelope(document):
