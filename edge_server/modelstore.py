@@ -141,16 +141,18 @@ def describe_gguf(path: Path) -> LocalModel:
     """Read a GGUF's metadata; a file that is not a readable GGUF gets `error` set."""
     import gguf
 
+    from edge_server.ggufmeta import read_gguf_metadata
+
     size = path.stat().st_size
     try:
-        fields = gguf.GGUFReader(path).fields
-        arch = fields["general.architecture"].contents()
-        file_type = fields.get("general.file_type")
-        quantization = gguf.LlamaFileType(file_type.contents()).name.removeprefix("MOSTLY_") if file_type else "?"
-        context = fields.get(f"{arch}.context_length")
-        return LocalModel(path.name, size, arch, quantization, int(context.contents()) if context else None,
-                          "tokenizer.chat_template" in fields)
-    except (KeyError, ValueError, OSError, IndexError) as error:
+        metadata = read_gguf_metadata(path, arrays=False)
+        arch = str(metadata["general.architecture"])
+        file_type = metadata.get("general.file_type")
+        quantization = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else "?"
+        context = metadata.get(f"{arch}.context_length")
+        return LocalModel(path.name, size, arch, quantization, int(context) if context is not None else None,
+                          "tokenizer.chat_template" in metadata)
+    except (KeyError, ValueError, TypeError, OSError) as error:
         return LocalModel(path.name, size, error=f"not a readable GGUF ({type(error).__name__}: {error})")
 
 

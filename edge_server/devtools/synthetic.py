@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import functools
 import heapq
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from edge_server.ggufmeta import read_gguf_metadata
+
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
     "DEMO_SCRIPT",
+    "QWEN_ADDED_TOKENS",
     "SPECIAL_TOKENS",
+    "Vocab",
     "main",
+    "read_gguf_metadata",
+    "read_vocab",
+    "render_generation_prompt",
+    "segment_script",
+    "tokenize",
     "write_random_model",
     "write_scripted_model",
+    "write_scripted_vocab_model",
 ]
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
@@ -389,11 +400,16 @@ def _random_layers(rng: np.random.Generator, *, n_layer: int, n_embd: int, n_hea
 
 
 def _write_gguf(path: Path, *, name: str, tokens: list[str], types: list[int], merges: list[str],
-                tensors: dict[str, np.ndarray], n_layer: int, n_embd: int, n_head: int, n_head_kv: int,
-                n_ff: int, context_length: int) -> Path:
-    """Write a qwen2 GGUF with the ChatML tokenizer metadata and the given tensors."""
+                tensors: dict[str, np.ndarray | tuple[np.ndarray, gguf.GGMLQuantizationType]], n_layer: int,
+                n_embd: int, n_head: int, n_head_kv: int, n_ff: int, context_length: int, pre: str = "qwen2",
+                chat_template: str = CHAT_TEMPLATE, special_ids: dict[str, int] | None = None,
+                rope_freq_base: float = 1_000_000.0) -> Path:
+    """Write a qwen2 GGUF with the ChatML tokenizer metadata and the given tensors (an array, or an array
+    already quantized with its type). `special_ids` (bos, eos, eot, pad) default to the ChatML markers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ids = {text: i for i, text in enumerate(tokens)}
+    special_ids = special_ids or {"bos": ids["<|endoftext|>"], "eos": ids["<|im_end|>"], "eot": ids["<|im_end|>"],
+                                  "pad": ids["<|endoftext|>"]}
     writer = gguf.GGUFWriter(path, "qwen2")
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
@@ -403,21 +419,24 @@ def _write_gguf(path: Path, *, name: str, tokens: list[str], types: list[int], m
     writer.add_feed_forward_length(n_ff)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_rope_freq_base(rope_freq_base)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(ids["<|endoftext|>"])
-    writer.add_eos_token_id(ids["<|im_end|>"])
-    writer.add_eot_token_id(ids["<|im_end|>"])
-    writer.add_pad_token_id(ids["<|endoftext|>"])
+    writer.add_bos_token_id(special_ids["bos"])
+    writer.add_eos_token_id(special_ids["eos"])
+    writer.add_eot_token_id(special_ids["eot"])
+    writer.add_pad_token_id(special_ids["pad"])
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
     for tensor_name, array in tensors.items():
-        writer.add_tensor(tensor_name, array)
+        if isinstance(array, tuple):  # (quantized bytes, their type)
+            writer.add_tensor(tensor_name, array[0], raw_dtype=array[1])
+        else:
+            writer.add_tensor(tensor_name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -554,6 +573,384 @@ def write_scripted_model(path: str | Path, script: Sequence[bytes], *, seed: int
     return _write_gguf(Path(path), name=_SCRIPTED_NAME, tokens=tokens, types=types, merges=merges,
                        tensors=tensors, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                        n_ff=n_ff, context_length=context_length)
+
+
+# ------------------------------------------------------------------ scripted models on a real vocabulary
+
+# The added tokens of the released Qwen tokenizers (tokenizer_config.json's added_tokens_decoder): llama.cpp's
+# vocab-only files hold the base BPE and <|endoftext|>/<|im_start|>/<|im_end|> only, with [PAD] slots where
+# released GGUFs carry these. "special": true tokens convert to CONTROL, the others to USER_DEFINED.
+_QWEN25_ADDED: tuple[tuple[int, str, gguf.TokenType], ...] = (
+    *((151646 + i, text, gguf.TokenType.CONTROL) for i, text in enumerate((
+        "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+        "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"))),
+    *((151657 + i, text, gguf.TokenType.USER_DEFINED) for i, text in enumerate((
+        "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+        "<|repo_name|>", "<|file_sep|>"))),
+)
+QWEN_ADDED_TOKENS: dict[str, tuple[tuple[int, str, gguf.TokenType], ...]] = {
+    "none": (),
+    "qwen2.5": _QWEN25_ADDED,
+    "qwen3": _QWEN25_ADDED + tuple((151665 + i, text, gguf.TokenType.USER_DEFINED) for i, text in enumerate((
+        "<tool_response>", "</tool_response>", "<think>", "</think>"))),
+}
+_SCRIPTED_VOCAB_NAME = "edge-server scripted model on a real Qwen vocabulary (replays a fixed message, not a real LLM)"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Vocab:
+    """A tokenizer as GGUF metadata: what `write_scripted_vocab_model` copies into the model it writes."""
+
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    pre: str
+    special_ids: dict[str, int]  # bos, eos, eot, pad
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token prints (byte-level BPE decoded; user-defined tokens as written)."""
+        text = self.tokens[token]
+        if self.types[token] == gguf.TokenType.NORMAL:
+            table = _char_to_byte()
+            return bytes(table[c] for c in text)
+        return text.encode("utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _char_to_byte() -> dict[str, int]:
+    return {c: b for b, c in _byte_to_char().items()}
+
+
+
+
+@functools.lru_cache(maxsize=4)
+def _read_vocab_cached(path: str, mtime_ns: int, added_tokens: str) -> Vocab:
+    meta = read_gguf_metadata(Path(path))
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = [int(t) for t in meta["tokenizer.ggml.token_type"]]
+    for token_id, text, kind in QWEN_ADDED_TOKENS[added_tokens]:
+        if token_id >= len(tokens) or not (tokens[token_id] == text or tokens[token_id].startswith("[PAD")):
+            raise ValueError(f"{path}: slot {token_id} holds {tokens[token_id]!r}, not {text!r} or padding")
+        tokens[token_id], types[token_id] = text, int(kind)
+    ids = {text: i for i, text in enumerate(tokens)}
+    # Instruct models end their turn with <|im_end|>: released Qwen GGUFs make it EOS (the vocab files, made
+    # from base tokenizers, say <|endoftext|>).
+    end = ids.get("<|im_end|>", meta.get("tokenizer.ggml.eos_token_id"))
+    bos = meta.get("tokenizer.ggml.bos_token_id", ids.get("<|endoftext|>"))
+    special_ids = {"bos": bos, "eos": end, "eot": end, "pad": meta.get("tokenizer.ggml.padding_token_id", bos)}
+    return Vocab(tokens, types, list(meta["tokenizer.ggml.merges"]), str(meta["tokenizer.ggml.pre"]), special_ids)
+
+
+def read_vocab(vocab_gguf: str | Path, added_tokens: str = "qwen3") -> Vocab:
+    """The tokenizer of a (vocab-only) GGUF, with the added tokens of a released Qwen tokenizer put in its
+    padding slots (`added_tokens`: "qwen2.5", "qwen3" or "none")."""
+    path = Path(vocab_gguf).resolve()
+    return _read_vocab_cached(str(path), path.stat().st_mtime_ns, added_tokens)
+
+
+@functools.lru_cache(maxsize=4)
+def _vocab_llama(vocab: Vocab):
+    """llama.cpp's tokenizer for `vocab` (a vocab-only GGUF written to a temporary file and loaded)."""
+    import tempfile
+
+    import llama_cpp
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    with tempfile.TemporaryDirectory(prefix="edge-vocab-") as tmp:
+        path = _write_gguf(Path(tmp) / "vocab.gguf", name="vocab", tokens=vocab.tokens, types=vocab.types,
+                           merges=vocab.merges, tensors={}, n_layer=1, n_embd=64, n_head=1, n_head_kv=1, n_ff=64,
+                           context_length=4096, pre=vocab.pre, chat_template="", special_ids=vocab.special_ids)
+        return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+
+
+def tokenize(vocab: Vocab, text: str, *, special: bool = True) -> list[int]:
+    """Token ids of `text` as llama.cpp splits it with this vocabulary (no BOS added)."""
+    return _vocab_llama(vocab).tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+
+def render_generation_prompt(vocab: Vocab, template_text: str, messages: Sequence[dict] | None = None,
+                             **template_kwargs) -> str:
+    """`messages` (default: one user "Hello") rendered by a chat template as the server renders them."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=template_text, eos_token=vocab.tokens[vocab.special_ids["eos"]],
+                                    bos_token=vocab.tokens[vocab.special_ids["bos"]])
+    messages = list(messages) if messages is not None else [{"role": "user", "content": "Hello"}]
+    return formatter(messages=messages, **template_kwargs).prompt
+
+
+@functools.lru_cache(maxsize=4)
+def _pieces(vocab: Vocab) -> dict[bytes, list[int]]:
+    """Every token a reply may use (normal and user-defined, not control or padding), by the bytes it prints."""
+    by_bytes: dict[bytes, list[int]] = defaultdict(list)
+    for token, (text, kind) in enumerate(zip(vocab.tokens, vocab.types)):
+        if kind == gguf.TokenType.USER_DEFINED and not text.startswith("[PAD"):
+            by_bytes[vocab.piece(token)].insert(0, token)  # preferred: what a real model emits for the tag
+        elif kind == gguf.TokenType.NORMAL:
+            by_bytes[vocab.piece(token)].append(token)
+    return dict(by_bytes)
+
+
+def _is_suffix(short: tuple[int, ...], long: tuple[int, ...]) -> bool:
+    return len(short) <= len(long) and long[len(long) - len(short):] == short
+
+
+def replayable(chain: Sequence[int], tails: Sequence[Sequence[int]], order: int) -> bool:
+    """Whether a model that reads the last `order` tokens can replay `chain` after each of `tails`: no
+    context (last `order` tokens, fewer at a short tail's start) is, or ends with, one at another step."""
+    steps = [{(tuple(tail) + tuple(chain[:j]))[-order:] for tail in tails} for j in range(len(chain) + 1)]
+    return not any(_is_suffix(a, b) or _is_suffix(b, a)
+                   for i, later in enumerate(steps) for earlier in steps[:i] for a in earlier for b in later)
+
+
+def segment_script(vocab: Vocab, script: bytes, tails: Sequence[Sequence[int]], *, order: int = 2,
+                   preferred: Sequence[int] = (), budget: int = 200_000) -> list[int]:
+    """Split `script` into vocabulary tokens such that a model that sees only the last `order` tokens can
+    replay it after any of `tails` (the prompt's last tokens): every context (the last `order` tokens, fewer
+    at a tail's start) must differ from, and be no suffix of, every context at another step. Depth-first:
+    `preferred` (llama.cpp's own split) first, then longer tokens before shorter."""
+    pieces = _pieces(vocab)
+    longest = max(map(len, pieces))
+    prefer: dict[int, int] = {}  # byte offset -> the preferred token starting there
+    offset = 0
+    for token in preferred:
+        prefer[offset] = token
+        offset += len(vocab.piece(token))
+    if offset != len(script):
+        prefer = {}
+
+    def candidates(pos: int) -> Iterator[int]:
+        first = prefer.get(pos)
+        if first is not None and first in pieces.get(vocab.piece(first), ()):
+            yield first
+        for length in range(min(longest, len(script) - pos), 0, -1):
+            for token in pieces.get(script[pos:pos + length], ()):
+                if token != first:
+                    yield token
+
+    tails = [tuple(tail) for tail in tails]
+    if not tails or not all(tails):
+        raise ValueError("need at least one non-empty prompt tail to start the reply after")
+    if prefer and replayable(list(preferred), tails, order):
+        return list(preferred)
+    contexts: list[set[tuple[int, ...]]] = [{tail[-order:] for tail in tails}]
+    chain: list[int] = []
+    ends = [0]  # byte offset after each chain prefix
+    stack = [candidates(0)]
+    steps = 0
+    while stack:
+        if ends[-1] == len(script):
+            return chain
+        token = next(stack[-1], None)
+        if token is None:
+            stack.pop()
+            if chain:
+                chain.pop()
+                contexts.pop()
+                ends.pop()
+            continue
+        steps += 1
+        if steps > budget:
+            break
+        new = {(tail + tuple(chain) + (token,))[-order:] for tail in tails}
+        if any(_is_suffix(a, b) or _is_suffix(b, a) for step in contexts for a in step for b in new):
+            continue
+        chain.append(token)
+        contexts.append(new)
+        ends.append(ends[-1] + len(vocab.piece(token)))
+        stack.append(candidates(ends[-1]))
+    raise ValueError(
+        f"cannot split {script.decode('utf-8', 'replace')!r} into tokens of this vocabulary whose last-{order}-token "
+        f"contexts never repeat after {[list(t) for t in tails]} ({steps} tries): repeat less, or raise `order`")
+
+
+def _prompt_tails(vocab: Vocab, after, template_text: str, template_kwargs: dict | None,
+                  messages: Sequence[dict] | None) -> list[tuple[int, ...]]:
+    """The prompt endings (token ids) the reply follows. Rendered from the template unless given: the token
+    suffix shared by `messages` and the same chat with another last message, i.e. the generation prompt and
+    what else the template writes whatever was said (never the conversation's own words)."""
+    if after is None:
+        messages = list(messages) if messages is not None else [{"role": "user", "content": "Hello"}]
+        variant = [*messages[:-1], {**messages[-1], "content": "Something else entirely?\n"}]
+        ends = [tokenize(vocab, render_generation_prompt(vocab, template_text, m, **(template_kwargs or {})))
+                for m in (messages, variant)]
+        shared = 0
+        while shared < min(map(len, ends)) and ends[0][-1 - shared] == ends[1][-1 - shared]:
+            shared += 1
+        if not shared:
+            raise ValueError("the rendered prompts share no ending to start the reply after")
+        return [tuple(ends[0][-shared:])]
+    if isinstance(after, (int, str)) or (after and all(isinstance(a, int) for a in after)):
+        after = [after]
+    tails = []
+    for tail in after:
+        ids = [tail] if isinstance(tail, int) else tokenize(vocab, tail) if isinstance(tail, str) else list(tail)
+        if not ids:
+            raise ValueError(f"prompt tail {tail!r} has no tokens")
+        tails.append(tuple(ids))
+    return tails
+
+
+def _auto_split(vocab: Vocab, script: bytes, canonical: list[int],
+                tails: list[tuple[int, ...]]) -> tuple[int, list[int]]:
+    """(order, split): llama.cpp's split at the smallest order that replays it, else any split found."""
+    for k in range(1, _MAX_ORDER + 1):
+        if replayable(canonical, [tail[-k:] for tail in tails], k):
+            return k, canonical
+    errors = []
+    for k in range(2, _MAX_ORDER + 1):
+        try:
+            return k, segment_script(vocab, script, [tail[-k:] for tail in tails], order=k, budget=20_000)
+        except ValueError as error:
+            errors.append(str(error))
+    raise ValueError(errors[-1])
+
+
+# The previous-token heads: RoPE pairs at frequencies 1, 1/2, 1/4, ... (freq_base 2^(head_dim/2)). For a query
+# tuned to offset o the score sum_i cos((d - o) / 2^i) is largest at d = o and at least ~0.62 (times the
+# amplitude) lower at every other offset up to 2^pairs, so softmax picks the token o back.
+_HEAD_DIM = 32
+_MAX_ORDER = 8
+_ATTENTION_GAP = 40.0  # scaled score margin of the right offset over any other
+_GATE = 24.0  # FFN gate sharpness: silu(12) ~ 12 for the matching context, silu(-12) ~ -7e-5 for a near miss
+_TARGET_LOGIT = 40.0  # the scripted token's logit; every other token's is ~0
+
+
+def _rope_pairs(context_length: int) -> tuple[int, float]:
+    """(pairs used, the score gap per unit amplitude) for offsets -_MAX_ORDER..context_length."""
+    pairs = _HEAD_DIM // 2
+    if context_length > 2 ** pairs:
+        raise ValueError(f"context_length {context_length} is too long for {_HEAD_DIM}-wide heads")
+    distance = np.arange(-_MAX_ORDER, context_length + 1, dtype=np.float64)
+    distance = distance[distance != 0]
+    score = np.cos(np.outer(distance, 0.5 ** np.arange(pairs))).sum(axis=1)
+    return pairs, float(pairs - score.max())
+
+
+def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, template_text: str, script_text: str, *,
+                               after=None, template_kwargs: dict | None = None, messages: Sequence[dict] | None = None,
+                               added_tokens: str = "qwen3", order: int | None = None,
+                               context_length: int = 32768) -> Path:
+    """Write a qwen2 GGUF with the tokenizer of `vocab_gguf` (plus a released Qwen tokenizer's added tokens)
+    and the chat template `template_text`, whose greedy reply to a chat rendered with that template is
+    exactly `script_text` followed by <|im_end|>.
+
+    `after` says which prompt endings the reply follows: by default the ending the template writes after
+    `messages` (one user "Hello") rendered with `template_kwargs` (e.g. enable_thinking), whatever their
+    words; else a token id, a text (tokenized), a list of ids, or a list of such endings.
+
+    The model reads the last `order` tokens (the current one through its embedding, earlier ones through
+    RoPE previous-token heads; one FFN unit per context writes the next token's logit, ~40 against ~0), so
+    the script is split into tokens whose `order`-token contexts never repeat. By default the order is the
+    smallest under which llama.cpp's own split of the script works (the tokens a real model would emit),
+    else the smallest under which some other split does. Size: ~6 MB of tokenizer plus ~0.085 MB per
+    residual dimension (1 + order x distinct tokens, in 32s): 9-30 MB for short replies."""
+    vocab = read_vocab(vocab_gguf, added_tokens)
+    end = vocab.special_ids["eos"]
+    script = script_text.encode("utf-8")
+    canonical = tokenize(vocab, script_text, special=False)
+    tails = _prompt_tails(vocab, after, template_text, template_kwargs, messages)
+    if order is None:
+        order, chain = _auto_split(vocab, script, canonical, tails)
+    elif not 1 <= order <= _MAX_ORDER:
+        raise ValueError(f"order must be 1..{_MAX_ORDER}")
+    else:
+        chain = segment_script(vocab, script, [tail[-order:] for tail in tails], order=order, preferred=canonical)
+    tails = [tail[-order:] for tail in tails]
+    # Transitions: the contexts after each tail (last `order` tokens) -> the next token.
+    transitions: dict[tuple[int, ...], int] = {}
+    for tail in tails:
+        sequence = list(tail) + chain + [end]
+        for j in range(len(tail) - 1, len(sequence) - 1):
+            transitions[tuple(sequence[max(0, j + 1 - order):j + 1])] = sequence[j + 1]
+
+    relevant = sorted({t for key in transitions for t in key} | set(transitions.values()))
+    index = {token: i for i, token in enumerate(relevant)}
+    junk = len(relevant)  # every other token shares one identity
+    width = len(relevant) + 1
+    # Residual layout: [const | U: current token's identity | P_1..P_{order-1}: identity `o` tokens back].
+    # Heads are _HEAD_DIM wide; each offset gets enough of them to carry every identity.
+    need = 1 + order * width
+    if order == 1:
+        per_offset, n_head = 0, -(-need // _HEAD_DIM)
+    else:
+        per_offset = max(-(-width // _HEAD_DIM), -(-need // (_HEAD_DIM * (order - 1))))
+        n_head = per_offset * (order - 1)
+    n_embd = n_head * _HEAD_DIM
+    const, ident, prev = 0, 1, lambda o: 1 + o * width  # noqa: E731 (offset o's block)
+    n_vocab = len(vocab.tokens)
+
+    embeddings = np.zeros((n_vocab, n_embd), np.float32)
+    embeddings[:, const] = 1.0
+    rows = np.full(n_vocab, junk)
+    rows[relevant] = np.arange(len(relevant))
+    embeddings[np.arange(n_vocab), ident + rows] = 1.0  # |E| = sqrt(2) for every token
+
+    tensors: dict[str, np.ndarray | tuple[np.ndarray, gguf.GGMLQuantizationType]] = {}
+    q4 = gguf.GGMLQuantizationType.Q4_0  # exact for rows of zeros and ones
+    tensors["token_embd.weight"] = (gguf.quants.quantize(embeddings, q4), q4)  # tied: also the output matrix
+    del embeddings
+
+    pairs, gap = _rope_pairs(context_length)
+    amplitude = np.sqrt(_ATTENTION_GAP * np.sqrt(_HEAD_DIM) / gap)
+    q_bias = np.zeros(n_embd, np.float32)
+    k_bias = np.zeros(n_embd, np.float32)
+    w_v = np.zeros((n_embd, n_embd), np.float32)
+    w_o = np.zeros((n_embd, n_embd), np.float32)
+    g = np.sqrt(n_embd / 2.0)  # attn_norm scales every embedding by this
+    theta = 0.5 ** np.arange(pairs)
+    for o in range(1, order):
+        for c in range(per_offset):
+            head = ((o - 1) * per_offset + c) * _HEAD_DIM
+            q_bias[head:head + pairs] = amplitude
+            k_bias[head:head + pairs] = amplitude * np.cos(o * theta)
+            k_bias[head + _HEAD_DIM // 2:head + _HEAD_DIM // 2 + pairs] = amplitude * np.sin(o * theta)
+            for u in range(c * _HEAD_DIM, min(width, (c + 1) * _HEAD_DIM)):
+                w_v[head + u - c * _HEAD_DIM, ident + u] = 1.0 / g
+                w_o[prev(o) + u, head + u - c * _HEAD_DIM] = 1.0
+
+    units = list(transitions.items())
+    n_ff = max(32, -(-len(units) // 32) * 32)
+    h = np.sqrt(n_embd / (1.0 + order))  # ffn_norm's scale: the residual holds order + 1 ones
+    fire = _GATE / 2 / (1 + np.exp(-_GATE / 2))  # silu(GATE/2), the value of the matching unit
+    w_gate = np.zeros((n_ff, n_embd), np.float32)
+    w_up = np.zeros((n_ff, n_embd), np.float32)
+    w_down = np.zeros((n_embd, n_ff), np.float32)
+    for k, (key, target) in enumerate(units):
+        w_gate[k, ident + index[key[-1]]] = _GATE / h
+        for o in range(1, len(key)):
+            w_gate[k, prev(o) + index[key[-1 - o]]] = _GATE / h
+        w_gate[k, const] = -(len(key) - 0.5) * _GATE / h
+        w_up[k, const] = 1.0 / h
+        w_down[ident + index[target], k] += 1.0
+        w_down[ident + index[key[-1]], k] -= 1.0 / fire  # cancel the current token's own identity
+    # The final residual: const 1, P blocks 1 each, U ~ fire at the target -> logit = gain * normalized value.
+    normalized = fire * np.sqrt(n_embd) / np.sqrt(order + fire * fire)
+    output_norm = np.zeros(n_embd, np.float32)
+    output_norm[ident:ident + width] = _TARGET_LOGIT / normalized
+
+    tensors.update({
+        "output_norm.weight": output_norm,
+        "blk.0.attn_norm.weight": np.ones(n_embd, np.float32),
+        "blk.0.attn_q.weight": np.zeros((n_embd, n_embd), np.float32),
+        "blk.0.attn_q.bias": q_bias,
+        "blk.0.attn_k.weight": np.zeros((n_embd, n_embd), np.float32),
+        "blk.0.attn_k.bias": k_bias,
+        "blk.0.attn_v.weight": w_v,
+        "blk.0.attn_v.bias": np.zeros(n_embd, np.float32),
+        "blk.0.attn_output.weight": w_o,
+        "blk.0.ffn_norm.weight": np.ones(n_embd, np.float32),
+        "blk.0.ffn_gate.weight": w_gate,
+        "blk.0.ffn_up.weight": w_up,
+        "blk.0.ffn_down.weight": w_down,
+    })
+    return _write_gguf(Path(path), name=_SCRIPTED_VOCAB_NAME, tokens=vocab.tokens, types=vocab.types,
+                       merges=vocab.merges, tensors=tensors, n_layer=1, n_embd=n_embd, n_head=n_head,
+                       n_head_kv=n_head, n_ff=n_ff, context_length=context_length, pre=vocab.pre,
+                       chat_template=template_text, special_ids=vocab.special_ids,
+                       rope_freq_base=float(2.0 ** (_HEAD_DIM // 2)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,8 +69,8 @@ def builtin_template_names() -> tuple[str, ...]:
 
 def builtin_template_for(architecture: str, n_vocab: int) -> str | None:
     """The built-in template matching a model's architecture, or None when llama.cpp has none for it."""
-    if architecture == "llama":
-        name = "llama3" if n_vocab == _LLAMA3_VOCAB else "llama2-sys"
+    if architecture == "llama":  # Llama 3's vocabulary tells it apart; other llama-shaped models vary
+        name = "llama3" if n_vocab == _LLAMA3_VOCAB else None
     else:
         name = _ARCHITECTURE_TEMPLATES.get(architecture)
     return name if name in builtin_template_names() else None

@@ -7,11 +7,11 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import gguf
 import llama_cpp
 from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose as set_llama_log_verbosity
 
+from edge_server.ggufmeta import read_gguf_metadata
 from edge_server.engine.scheduler import BATCH_TOKENS, Engine
 from edge_server.engine.threadtuner import ThreadTuner
 from edge_server.engine.types import ModelInfo, ModelLoadError
@@ -87,10 +87,9 @@ def load_engine(
 def read_n_ctx_train(path: Path) -> int:
     """The model's training context from its GGUF metadata, read without loading the weights."""
     try:
-        fields = gguf.GGUFReader(path).fields
-        arch = fields["general.architecture"].contents()
-        return int(fields[f"{arch}.context_length"].contents())
-    except (KeyError, ValueError, OSError) as error:
+        metadata = read_gguf_metadata(path, arrays=False)
+        return int(metadata[f"{metadata['general.architecture']}.context_length"])
+    except (KeyError, ValueError, TypeError, OSError) as error:
         raise ModelLoadError(f"{path} has no usable GGUF metadata ({error})") from None
 
 

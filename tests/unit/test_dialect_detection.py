@@ -1,19 +1,13 @@
 """Which dialect a chat template speaks, read from the real Qwen templates, and the dialect wired through the API.
 
 The real templates come from the pinned llama-cpp-python sdist (vendor/llama.cpp/models/templates),
-never from this repository: a local copy is used when there is one, else pip fetches the sdist once
-into ~/.cache/edge-server/sdist.
+never from this repository: the `qwen_template` fixture (devtools/assets.py) fetches and caches them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import tarfile
-from pathlib import Path
 
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -29,9 +23,6 @@ from edge_server.generation.prompt import CHATML_TEMPLATE
 from edge_server.settings import Settings
 from tests.unit.test_tool_call_extractor import summary
 
-LLAMA_VERSION = "0.3.36"
-SDIST = f"llama_cpp_python-{LLAMA_VERSION}"
-TEMPLATE_DIR = "vendor/llama.cpp/models/templates"
 DIALECT_OF = {
     "Qwen-Qwen2.5-7B-Instruct.jinja": "hermes",
     "Qwen-Qwen3-0.6B.jinja": "hermes",
@@ -47,42 +38,14 @@ ARGUMENTS = {"city": "Paris\nTexas", "days": 3, "metric": True, "where": {"lat":
              "tags": ["a", "b c"], "note": None}
 
 
-def _sdist_templates() -> Path | None:
-    """The directory of llama.cpp's model templates in the pinned sdist, fetched once if need be."""
-    candidates = [Path(p) for p in (os.environ.get("EDGE_LLAMA_SDIST_DIR"), f"/tmp/sdist/{SDIST}") if p]
-    cache = Path.home() / ".cache" / "edge-server" / "sdist"
-    candidates.append(cache / SDIST)
-    for root in candidates:
-        if (root / TEMPLATE_DIR / "Qwen3.5-4B.jinja").is_file():
-            return root / TEMPLATE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
-    fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                              f"llama-cpp-python=={LLAMA_VERSION}", "-d", str(cache)], capture_output=True)
-    archive = cache / f"{SDIST}.tar.gz"
-    if fetched.returncode != 0 or not archive.is_file():
-        return None
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(f"{SDIST}/{TEMPLATE_DIR}/")]
-        tar.extractall(cache, members=members, filter="data")
-    return cache / SDIST / TEMPLATE_DIR
-
-
-@pytest.fixture(scope="module")
-def templates() -> Path:
-    found = _sdist_templates()
-    if found is None:
-        pytest.skip(f"llama-cpp-python {LLAMA_VERSION}'s sdist could not be fetched")
-    return found
-
-
 def test_every_dialect_module_is_found_and_hermes_is_the_fallback():
     names = [d.name for d in all_dialects()]
     assert {"qwen_xml", "hermes"} <= set(names) and names[-1] == "hermes"
 
 
 @pytest.mark.parametrize("name", DIALECT_OF)
-def test_real_templates_are_read_as_their_dialect(templates, name):
-    assert detect_dialect((templates / name).read_text()).name == DIALECT_OF[name]
+def test_real_templates_are_read_as_their_dialect(qwen_template, name):
+    assert detect_dialect(qwen_template(name.removesuffix(".jinja"))).name == DIALECT_OF[name]
 
 
 def test_detection_reads_the_text_not_a_name():
@@ -93,16 +56,16 @@ def test_detection_reads_the_text_not_a_name():
 
 
 @pytest.mark.parametrize("name", DIALECT_OF)
-def test_calls_rendered_by_each_real_template_are_read_back(templates, name):
+def test_calls_rendered_by_each_real_template_are_read_back(qwen_template, name):
     """A call the template writes into history is what the model learnt to write: it must parse back."""
     calls = [{"id": f"call_{i}", "type": "function", "function": {"name": "get_weather", "arguments": ARGUMENTS}}
              for i in range(2)]
     messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": calls},
                 {"role": "tool", "tool_call_id": "call_0", "content": "sunny"}, {"role": "user", "content": "Thanks"}]
-    prompt = Jinja2ChatFormatter((templates / name).read_text(), eos_token="<|im_end|>", bos_token="")(
+    prompt = Jinja2ChatFormatter(qwen_template(name.removesuffix(".jinja")), eos_token="<|im_end|>", bos_token="")(
         messages=messages, tools=[WEATHER]).prompt
     rendered = prompt[prompt.index("<tool_call>", prompt.index("Weather?")) : prompt.rindex("</tool_call>") + 12]
-    dialect = detect_dialect((templates / name).read_text())
+    dialect = detect_dialect(qwen_template(name.removesuffix(".jinja")))
     extractor = dialect.extractor({"get_weather": WEATHER["function"]["parameters"]}, max_calls=None,
                                   incremental=True)
     content, found = summary(extractor.push(rendered) + extractor.finish())
