@@ -253,3 +253,39 @@ def test_the_openai_sdk_reads_reasoning_and_xml_calls(served):
     assert message.tool_calls[0].function.parsed_arguments == ARGUMENTS or \
         json.loads(message.tool_calls[0].function.arguments) == ARGUMENTS
     assert message.reasoning_content == THOUGHT
+
+
+def test_reasoning_cut_off_by_max_tokens_stays_reasoning(served):
+    thinking, _, _ = TEMPLATES["qwen3.5"]
+    base_url = served("qwen3.5", thinking + ANSWER)
+    body = whole(base_url, messages=QUESTION, max_tokens=6)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["content"] == ""
+    assert THOUGHT.startswith(choice["message"]["reasoning_content"]) and choice["message"]["reasoning_content"]
+    assert body["usage"]["completion_tokens_details"]["reasoning_tokens"] == 6
+    deltas, finish = streamed(base_url, messages=QUESTION, max_tokens=6)
+    assert joined(deltas, "reasoning_content") == choice["message"]["reasoning_content"]
+    assert joined(deltas, "content") == "" and finish["finish_reason"] == "length"
+
+
+def test_xml_text_before_the_call_and_parallel_calls_by_index(served):
+    oslo = XML_CALL.replace("Paris", "Oslo").replace("\n3\n", "\n1\n")
+    base_url = served("qwen3-coder", f"Let me check both.\n\n{XML_CALL}\n{oslo}")
+    body = whole(base_url, messages=QUESTION, tools=[WEATHER])
+    message = body["choices"][0]["message"]
+    assert message["content"] == "Let me check both."
+    assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [
+        ARGUMENTS, {**ARGUMENTS, "city": "Oslo", "days": 1}]
+    deltas, finish = streamed(base_url, messages=QUESTION, tools=[WEATHER])
+    assert joined(deltas, "content") == "Let me check both."
+    starts = [d["tool_calls"][0] for d in deltas if "tool_calls" in d and "id" in d["tool_calls"][0]]
+    assert [s["index"] for s in starts] == [0, 1] and len({s["id"] for s in starts}) == 2
+    for index, expected in enumerate(message["tool_calls"]):
+        fragments = [d["tool_calls"][0]["function"]["arguments"] for d in deltas
+                     if "tool_calls" in d and d["tool_calls"][0]["index"] == index]
+        assert json.loads("".join(fragments)) == json.loads(expected["function"]["arguments"])
+    assert finish["finish_reason"] == "tool_calls"
+    # parallel_tool_calls false: one call only.
+    single = whole(base_url, messages=QUESTION, tools=[WEATHER], parallel_tool_calls=False)
+    assert len(single["choices"][0]["message"]["tool_calls"]) == 1

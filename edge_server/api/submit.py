@@ -1,0 +1,149 @@
+"""Request -> running generation: the one path every generation endpoint submits through (chat, legacy
+completions, and the APIs translated onto chat), with its context, template and grammar refusals."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from flask import Response, jsonify
+from pydantic import BaseModel
+
+from edge_server.api.errors import APIError
+from edge_server.api.observability import log_safe
+from edge_server.api.schemas import ChatCompletionRequest, GenerationRequest
+from edge_server.api.state import ServedModel, client_gone, state_of
+from edge_server.api.toolplan import ToolPlan, plan_tools
+from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
+from edge_server.engine.protocol import CompiledGrammarHandle
+from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong
+from edge_server.generation.pipeline import ClientGone, Generation
+from edge_server.generation.reasoning import ReasoningSplitter, grammar_after_reasoning
+
+log = logging.getLogger("edge_server")
+
+
+def served_model() -> ServedModel:
+    """The loaded model, or a 503 while it is still loading or the server is shutting down."""
+    if state_of().shutting_down:
+        raise APIError("The server is shutting down; retry against its next start.", status=503,
+                       code="shutting_down", headers={"Retry-After": "5"})
+    served = state_of().served
+    if served is None:
+        raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
+                       status=503, code="model_loading", headers={"Retry-After": "2"})
+    return served
+
+
+@dataclass
+class ChatRun:
+    """A submitted chat request: its generation, the tool plan it runs under, and the model name to answer with."""
+
+    generation: Generation
+    plan: ToolPlan
+    model: str
+
+
+def start_chat(request: ChatCompletionRequest) -> ChatRun:
+    """Render, plan tools, compile the grammar and submit `request`; raises the API's 4xx/429/503 errors."""
+    log_unknown_fields(request)
+    served = served_model()
+    refuse_unfittable(rendered_characters(request), served)
+    plan = plan_tools(request, served.dialect)
+    settings = state_of().settings
+    with context_check(served):
+        prompt = served.renderer.chat_prompt(request.messages, tools=plan.template_tools,
+                                             template_kwargs=request.template_kwargs(settings.reasoning))
+    grammar = None
+    if plan.grammar is not None:
+        try:
+            # A prompt that opened <think> lets the model reason before the constrained answer.
+            grammar = served.engine.compile_grammar(
+                grammar_after_reasoning(plan.grammar) if prompt.opens_reasoning else plan.grammar)
+        except GrammarRejected as error:
+            raise APIError(str(error), param="tools" if plan.callable_names else "response_format",
+                           code="invalid_grammar") from None
+    reasoning = None
+    if served.renderer.thinks and settings.reasoning_format == "separate":
+        reasoning = ReasoningSplitter(opened_in_prompt=prompt.opens_reasoning,
+                                      answer_openers=(CALL_OPEN_TAG,) if plan.callable_names else ())
+    generation = start_generation(
+        served, request, prompt.tokens, request.token_limit(), grammar=grammar,
+        extractor=plan.extractor(incremental=request.stream), reasoning=reasoning,
+        call_finish_reason=FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS)
+    return ChatRun(generation, plan, request.model or served.model_id)
+
+
+def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
+                     grammar: CompiledGrammarHandle | None = None, **options) -> Generation:
+    """Submit prompt tokens with the request's sampling, limited to what the context leaves."""
+    info = served.engine.info
+    room = info.n_ctx - len(prompt)
+    if room < 1:
+        raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
+    sampling = request.sampling(info.n_vocab, grammar)
+    job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling)
+    return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
+
+
+def context_exceeded(n_ctx: int, prompt_size: str) -> APIError:
+    """The context_length_exceeded 400."""
+    return APIError(
+        f"This model's maximum context length is {n_ctx} tokens. However, your request has {prompt_size}, "
+        f"leaving no room for a completion. Shorten the messages or start the server with a larger --n-ctx.",
+        param="messages", code="context_length_exceeded",
+    )
+
+
+def rendered_characters(request: ChatCompletionRequest) -> int:
+    """Characters of everything the chat template renders: texts, names, tool calls and tool definitions."""
+    total = 0
+    for message in request.messages:
+        total += len(message.text()) + len(message.name or "") + len(message.tool_call_id or "")
+        total += len(message.reasoning_content or message.reasoning or "")
+        total += sum(len(json.dumps(call)) for call in message.tool_calls or [])
+        total += len(json.dumps(message.function_call)) if message.function_call else 0
+    return total + sum(len(json.dumps(f.parameters)) + len(f.description or "") for f in request.function_definitions())
+
+
+def refuse_unfittable(characters: int, served: ServedModel) -> None:
+    """Refuse a text that cannot fit before it is rendered and tokenized (which cost memory in proportion)."""
+    info = served.engine.info
+    # No token is longer than max_token_bytes, and a character is at least one byte.
+    fewest_tokens = characters // info.max_token_bytes
+    if fewest_tokens >= info.n_ctx:
+        raise context_exceeded(info.n_ctx, f"at least {fewest_tokens} prompt tokens ({characters} characters)")
+
+
+@contextmanager
+def context_check(served: ServedModel) -> Iterator[None]:
+    """Turn a tokenization that overflowed the context into the context_length_exceeded 400."""
+    try:
+        yield
+    except PromptTooLong as error:
+        count = f"at least {error.tokens}" if error.at_least else str(error.tokens)
+        raise context_exceeded(served.engine.info.n_ctx, f"{count} prompt tokens") from None
+
+
+def log_unknown_fields(request: BaseModel) -> None:
+    """Debug-log the fields a request carried that this server ignores."""
+    if request.model_extra:
+        log.debug("ignoring unknown request fields: %s", log_safe(", ".join(sorted(request.model_extra))))
+
+
+def event_stream(events: Iterator[bytes]) -> Response:
+    """A streamed `text/event-stream` response that proxies must not buffer."""
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return Response(events, mimetype="text/event-stream", headers=headers)
+
+
+def whole_answer(answer: Callable[[], BaseModel]) -> Response:
+    """The JSON of a whole answer, or a bare 499 when the client left before it was ready."""
+    try:
+        return jsonify(answer().model_dump())
+    except ClientGone:
+        # Nobody is left to read an answer; the status only shows in our own access log.
+        return Response(status=499)
