@@ -96,8 +96,10 @@ def chat_completions():
     settings = state_of().settings
     if request.stream:
         return event_stream(chat_stream(generation, model, account, include_usage=request.include_usage(),
-                                         heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy))
-    return whole_answer(lambda: chat_answer(generation, model, account, legacy_functions=plan.legacy))
+                                         heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy,
+                                         fingerprint=run.fingerprint))
+    return whole_answer(lambda: chat_answer(generation, model, account, legacy_functions=plan.legacy,
+                                            fingerprint=run.fingerprint))
 
 
 @api.post("/v1/completions")
@@ -125,5 +127,7 @@ def completions():
     settings = state_of().settings
     if request.stream:
         return event_stream(text_stream(generation, model, account, include_usage=request.include_usage(),
-                                         heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo))
-    return whole_answer(lambda: text_answer(generation, model, account, echo_prefix=echo))
+                                         heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo,
+                                         fingerprint=served.fingerprint))
+    return whole_answer(lambda: text_answer(generation, model, account, echo_prefix=echo,
+                                            fingerprint=served.fingerprint))

@@ -395,6 +395,12 @@ class _Sparse(BaseModel):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
+class PromptTokensDetails(BaseModel):
+    """What the prompt tokens were: how many the prefix cache served without evaluating them."""
+
+    cached_tokens: int
+
+
 class CompletionTokensDetails(BaseModel):
     """What the completion tokens were spent on."""
 
@@ -407,15 +413,18 @@ class Usage(_Sparse):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: CompletionTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, reasoning_tokens: int | None = None,
+           cached_tokens: int = 0) -> Usage:
         """Usage with the total filled in."""
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
             completion_tokens_details=(None if reasoning_tokens is None
                                        else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)),
         )
@@ -467,6 +476,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
 
@@ -527,6 +537,7 @@ class ChatCompletionChunk(_UsageWhenSet):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
@@ -547,6 +558,7 @@ class TextCompletion(_UsageWhenSet):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

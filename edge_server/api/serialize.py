@@ -32,7 +32,7 @@ from edge_server.dialects.calls import ContentDelta, Event, ToolCallArguments, T
 
 
 def _usage(outcome: Outcome) -> Usage:
-    return Usage.of(outcome.prompt_tokens, outcome.completion_tokens, outcome.reasoning_tokens)
+    return Usage.of(outcome.prompt_tokens, outcome.completion_tokens, outcome.reasoning_tokens, outcome.cached_tokens)
 
 
 def _collect(generation: Generation, account: Accounting) -> Collected:
@@ -53,7 +53,7 @@ def _collect(generation: Generation, account: Accounting) -> Collected:
 # ---- chat ------------------------------------------------------------------------------------
 
 def chat_answer(generation: Generation, model: str, account: Accounting, *,
-                legacy_functions: bool = False) -> ChatCompletion:
+                legacy_functions: bool = False, fingerprint: str | None = None) -> ChatCompletion:
     """The whole `chat.completion` once the generation has ended."""
     collected = _collect(generation, account)
     outcome = generation.outcome
@@ -61,6 +61,7 @@ def chat_answer(generation: Generation, model: str, account: Accounting, *,
         id=completion_id(),
         created=now(),
         model=model,
+        system_fingerprint=fingerprint,
         choices=[ChatChoice(message=_assistant_message(collected, legacy_functions),
                             finish_reason=outcome.finish_reason)],
         usage=_usage(outcome),
@@ -79,13 +80,14 @@ def _assistant_message(collected: Collected, legacy_functions: bool) -> Assistan
 
 def chat_stream(
     generation: Generation, model: str, account: Accounting, *, include_usage: bool, heartbeat_seconds: float,
-    legacy_functions: bool = False,
+    legacy_functions: bool = False, fingerprint: str | None = None,
 ) -> Iterator[bytes]:
     """SSE events: role chunk, content and tool-call deltas, the finish chunk, usage if asked, `[DONE]`."""
     chunk_id, created = completion_id(), now()
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
-        return sse.event(ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, usage=usage))
+        return sse.event(ChatCompletionChunk(id=chunk_id, created=created, model=model, system_fingerprint=fingerprint,
+                                             choices=choices, usage=usage))
 
     def delta_event(event: Event) -> bytes:
         return chunk([ChunkChoice(delta=_chat_delta(event, legacy_functions))])
@@ -120,7 +122,8 @@ def _chat_delta(event: Event | ReasoningDelta, legacy_functions: bool) -> Delta:
 
 # ---- legacy completions ----------------------------------------------------------------------
 
-def text_answer(generation: Generation, model: str, account: Accounting, *, echo_prefix: str = "") -> TextCompletion:
+def text_answer(generation: Generation, model: str, account: Accounting, *, echo_prefix: str = "",
+                fingerprint: str | None = None) -> TextCompletion:
     """The whole `text_completion` once the generation has ended."""
     text = _collect(generation, account).content or ""
     outcome = generation.outcome
@@ -128,6 +131,7 @@ def text_answer(generation: Generation, model: str, account: Accounting, *, echo
         id=completion_id("cmpl"),
         created=now(),
         model=model,
+        system_fingerprint=fingerprint,
         choices=[CompletionChoice(text=echo_prefix + text, finish_reason=outcome.finish_reason)],
         usage=_usage(outcome),
     )
@@ -135,13 +139,14 @@ def text_answer(generation: Generation, model: str, account: Accounting, *, echo
 
 def text_stream(
     generation: Generation, model: str, account: Accounting, *, include_usage: bool, heartbeat_seconds: float,
-    echo_prefix: str = "",
+    echo_prefix: str = "", fingerprint: str | None = None,
 ) -> Iterator[bytes]:
     """SSE events of a legacy completion: text deltas, the finish chunk, usage if asked, `[DONE]`."""
     chunk_id, created = completion_id("cmpl"), now()
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
-        return sse.event(TextCompletion(id=chunk_id, created=created, model=model, choices=choices, usage=usage))
+        return sse.event(TextCompletion(id=chunk_id, created=created, model=model, system_fingerprint=fingerprint,
+                                        choices=choices, usage=usage))
 
     if echo_prefix:
         yield chunk([CompletionChoice(text=echo_prefix)])

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask, current_app, request
 
+import edge_server
 from edge_server.dialects.dialect import ToolDialect, detect_dialect
 from edge_server.engine.chat_templates import choose_chat_template, template_override
 from edge_server.engine.protocol import EngineClient
@@ -23,6 +27,7 @@ class ServedModel:
     renderer: PromptRenderer
     model_id: str
     demo_warning: str | None = None
+    fingerprint: str = ""  # `system_fingerprint`: this model file under this build
 
     @property
     def dialect(self) -> ToolDialect:
@@ -45,7 +50,20 @@ class ServedModel:
             add_bos=info.add_bos,
             tokenize=functools.partial(engine.tokenize, max_tokens=info.n_ctx),
         )
-        return cls(engine=engine, renderer=renderer, model_id=model_id, demo_warning=demo_warning)
+        return cls(engine=engine, renderer=renderer, model_id=model_id, demo_warning=demo_warning,
+                   fingerprint=_fingerprint(info.path, template.label))
+
+
+def _fingerprint(path: Path, template: str) -> str:
+    """What decides an answer besides the request: the model file, the template in use and the build
+    (the file's identity, not a hash of gigabytes)."""
+    try:
+        stat = path.stat()
+        identity = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        identity = path.name
+    build = f"{edge_server.__version__}:{importlib.metadata.version('llama-cpp-python')}"
+    return "fp_" + hashlib.sha256(f"{identity}|{template}|{build}".encode()).hexdigest()[:12]
 
 
 @dataclass

@@ -45,6 +45,7 @@ class ChatRun:
     generation: Generation
     plan: ToolPlan
     model: str
+    fingerprint: str
 
 
 def start_chat(request: ChatCompletionRequest) -> ChatRun:
@@ -74,7 +75,7 @@ def start_chat(request: ChatCompletionRequest) -> ChatRun:
         served, request, prompt.tokens, request.token_limit(), grammar=grammar,
         extractor=plan.extractor(incremental=request.stream), reasoning=reasoning,
         call_finish_reason=FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS)
-    return ChatRun(generation, plan, request.model or served.model_id)
+    return ChatRun(generation, plan, request.model or served.model_id, served.fingerprint)
 
 
 def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,

@@ -38,7 +38,9 @@ def test_whole_answer_carries_the_pieces_and_usage():
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello, world!"}
     assert body["choices"][0]["finish_reason"] == "stop"
     prompt_tokens = len(engine.jobs[0].prompt)
-    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 4, "total_tokens": prompt_tokens + 4}
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 4, "total_tokens": prompt_tokens + 4,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["system_fingerprint"].startswith("fp_")
 
 
 def test_stream_has_role_deltas_finish_usage_and_done():
