@@ -20,6 +20,7 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     from edge_server.api.routes import api
     from edge_server.api.security import register_security
     from edge_server.api.state import ServerState, attach_state
+    from edge_server.api.tokens import tokens_api
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -34,5 +35,6 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     app.register_blueprint(api)
     app.register_blueprint(page)
     app.register_blueprint(spec)
+    app.register_blueprint(tokens_api)
     register_error_handlers(app)
     return app

@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from edge_server.api.bodylimits import check_body_shape, nesting_error
 from edge_server.api.errors import APIError
@@ -271,6 +271,31 @@ class ResponseFormat(RequestModel):
         return self
 
 
+def _no_reserved_variables(value: dict[str, Any]) -> dict[str, Any]:
+    clashes = sorted(set(value) & RESERVED_TEMPLATE_VARIABLES)
+    if clashes:
+        raise ValueError(f"may not set {', '.join(clashes)}: the server renders those itself")
+    return value
+
+
+TemplateKwargs = Annotated[dict[str, Any], AfterValidator(_no_reserved_variables)]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+def template_variables(server_reasoning: str, effort: str | None = None,
+                       client_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Variables for the chat template: the client's own over `reasoning_effort` over the server's
+    `--reasoning` (on/off/auto; auto leaves the template's default)."""
+    variables: dict[str, Any] = {}
+    if server_reasoning != "auto":
+        variables["enable_thinking"] = server_reasoning == "on"
+    if effort is not None:
+        variables["enable_thinking"] = effort != "none"
+        variables["reasoning_effort"] = effort
+    variables.update(client_kwargs or {})
+    return variables
+
+
 class ChatCompletionRequest(GenerationRequest):
     """Body of POST /v1/chat/completions.
 
@@ -296,28 +321,12 @@ class ChatCompletionRequest(GenerationRequest):
     functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
     function_call: Literal["none", "auto"] | FunctionName | None = None
     response_format: ResponseFormat | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _no_reserved_variables(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        clashes = sorted(set(value or {}) & RESERVED_TEMPLATE_VARIABLES)
-        if clashes:
-            raise ValueError(f"may not set {', '.join(clashes)}: the server renders those itself")
-        return value
+    chat_template_kwargs: TemplateKwargs | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     def template_kwargs(self, server_reasoning: str) -> dict[str, Any]:
-        """Variables for the chat template: the client's own over `reasoning_effort` over the server's
-        `--reasoning` (on/off/auto; auto leaves the template's default)."""
-        variables: dict[str, Any] = {}
-        if server_reasoning != "auto":
-            variables["enable_thinking"] = server_reasoning == "on"
-        if self.reasoning_effort is not None:
-            variables["enable_thinking"] = self.reasoning_effort != "none"
-            variables["reasoning_effort"] = self.reasoning_effort
-        variables.update(self.chat_template_kwargs or {})
-        return variables
+        """Variables for this request's chat template (see `template_variables`)."""
+        return template_variables(server_reasoning, self.reasoning_effort, self.chat_template_kwargs)
 
     @model_validator(mode="after")
     def _choices_name_known_functions(self) -> ChatCompletionRequest:

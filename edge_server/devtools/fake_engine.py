@@ -60,6 +60,10 @@ class FakeEngine:
             raise PromptTooLong(len(text))
         return list(text)
 
+    def detokenize(self, tokens: list[int]) -> bytes:
+        """One byte per token."""
+        return bytes(tokens)
+
     def compile_grammar(self, grammar: str) -> FakeGrammar:
         """Record the grammar."""
         self.grammars.append(grammar)

@@ -36,6 +36,9 @@ class EngineClient(Protocol):
     def tokenize(self, text: bytes, add_bos: bool, special: bool, max_tokens: int | None = None) -> list[int]:
         """Tokens of `text`; raises `PromptTooLong` past `max_tokens`."""
 
+    def detokenize(self, tokens: list[int]) -> bytes:
+        """The bytes `tokens` stand for (ids must be below `info.n_vocab`)."""
+
     def compile_grammar(self, grammar: str) -> CompiledGrammarHandle:
         """Parse GBNF now, on the caller's thread; raises `GrammarRejected`."""
 

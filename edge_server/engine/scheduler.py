@@ -57,6 +57,10 @@ class Engine:
             raise PromptTooLong(fewest, at_least=True)
         return self._vocab.tokenize(text, add_bos, special, max_tokens)
 
+    def detokenize(self, tokens: list[int]) -> bytes:
+        """The bytes `tokens` stand for (safe from any thread)."""
+        return self._vocab.detokenize(tokens)
+
     def compile_grammar(self, grammar: str) -> CompiledGrammar:
         """Parse GBNF on the calling thread, never the engine's (safe from any thread); raises `GrammarRejected`."""
         return compile_grammar(self._vocab.pointer, grammar)

@@ -30,6 +30,17 @@ class Vocabulary:
             raise PromptTooLong(-count)
         return buffer[:count]
 
+    def detokenize(self, tokens: list[int]) -> bytes:
+        """The bytes `tokens` stand for, special tokens written out (safe from any thread)."""
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        size = max(64, 8 * len(tokens))
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            written = llama_cpp.llama_detokenize(self.pointer, array, len(tokens), buffer, size, False, True)
+            if written >= 0:
+                return buffer.raw[:written]
+            size = -written  # too small: llama.cpp says how much it needs
+
     def piece(self, token: int) -> bytes:
         """The bytes `token` stands for (possibly part of a UTF-8 character); engine thread only."""
         size = llama_cpp.llama_token_to_piece(self.pointer, token, self._piece_buffer, len(self._piece_buffer), 0,
