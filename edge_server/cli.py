@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", choices=["serve"], default="serve",
                         help="serve (default); also: 'edge-server pull [REPO/FILE]', 'edge-server models'")
     flag = parser.add_argument
-    flag("--model", help="GGUF path, file name in models/, or OWNER/REPO/FILE.gguf on Hugging Face")
+    flag("--model", action="append", help="GGUF path, file name in models/, or OWNER/REPO/FILE.gguf on Hugging Face; "
+                                           "repeat to serve several (the first is the default)")
     flag("--models-dir", help="where models are found and downloaded (default: models)")
     flag("--host", help="address to bind (default: 127.0.0.1, loopback only)")
     flag("--port", type=int, help="port (default: 8000)")
@@ -32,17 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--n-gpu-layers", help="layers to offload: auto (all when the build can), or a number (default: auto)")
     flag("--flash-attn", choices=["auto", "on", "off"],
          help="flash attention: auto lets llama.cpp decide (on GPUs; on CPUs it speeds prompts, slows decoding ~1%%)")
+    flag("--cache-type-k", choices=["f16", "q8_0", "q4_0"], help="KV cache type of keys (default: f16)")
+    flag("--cache-type-v", choices=["f16", "q8_0", "q4_0"],
+         help="KV cache type of values (default: f16); quantized ones need flash attention (auto turns it on)")
+    flag("--kv-unified", action="store_const", const=True,
+         help="one KV pool of --n-ctx cells shared by all slots instead of --parallel x --n-ctx; when it is full the "
+              "newest request ends (shortened: finish_reason length; before its first token: error kv_cache_full)")
     flag("--threads", type=int, help="most CPU threads decoding uses (default: all available cores); fewer while "
                                      "fewer decode faster, e.g. beside another busy process")
     flag("--fixed-threads", action="store_const", const=True, help="always use --threads threads, never fewer")
     flag("--parallel", type=int, help="requests decoded together; the KV cache holds this many --n-ctx sequences (default: 4)")
     flag("--max-queue", type=int, help="requests that may wait before 429 (default: 16)")
-    flag("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* routes")
+    flag("--api-key", help="require 'Authorization: Bearer KEY' (or Anthropic's 'x-api-key: KEY') on /v1/* routes")
     flag("--api-key-file", help="read the API key from this file (keeps it out of the process list)")
     flag("--cors-origin", action="append",
          help="allow browser pages from this origin (repeatable; '*' for any); CORS is off by default")
     flag("--shutdown-grace", type=float, help="seconds open streams get to finish on SIGTERM/Ctrl-C (default: 10)")
-    flag("--model-alias", help="the model id /v1/models shows (default: the file name)")
+    flag("--model-alias", action="append",
+         help="the id /v1/models shows and requests name, per --model in order (default: the file name)")
+    flag("--max-loaded", type=int, help="models held in memory at once; others load on first use, the least "
+                                        "recently used idle one is unloaded (default: all)")
+    flag("--idle-unload", type=float, help="unload a model after this many seconds without requests (default: 0, never)")
     flag("--max-body-bytes", type=int, help="largest request body accepted (default: 10 MiB)")
     flag("--max-connections", type=int, help="open client connections before new ones wait (default: 1000)")
     flag("--header-timeout", type=float, help="seconds a client gets to send a request's headers (default: 10)")

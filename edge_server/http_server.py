@@ -15,6 +15,7 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import BadRequest, RequestEntityTooLarge, RequestHeaderFieldsTooLarge
 
+from edge_server.api.anthropic_api import anthropic_error_body, is_anthropic_path
 from edge_server.api.errors import APIError
 from edge_server.settings import Settings
 
@@ -68,12 +69,18 @@ class HardenedRequestParser(HTTPRequestParser):
 
 
 class JSONErrorTask(ErrorTask):
-    """waitress's own error answers (400, 413, 431, 501, 500) as the OpenAI error envelope; the connection closes."""
+    """waitress's own error answers (400, 413, 431, 501, 500) as the error envelope (Anthropic's on its routes); the
+    connection closes."""
 
     def execute(self) -> None:
         """Write the envelope."""
         error = self.request.error
-        body = json.dumps(APIError(self._message(error), status=error.code).body(), separators=(",", ":")).encode()
+        message = self._message(error)
+        if is_anthropic_path(getattr(self.request, "path", "") or ""):  # Anthropic's routes, Anthropic's envelope
+            payload = anthropic_error_body(error.code, message)
+        else:
+            payload = APIError(message, status=error.code).body()
+        body = json.dumps(payload, separators=(",", ":")).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
         self.set_close_on_finish()

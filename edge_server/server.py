@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import functools
 import logging
 import os
 import signal
@@ -17,6 +18,8 @@ from edge_server.http_server import create_hardened_server
 from edge_server.modelstore import resolve_model
 from edge_server.api.security import warn_if_exposed
 from edge_server.settings import EXIT_CONFIG, Settings
+from edge_server.api.observability import metrics_of
+from edge_server.api.registry import ModelRegistry, ModelSpec, model_role
 from edge_server.api.state import ServedModel, ServerState, state_of
 
 log = logging.getLogger("edge_server")
@@ -26,15 +29,13 @@ log = logging.getLogger("edge_server")
 def serve(settings: Settings) -> int:
     """Serve until interrupted; returns the exit status (2 for an unusable model or port)."""
     try:
-        resolved = resolve_model(settings.model, settings.models_dir, alias=settings.model_alias,
-                                 timeout=settings.download_timeout)
-        check_gguf_file(resolved.path)
+        specs = resolve_models(settings)
     except ModelLoadError as error:
         log.error("%s", error)
         return EXIT_CONFIG
-    if resolved.demo_warning:
+    if specs[0].demo_warning:
         log.warning("!" * 78)
-        log.warning("%s", resolved.demo_warning)
+        log.warning("%s", specs[0].demo_warning)
         log.warning("!" * 78)
     warn_if_exposed(settings)
     app = create_app(settings)
@@ -51,7 +52,11 @@ def serve(settings: Settings) -> int:
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror or error)
         return EXIT_CONFIG
     state = state_of(app)
-    threading.Thread(target=_load, args=(settings, resolved, state), name="edge-loader", daemon=True).start()
+    state.registry = ModelRegistry(specs, functools.partial(_load_model, settings), max_loaded=settings.max_loaded,
+                                   idle_unload=settings.idle_unload, events=metrics_of(app).model_event)
+    threading.Thread(target=_preload, args=(state.registry,), name="edge-loader", daemon=True).start()
+    if settings.idle_unload:
+        threading.Thread(target=_unload_idle, args=(state.registry,), name="edge-idle-unload", daemon=True).start()
     log.info("listening on http://%s:%s (model loading; GET /health is 503 until ready)",
              settings.host, server.effective_port)
     shutdown = GracefulShutdown(server, state, settings.shutdown_grace)
@@ -63,8 +68,7 @@ def serve(settings: Settings) -> int:
         if not shutdown.started:
             log.info("interrupted; shutting down at once")
     finally:
-        if state.served is not None:
-            state.served.engine.close()
+        state.registry.close()
     log.info("stopped")
     return 0
 
@@ -100,8 +104,8 @@ class GracefulShutdown:
         self._server.socket.close()
 
     def _drain(self) -> None:
-        if self._state.served is not None:
-            self._state.served.engine.drain(self._grace)
+        if self._state.registry is not None:
+            self._state.registry.drain(self._grace)
         dispatcher = self._server.task_dispatcher
         deadline = time.monotonic() + 5
         while (dispatcher.active_count or dispatcher.queue) and time.monotonic() < deadline:
@@ -110,25 +114,51 @@ class GracefulShutdown:
         self._server.trigger.pull_trigger()  # wake the loop now rather than at its select() timeout
 
 
-def _load(settings: Settings, resolved, state: ServerState) -> None:
+def resolve_models(settings: Settings) -> list[ModelSpec]:
+    """Each `--model` found or downloaded and checked (the newest local GGUF, the default download or the
+    demo model when none is given), with its id and role; `ModelLoadError` for an unusable one."""
+    names = settings.model or (None,)
+    specs = []
+    for index, name in enumerate(names):
+        alias = settings.model_alias[index] if index < len(settings.model_alias) else None
+        resolved = resolve_model(name, settings.models_dir, alias=alias, timeout=settings.download_timeout)
+        check_gguf_file(resolved.path)
+        specs.append(ModelSpec(resolved.model_id, resolved.path, model_role(resolved.path), resolved.demo_warning))
+    ids = [spec.id for spec in specs]
+    if len(set(ids)) != len(ids):
+        raise ModelLoadError(f"two models share an id ({', '.join(ids)}); name them with --model-alias")
+    return specs
+
+
+def _preload(registry: ModelRegistry) -> None:
     try:
-        engine = load_engine(resolved.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
-                             threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
-                             flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
-                             fault_seed=settings.fault_seed)
-    except ModelLoadError as error:
-        log.error("%s", error)
+        registry.preload()
+    except ModelLoadError:
         logging.shutdown()
         os._exit(EXIT_CONFIG)  # the HTTP server runs on the main thread; nothing useful is left to serve
+
+
+def _unload_idle(registry: ModelRegistry) -> None:
+    while True:
+        time.sleep(min(5.0, registry.idle_unload / 4))
+        registry.unload_idle()
+
+
+def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
+    engine = load_engine(spec.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
+                         threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
+                         flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
+                         fault_seed=settings.fault_seed, cache_type_k=settings.cache_type_k,
+                         cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified)
     info = engine.info
-    served = ServedModel.of(engine, resolved.model_id, resolved.demo_warning, chat_template=settings.chat_template)
-    state.attach(served)
+    served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
     log.info(
-        "model ready: %s (id %r) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s parallel=%d "
-        "chat_template=%s%s",
-        info.path, resolved.model_id, info.backend, info.gpu_layers, info.n_layer + 1, info.n_ctx,
+        "model ready: %s (id %r, %s) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s "
+        "parallel=%d chat_template=%s%s",
+        info.path, spec.id, spec.role, info.backend, info.gpu_layers, info.n_layer + 1, info.n_ctx,
         info.n_ctx_train, info.threads, " (fixed)" if settings.fixed_threads else " (fewer while faster)",
         settings.parallel, served.renderer.template.label,
         " (thinking: reasoning_content)" if served.renderer.thinks and settings.reasoning_format == "separate" else "",
     )
     sys.stderr.flush()
+    return served

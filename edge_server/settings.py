@@ -26,13 +26,17 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str | None = Field(None, description="GGUF path, file name in models/, or REPO/FILE on Hugging Face")
+    model: tuple[str, ...] = Field((), description="GGUF paths, file names in models/, or REPO/FILE on Hugging Face; "
+                                                   "the first is the default model")
     models_dir: Path = Field(Path("models"), description="where downloaded and generated models live")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default min(4096, trained)")
     n_gpu_layers: int | Literal["auto"] = "auto"
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type of keys")
+    cache_type_v: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type of values (quantized: needs flash attention)")
+    kv_unified: bool = Field(False, description="one KV pool of --n-ctx cells shared by all slots (not --parallel x --n-ctx)")
     threads: int = Field(default_factory=available_cores, ge=1)
     fixed_threads: bool = Field(False, description="always decode with --threads threads, never fewer")
     parallel: int = Field(4, ge=1, le=64)
@@ -40,7 +44,9 @@ class Settings(BaseModel):
     api_key: str | None = None
     api_key_file: Path | None = None
     cors_origin: tuple[str, ...] = ()
-    model_alias: str | None = None
+    model_alias: tuple[str, ...] = Field((), description="the ids of the models, in --model order (default: file stem)")
+    max_loaded: int | None = Field(None, ge=1, description="models held in memory at once (default: all of them)")
+    idle_unload: float = Field(0.0, ge=0, description="unload a model after this many idle seconds (0: never)")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_connections: int = Field(1000, ge=8, le=100_000, description="open client connections before new ones wait")
     header_timeout: float = Field(10.0, gt=0, description="seconds a client gets to send a request's headers")
@@ -54,6 +60,28 @@ class Settings(BaseModel):
     reasoning: Literal["on", "off", "auto"] = Field("auto", description="thinking models think (on), do not (off) or as their template defaults (auto)")
     reasoning_format: Literal["separate", "none"] = Field("separate", description="reasoning in reasoning_content (separate) or left in content (none)")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
+
+    @field_validator("model", "model_alias", mode="before")
+    @classmethod
+    def _several(cls, value: Any) -> Any:
+        if isinstance(value, str):  # EDGE_MODEL="a.gguf,b.gguf"
+            value = value.split(",")
+        return tuple(item.strip() for item in value or () if item and item.strip())
+
+    @model_validator(mode="after")
+    def _aliases_match_models(self) -> Settings:
+        if len(self.model_alias) > max(1, len(self.model)):
+            raise ValueError(f"{len(self.model_alias)} --model-alias values for {len(self.model)} --model values")
+        if len(set(self.model_alias)) != len(self.model_alias):
+            raise ValueError("--model-alias values must differ")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_values_need_flash_attention(self) -> Settings:
+        if self.cache_type_v != "f16" and self.flash_attn == "off":
+            raise ValueError(f"--cache-type-v {self.cache_type_v} needs flash attention (llama.cpp computes attention "
+                             "over quantized values only there): use --flash-attn auto or on, or --cache-type-v f16")
+        return self
 
     @field_validator("cors_origin", mode="before")
     @classmethod
@@ -93,7 +121,7 @@ class Settings(BaseModel):
             template_override(value)
         return value
 
-    @field_validator("api_key", "model_alias", "model", "chat_template", mode="before")
+    @field_validator("api_key", "chat_template", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

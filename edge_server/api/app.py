@@ -14,9 +14,12 @@ if TYPE_CHECKING:
 
 def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     """The Flask app; `served` may be attached later (GET /health answers 503 until then)."""
+    from edge_server.api.anthropic_api import anthropic
     from edge_server.api.chatpage import page
+    from edge_server.api.embeddings import embeddings_api
     from edge_server.api.observability import Metrics, register_observability
     from edge_server.api.openapi import spec
+    from edge_server.api.responses_api import responses_api
     from edge_server.api.routes import api
     from edge_server.api.security import register_security
     from edge_server.api.state import ServerState, attach_state
@@ -30,9 +33,13 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     if served is not None:
         state.attach(served)
     attach_state(app, state)
-    register_observability(app, Metrics(running=state.running, queued=state.queued))
+    register_observability(app, Metrics(running=state.running, queued=state.queued,
+                                        loaded=lambda: len(state.registry.loaded()) if state.registry else 0))
     register_security(app, settings)
     app.register_blueprint(api)
+    app.register_blueprint(embeddings_api)
+    app.register_blueprint(responses_api)
+    app.register_blueprint(anthropic)
     app.register_blueprint(page)
     app.register_blueprint(spec)
     app.register_blueprint(tokens_api)

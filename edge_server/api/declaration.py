@@ -20,13 +20,15 @@ View = TypeVar("View", bound=Callable[..., Any])
 @dataclass(frozen=True)
 class Reply:
     """One documented response: a JSON body (a pydantic model, or a literal JSON schema), an event stream
-    of `stream` chunks (`events` says what it sends, in order), or a string of media type `media`."""
+    of `stream` chunks (`events` says what it sends, in order), or media type `media` (a string, unless
+    `media_schema` says more, e.g. the events of a stream with named events)."""
 
     description: str
     json: type[BaseModel] | dict[str, Any] | None = None
     stream: type[BaseModel] | None = None
     events: str = ""
     media: str | None = None
+    media_schema: dict[str, Any] | None = None
     headers: tuple[str, ...] = ()  # required string headers besides X-Request-Id (e.g. ETag)
 
 

@@ -38,3 +38,43 @@ CHAT_EXAMPLES = {
 COMPLETION_EXAMPLES = {
     "simple": {"summary": "a prompt", "value": {"model": "qwen", "prompt": "Once upon a time", "max_tokens": 16}},
 }
+
+RESPONSES_EVENTS = """\
+Server-sent events, sent when the request has `"stream": true`: each is `event: <type>` and
+`data: <JSON>` with that `type`, numbered by `sequence_number` from 0 (SSE comments, `: ping`, keep a quiet
+stream alive):
+1. `response.created` and `response.in_progress`, each with the `response` so far (no output yet);
+2. per output item, in order (reasoning, then the message, then function calls):
+   `response.output_item.added` (`output_index`, `item`), then
+   - reasoning: `response.reasoning_text.delta` events (`item_id`, `content_index` 0, `delta`), then
+     `response.reasoning_text.done` (`text`);
+   - a message: `response.content_part.added` (`part`: an empty `output_text`),
+     `response.output_text.delta` events, `response.output_text.done` (`text`), `response.content_part.done`;
+   - a function call: `response.function_call_arguments.delta` events, then
+     `response.function_call_arguments.done` (`name`, `arguments`);
+   and `response.output_item.done` with the whole item;
+3. `response.completed` with the whole `response` and `usage`; `response.incomplete` when
+   `max_output_tokens` cut it (`incomplete_details.reason: max_output_tokens`); `response.failed` with
+   `response.error` when the generation failed.
+No `data: [DONE]` follows."""
+
+_WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Weather for a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+RESPONSES_EXAMPLES = {
+    "simple": {"summary": "a string input", "value": {
+        "model": "qwen", "instructions": "Be brief.", "input": "Hello!", "max_output_tokens": 32}},
+    "stream": {"summary": "streamed", "value": {"model": "qwen", "input": "Count to 3", "stream": True}},
+    "tools": {"summary": "a function tool", "value": {
+        "model": "qwen", "input": "Weather in Paris?", "tools": [_WEATHER_TOOL], "tool_choice": "auto"}},
+    "tool_result": {"summary": "a function call's output handed back", "value": {
+        "model": "qwen", "tools": [_WEATHER_TOOL], "input": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "{\"temperature\": 21}"}]}},
+    "json_schema": {"summary": "structured output", "value": {
+        "input": "A city as JSON", "text": {"format": {"type": "json_schema", "name": "city", "strict": True, "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"],
+            "additionalProperties": False}}}}},
+    "reasoning": {"summary": "thinking off", "value": {"input": "Hi", "reasoning": {"effort": "none"}}},
+}

@@ -31,7 +31,7 @@ def log_safe(text: str) -> str:
 class Metrics:
     """The metrics of one app, in its own registry (no module-level state)."""
 
-    def __init__(self, running: Callable[[], int], queued: Callable[[], int]):
+    def __init__(self, running: Callable[[], int], queued: Callable[[], int], loaded: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         self.requests = Counter("edge_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -45,6 +45,13 @@ class Metrics:
                                      registry=self.registry)
         Gauge("edge_queue_depth", "Requests waiting for a slot", registry=self.registry).set_function(queued)
         Gauge("edge_busy_slots", "Slots running a request", registry=self.registry).set_function(running)
+        Gauge("edge_models_loaded", "Models in memory", registry=self.registry).set_function(loaded)
+        self.model_events = Counter("edge_model_events", "Model loads, failed loads and unloads", ["model", "event"],
+                                    registry=self.registry)
+
+    def model_event(self, event: str, model_id: str) -> None:
+        """Count a model's load, failed load or unload."""
+        self.model_events.labels(model=model_id, event=event).inc()
 
     def observe_generation(self, prompt_tokens: int, completion_tokens: int, ttft: float | None,
                            rate: float) -> None:

@@ -39,22 +39,33 @@ _CACHE_KEY = "edge_server_openapi"
 
 # ---- small response bodies that have no pydantic model elsewhere -------------------------------
 
+class ModelStatus(BaseModel):
+    """One configured model in GET /health."""
+
+    id: str
+    role: Literal["chat", "embedding"]
+    state: Literal["unloaded", "loading", "ready", "failed"]
+    error: str | None = Field(description="why the last load failed (null when it did not)")
+
+
 class Health(BaseModel):
-    """GET /health once the model is loaded."""
+    """GET /health once the server has started (the figures are the default model's, or of another model in
+    memory while the default is unloaded; null when none is)."""
 
     status: Literal["ok"]
-    model: str = Field(description="the id /v1/models shows")
+    model: str = Field(description="the default model's id")
     demo: bool = Field(description="true when serving the generated demo model")
-    backend: str = Field(description="llama.cpp backend, e.g. CPU, CUDA, Metal")
-    gpu_layers: int = Field(description="layers offloaded to the GPU")
-    n_ctx: int = Field(description="tokens per request, prompt + completion")
-    threads: int = Field(description="the most threads decoding may use (--threads)")
-    threads_in_use: int = Field(description="threads decoding uses now: fewer while fewer run faster, "
-                                            "e.g. beside another busy process (unless --fixed-threads)")
-    parallel: int = Field(description="requests decoded together")
-    running: int = Field(description="requests being decoded now")
-    queued: int = Field(description="requests waiting for a slot")
+    backend: str | None = Field(description="llama.cpp backend, e.g. CPU, CUDA, Metal")
+    gpu_layers: int | None = Field(description="layers offloaded to the GPU")
+    n_ctx: int | None = Field(description="tokens per request, prompt + completion")
+    threads: int | None = Field(description="the most threads decoding may use (--threads)")
+    threads_in_use: int | None = Field(description="threads decoding uses now: fewer while fewer run faster, "
+                                                   "e.g. beside another busy process (unless --fixed-threads)")
+    parallel: int | None = Field(description="requests decoded together")
+    running: int = Field(description="requests being decoded now, over every model")
+    queued: int = Field(description="requests waiting for a slot, over every model")
     prefix_cache_tokens: int = Field(description="prompt tokens reused from slots' prefix caches so far")
+    models: list[ModelStatus] = Field(description="every configured model, the default first")
 
 
 class HealthUnavailable(BaseModel):
@@ -238,7 +249,7 @@ def _reply(reply: Reply, refs: dict[type[BaseModel], dict[str, str]]) -> dict[st
     if reply.stream is not None:
         content["text/event-stream"] = _event_stream(reply, refs)
     if reply.media is not None:
-        content[reply.media] = {"schema": {"type": "string"}}
+        content[reply.media] = {"schema": reply.media_schema or {"type": "string"}}
     return _response(reply.description, content,
                      {name: {"required": True, "schema": {"type": "string"}} for name in reply.headers})
 

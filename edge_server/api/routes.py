@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flask import Blueprint, jsonify
 from flask import request as raw_request
 
@@ -13,6 +15,7 @@ from edge_server.api.serialize import chat_answer, chat_stream, text_answer, tex
 from edge_server.api.openapi import Health, HealthUnavailable
 from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, parse_body
 from edge_server.api.schemas import ChatCompletion, ChatCompletionChunk, TextCompletion
+from edge_server.api.registry import ModelSpec
 from edge_server.api.state import ServedModel, state_of
 from edge_server.api.submit import (context_check, event_stream, log_unknown_fields, refuse_unfittable,
                                     served_model, start_chat, start_generation, whole_answer)
@@ -28,29 +31,39 @@ def health():
     state = state_of()
     if state.shutting_down:
         return jsonify({"status": "shutting_down"}), 503
-    if state.served is None:
+    registry = state.registry
+    if registry is None or not registry.started:
         return jsonify({"status": "loading"}), 503
-    engine = state.served.engine
-    info = engine.info
+    loaded = registry.loaded()
+    # The figures of the default model, or of another in memory while the default is unloaded.
+    served = registry.default() or (loaded[0] if loaded else None)
+    engine = served.engine if served else None
+    info = engine.info if engine else None
     return jsonify({
         "status": "ok",
-        "model": state.served.model_id,
-        "demo": state.served.demo_warning is not None,
-        "backend": info.backend,
-        "gpu_layers": info.gpu_layers,
-        "n_ctx": info.n_ctx,
-        "threads": info.threads,
-        "threads_in_use": engine.threads_in_use,
-        "parallel": engine.parallel,
-        "running": engine.running,
-        "queued": engine.queued,
-        "prefix_cache_tokens": engine.reused_tokens,
+        "model": registry.default_id,
+        "demo": registry.spec(registry.default_id).demo_warning is not None,
+        "backend": info.backend if info else None,
+        "gpu_layers": info.gpu_layers if info else None,
+        "n_ctx": info.n_ctx if info else None,
+        "threads": info.threads if info else None,
+        "threads_in_use": engine.threads_in_use if engine else None,
+        "parallel": engine.parallel if engine else None,
+        "running": state.running(),
+        "queued": state.queued(),
+        "prefix_cache_tokens": sum(s.engine.reused_tokens for s in loaded),
+        "models": registry.status(),
     })
 
 
-def _model_card(served: ServedModel) -> ModelCard:
+def _model_card(spec: ModelSpec, served: ServedModel | None) -> ModelCard:
+    if served is None:  # configured, not in memory: what the file says
+        return ModelCard(id=spec.id, created=_mtime(spec.path),
+                         meta={"file": spec.path.name, "role": spec.role, "loaded": False})
     info = served.engine.info
     meta = {
+        "role": spec.role,
+        "loaded": True,
         "file": info.path.name,
         "n_ctx": info.n_ctx,
         "n_ctx_train": info.n_ctx_train,
@@ -61,26 +74,41 @@ def _model_card(served: ServedModel) -> ModelCard:
     }
     if served.demo_warning:
         meta.update(demo=True, warning=served.demo_warning)
-    return ModelCard(id=served.model_id, created=int(info.path.stat().st_mtime), meta=meta)
+    return ModelCard(id=spec.id, created=_mtime(info.path), meta=meta)
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return 0
+
+
+def _cards(ids: list[str]) -> list[ModelCard]:
+    served_model()  # 503 while the server starts or shuts down
+    registry = state_of().registry
+    loaded = {served.model_id: served for served in registry.loaded()}
+    return [_model_card(registry.spec(model_id), loaded.get(model_id)) for model_id in ids]
 
 
 @api.get("/v1/models")
-@documented("listModels", "models", "The served model", {200: Reply("The one served model.", ModelList)}, errors=(503,))
+@documented("listModels", "models", "The served models", {200: Reply("Every configured model, the default first.",
+                                                                      ModelList)}, errors=(503,))
 def list_models():
-    """The served model (OpenAI `models.list`)."""
-    return ModelList(data=[_model_card(served_model())]).model_dump()
+    """Every configured model, loaded or not (OpenAI `models.list`)."""
+    return ModelList(data=_cards(state_of().registry.ids if state_of().registry else [])).model_dump()
 
 
 @api.get("/v1/models/<path:model_id>")
 @documented("getModel", "models", "One model by id", {200: Reply("The model.", ModelCard)}, errors=(404, 503),
-            params={"model_id": "the served model's id (--model-alias); may contain '/'"})
+            params={"model_id": "a served model's id (--model-alias); may contain '/'"})
 def get_model(model_id: str):
     """One model by id, or a 404 envelope."""
-    served = served_model()
-    if model_id != served.model_id:
-        raise APIError(f"The model '{model_id}' does not exist; this server serves '{served.model_id}'.",
-                       status=404, param="model", code="model_not_found")
-    return _model_card(served).model_dump()
+    registry = state_of().registry
+    if registry is not None and registry.spec(model_id) is None:
+        raise APIError(f"The model '{model_id}' does not exist; this server serves "
+                       f"{', '.join(map(repr, registry.ids))}.", status=404, param="model", code="model_not_found")
+    return _cards([model_id])[0].model_dump()
 
 
 @api.post("/v1/chat/completions")
@@ -114,7 +142,7 @@ def completions():
     if request.suffix:
         raise APIError("'suffix' (fill-in-the-middle) is not supported by this server.", param="suffix",
                        code="unsupported_parameter")
-    served = served_model()
+    served = served_model(request.model, role="chat")
     prompt_text = request.prompt_text()
     if not prompt_text:
         raise APIError("'prompt' must not be empty.", param="prompt", code="invalid_value")

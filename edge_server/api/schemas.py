@@ -336,9 +336,9 @@ class ChatCompletionRequest(GenerationRequest):
         for param, choice in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
             named = choice.function.name if isinstance(choice, NamedToolChoice) else getattr(choice, "name", None)
             if named is not None and named not in names:
-                raise _FieldError(param, f"names function {named!r}, which is not among the request's functions")
+                raise FieldError(param, f"names function {named!r}, which is not among the request's functions")
             if choice in ("required",) and not names:
-                raise _FieldError(param, "'required' needs at least one tool")
+                raise FieldError(param, "'required' needs at least one tool")
         return self
 
     def function_definitions(self) -> list[FunctionDefinition]:
@@ -589,7 +589,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class _FieldError(ValueError):
+class FieldError(ValueError):
     """A cross-field check that names the field at fault (pydantic would blame the whole body)."""
 
     def __init__(self, param: str, message: str):
@@ -650,7 +650,7 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        cause = next((e["ctx"]["error"] for e in error.errors() if isinstance(e.get("ctx", {}).get("error"), _FieldError)),
+        cause = next((e["ctx"]["error"] for e in error.errors() if isinstance(e.get("ctx", {}).get("error"), FieldError)),
                      None)
         if cause is not None:
             raise APIError(f"Invalid '{cause.param}': {cause}.", param=cause.param, code="invalid_value") from None

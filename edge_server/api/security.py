@@ -14,10 +14,11 @@ from edge_server.settings import Settings
 log = logging.getLogger("edge_server")
 PROTECTED_PREFIX = "/v1/"
 METRICS_PATH = "/metrics"
+TOKEN_PATHS = frozenset({"/tokenize", "/detokenize"})  # llama-server's paths, outside /v1/ but the API all the same
 
 
 def register_security(app: Flask, settings: Settings) -> None:
-    """Bearer auth on /v1/* (when a key is set) and CORS for the allowed origins (off by default)."""
+    """Bearer (or x-api-key) auth on /v1/* (when a key is set) and CORS for the allowed origins (off by default)."""
     origins = set(settings.cors_origin)
 
     @app.before_request
@@ -25,9 +26,9 @@ def register_security(app: Flask, settings: Settings) -> None:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             return Response(status=204)  # answered before auth: browsers send no credentials here
         if settings.api_key is not None and needs_key(request.path, settings):
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
-                raise APIError("Missing or wrong API key: send 'Authorization: Bearer <key>'.", status=401,
+            if not has_key(settings.api_key):
+                raise APIError("Missing or wrong API key: send 'Authorization: Bearer <key>' "
+                               "(or Anthropic's 'x-api-key: <key>').", status=401,
                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return None
 
@@ -36,7 +37,8 @@ def register_security(app: Flask, settings: Settings) -> None:
         origin = request.headers.get("Origin", "").rstrip("/")
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Headers"] = ("Authorization, Content-Type, X-Api-Key, "
+                                                                "Anthropic-Version, Anthropic-Beta")
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
             response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
             response.headers["Access-Control-Max-Age"] = "600"
@@ -44,10 +46,18 @@ def register_security(app: Flask, settings: Settings) -> None:
         return response
 
 
+def has_key(api_key: str) -> bool:
+    """Whether the request carries `api_key`: as a bearer token, or in Anthropic's `x-api-key` header."""
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    given = bearer.strip() if scheme.lower() == "bearer" else request.headers.get("X-Api-Key", "").strip()
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
 def needs_key(path: str, settings: Settings) -> bool:
     """Whether a request to `path` must carry the API key, once the server has one."""
     # /metrics tells request, token and queue figures: private with the API, unless asked otherwise.
-    return path.startswith(PROTECTED_PREFIX) or (path == METRICS_PATH and not settings.metrics_public)
+    return (path.startswith(PROTECTED_PREFIX) or path in TOKEN_PATHS
+            or (path == METRICS_PATH and not settings.metrics_public))
 
 
 def warn_if_exposed(settings: Settings) -> None:

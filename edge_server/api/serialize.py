@@ -10,7 +10,7 @@ from edge_server.api.errors import generation_failure
 from edge_server.api.observability import Accounting
 from edge_server.engine.types import FinishReason
 from edge_server.generation.reasoning import ReasoningDelta
-from edge_server.generation.pipeline import QUIET, ClientGone, Collected, Generation, Outcome
+from edge_server.generation.pipeline import QUIET, ClientGone, Collected, Generation, Heartbeat, Outcome
 from edge_server.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -35,7 +35,7 @@ def _usage(outcome: Outcome) -> Usage:
     return Usage.of(outcome.prompt_tokens, outcome.completion_tokens, outcome.reasoning_tokens, outcome.cached_tokens)
 
 
-def _collect(generation: Generation, account: Accounting) -> Collected:
+def collect_accounted(generation: Generation, account: Accounting) -> Collected:
     """Run the generation to its end and account for it once: a 499 when the client left (`ClientGone`
     goes on up), else a 200, then the error of a failed generation is raised."""
     try:
@@ -55,7 +55,7 @@ def _collect(generation: Generation, account: Accounting) -> Collected:
 def chat_answer(generation: Generation, model: str, account: Accounting, *,
                 legacy_functions: bool = False, fingerprint: str | None = None) -> ChatCompletion:
     """The whole `chat.completion` once the generation has ended."""
-    collected = _collect(generation, account)
+    collected = collect_accounted(generation, account)
     outcome = generation.outcome
     return ChatCompletion(
         id=completion_id(),
@@ -125,7 +125,7 @@ def _chat_delta(event: Event | ReasoningDelta, legacy_functions: bool) -> Delta:
 def text_answer(generation: Generation, model: str, account: Accounting, *, echo_prefix: str = "",
                 fingerprint: str | None = None) -> TextCompletion:
     """The whole `text_completion` once the generation has ended."""
-    text = _collect(generation, account).content or ""
+    text = collect_accounted(generation, account).content or ""
     outcome = generation.outcome
     return TextCompletion(
         id=completion_id("cmpl"),
@@ -160,6 +160,23 @@ def text_stream(
     )
 
 
+def accounted_events(generation: Generation, heartbeat_seconds: float,
+                     account: Accounting) -> Iterator[Event | ReasoningDelta | Heartbeat]:
+    """A stream's events (`QUIET` in quiet spells), its request accounted once however it ends: a client that
+    left ends the iteration with the outcome CANCELLED; closing this (the WSGI server did) closes the generation."""
+    outcome = generation.outcome
+    try:
+        with closing(generation.events(heartbeat_seconds)) as events:
+            yield from events
+    except (ClientGone, GeneratorExit) as gone:  # GeneratorExit: the WSGI server closed us mid-write
+        outcome.finish_reason = FinishReason.CANCELLED
+        account.end(outcome)
+        if isinstance(gone, GeneratorExit):
+            raise
+        return
+    account.end(outcome)  # before the last events: the line is logged by the time the client has them
+
+
 def _stream_body(
     generation: Generation,
     heartbeat_seconds: float,
@@ -170,17 +187,11 @@ def _stream_body(
     usage_event: Callable[[Usage], bytes] | None,
 ) -> Iterator[bytes]:
     outcome = generation.outcome
-    try:
-        with closing(generation.events(heartbeat_seconds)) as events:
-            for event in events:
-                yield sse.PING if event is QUIET else delta_event(event)
-    except (ClientGone, GeneratorExit) as gone:  # GeneratorExit: the WSGI server closed us mid-write
-        outcome.finish_reason = FinishReason.CANCELLED
-        account.end(outcome)
-        if isinstance(gone, GeneratorExit):
-            raise
+    with closing(accounted_events(generation, heartbeat_seconds, account)) as events:
+        for event in events:
+            yield sse.PING if event is QUIET else delta_event(event)
+    if outcome.finish_reason is FinishReason.CANCELLED:
         return
-    account.end(outcome)  # before the last events: the line is logged by the time the client has them
     if outcome.error:
         yield sse.event(generation_failure(outcome.error, outcome.error_code).body())
         return

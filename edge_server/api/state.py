@@ -5,14 +5,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 from flask import Flask, current_app, request
 
 import edge_server
 from edge_server.dialects.dialect import ToolDialect, detect_dialect
+
+if TYPE_CHECKING:
+    from edge_server.api.registry import ModelRegistry
+    from edge_server.engine.embedder import Embedder
 from edge_server.engine.chat_templates import choose_chat_template, template_override
 from edge_server.engine.protocol import EngineClient
 from edge_server.generation.prompt import PromptRenderer
@@ -28,6 +34,18 @@ class ServedModel:
     model_id: str
     demo_warning: str | None = None
     fingerprint: str = ""  # `system_fingerprint`: this model file under this build
+    _embedder: Any = field(default=None, init=False, repr=False, compare=False)
+    _embedder_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    def embedder(self) -> Embedder:
+        """The model's embedding context (engine/embedder.py), created on first use; raises
+        `EmbeddingUnsupported` for a model without embeddings."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                from edge_server.engine.embedder import open_embedder
+
+                self._embedder = open_embedder(self.engine)
+            return self._embedder
 
     @property
     def dialect(self) -> ToolDialect:
@@ -68,23 +86,30 @@ def _fingerprint(path: Path, template: str) -> str:
 
 @dataclass
 class ServerState:
-    """One per app (`state_of`); `served` is None while the model loads."""
+    """One per app (`state_of`); `registry` is None until the server has resolved its models."""
 
     settings: Settings
-    served: ServedModel | None = None
+    registry: ModelRegistry | None = None
     shutting_down: bool = False
 
+    @property
+    def served(self) -> ServedModel | None:
+        """The default model once it is loaded."""
+        return self.registry.default() if self.registry else None
+
     def running(self) -> int:
-        """Requests holding a slot (0 while loading)."""
-        return self.served.engine.running if self.served else 0
+        """Requests holding a slot, over every loaded model."""
+        return self.registry.running() if self.registry else 0
 
     def queued(self) -> int:
-        """Requests waiting for a slot (0 while loading)."""
-        return self.served.engine.queued if self.served else 0
+        """Requests waiting for a slot, over every loaded model."""
+        return self.registry.queued() if self.registry else 0
 
     def attach(self, served: ServedModel) -> None:
-        """Start answering with a loaded model."""
-        self.served = served
+        """Answer with one model that is already loaded."""
+        from edge_server.api.registry import ModelRegistry
+
+        self.registry = ModelRegistry.of_loaded(served)
 
 
 _EXTENSION = "edge_server"

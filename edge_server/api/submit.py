@@ -21,21 +21,27 @@ from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
 from edge_server.engine.protocol import CompiledGrammarHandle
 from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong
 from edge_server.generation.pipeline import ClientGone, Generation
+from edge_server.generation.prompt import ChatPrompt
 from edge_server.generation.reasoning import ReasoningSplitter, grammar_after_reasoning
 
 log = logging.getLogger("edge_server")
 
 
-def served_model() -> ServedModel:
-    """The loaded model, or a 503 while it is still loading or the server is shutting down."""
-    if state_of().shutting_down:
+def served_model(name: str | None = None, *, role: str | None = None) -> ServedModel:
+    """The model a request names (loaded on first use), or the API's 404 for an unknown one, 400 for one
+    of the wrong `role`, 503 while loading or shutting down."""
+    state = state_of()
+    if state.shutting_down:
         raise APIError("The server is shutting down; retry against its next start.", status=503,
                        code="shutting_down", headers={"Retry-After": "5"})
-    served = state_of().served
-    if served is None:
+    if state.registry is None:
         raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
                        status=503, code="model_loading", headers={"Retry-After": "2"})
-    return served
+    spec = state.registry.spec(state.registry.entry_id(name))
+    if role is not None and spec.role != role:
+        raise APIError(f"The model '{spec.id}' is for {spec.role}; this endpoint needs a {role} model.",
+                       param="model", code="wrong_model_type")
+    return state.registry.get(name)
 
 
 @dataclass
@@ -48,16 +54,31 @@ class ChatRun:
     fingerprint: str
 
 
-def start_chat(request: ChatCompletionRequest) -> ChatRun:
-    """Render, plan tools, compile the grammar and submit `request`; raises the API's 4xx/429/503 errors."""
+@dataclass
+class RenderedChat:
+    """A chat request rendered for its model: the model, the tool plan, the prompt."""
+
+    served: ServedModel
+    plan: ToolPlan
+    prompt: ChatPrompt
+
+
+def render_chat(request: ChatCompletionRequest) -> RenderedChat:
+    """Pick the model, plan tools and render the prompt; raises the API's 4xx/503 errors (nothing is generated)."""
     log_unknown_fields(request)
-    served = served_model()
+    served = served_model(request.model, role="chat")
     refuse_unfittable(rendered_characters(request), served)
     plan = plan_tools(request, served.dialect)
-    settings = state_of().settings
     with context_check(served):
         prompt = served.renderer.chat_prompt(request.messages, tools=plan.template_tools,
-                                             template_kwargs=request.template_kwargs(settings.reasoning))
+                                             template_kwargs=request.template_kwargs(state_of().settings.reasoning))
+    return RenderedChat(served, plan, prompt)
+
+
+def start_chat(request: ChatCompletionRequest) -> ChatRun:
+    """Render, compile the grammar and submit `request`; raises the API's 4xx/429/503 errors."""
+    served, plan, prompt = (rendered := render_chat(request)).served, rendered.plan, rendered.prompt
+    settings = state_of().settings
     grammar = None
     if plan.grammar is not None:
         try:

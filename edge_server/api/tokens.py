@@ -70,7 +70,7 @@ class DetokenizeResponse(BaseModel):
 def tokenize():
     """Tokenize `content` as is, or `messages` exactly as a chat request would be rendered."""
     request = parse_body(TokenizeRequest, raw_request.get_data(cache=False))
-    served = served_model()
+    served = served_model(request.model)
     engine = served.engine
     if request.messages is not None:
         template_tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)}
@@ -97,7 +97,7 @@ def tokenize():
 def detokenize():
     """The text token ids stand for, special tokens written out."""
     request = parse_body(DetokenizeRequest, raw_request.get_data(cache=False))
-    engine = served_model().engine
+    engine = served_model(request.model).engine
     n_vocab = engine.info.n_vocab
     bad = next((i for i, token in enumerate(request.tokens) if not 0 <= token < n_vocab), None)
     if bad is not None:

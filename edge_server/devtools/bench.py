@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ TARGETS = {
     "aggregate_4_over_1_min": 1.7,
     "warm_over_cold_ttft_max": 0.1,
     "rss_over_raw_max_mb": 80,
+    "shared_prompt_ttft_ratio_max": 1.5,  # 4 clients with one fresh system prompt: median TTFT over one client's
 }
 
 
@@ -192,6 +194,32 @@ def run_together(base_url: str, bodies: list[dict]) -> tuple[list[Stream], float
     return streams, time.perf_counter() - started
 
 
+def shared_system_prompt(base_url: str, prompt: str, bias: dict[str, float], *, clients: int = 4, rounds: int = 2,
+                         max_tokens: int = 8) -> dict:
+    """`clients` arriving together with the same fresh system prompt (no slot holds it) and different
+    questions: their median time to first token against one client alone on a fresh one (median of
+    `rounds`). Peer-neutral: any OpenAI-compatible server at `base_url` can be measured."""
+
+    def body(user: str, system: str) -> dict:
+        return {"model": "bench", "messages": messages(system, user), "max_tokens": max_tokens,
+                "temperature": 0.0, "logit_bias": bias}
+
+    def fresh() -> str:
+        return f"Session {uuid.uuid4().hex}. " + prompt
+
+    alone, together = [], []
+    for _ in range(rounds):
+        alone.append(Stream(base_url, body("What do the notes say?", fresh())).run().ttft)
+        system = fresh()
+        streams, _ = run_together(base_url, [body(f"Question {i}: what does note {i * 7} say?", system)
+                                             for i in range(clients)])
+        together.append(statistics.median(s.ttft for s in streams))
+    return {"clients": clients, "alone_ttft_s": statistics.median(alone),
+            "together_median_ttft_s": statistics.median(together),
+            "ratio": statistics.median(together) / statistics.median(alone),
+            "rounds_alone_s": alone, "rounds_together_s": together}
+
+
 def decode_throughput(streams: list[Stream]) -> float:
     """Tokens after the first of each stream, per second of time during which any stream decoded."""
     spans = sorted((s.first, s.last) for s in streams)
@@ -240,6 +268,26 @@ def beside_a_busy_core(model: Path, *, threads: int, body: dict, raw_runner: Raw
     return results
 
 
+KV_CONFIGS = {"default (f16, apart)": [], "--kv-unified": ["--kv-unified"],
+              "--kv-unified q8_0/q8_0": ["--kv-unified", "--cache-type-k", "q8_0", "--cache-type-v", "q8_0"]}
+
+
+def kv_memory(model: Path, *, threads: int, parallel: int, body: dict, out: Path) -> dict:
+    """The server's resident memory after one ~700-token request, per KV cache configuration (MB)."""
+    results = {}
+    for label, flags in KV_CONFIGS.items():
+        port = free_port()
+        server = start_server(model, port=port, log_path=out / "server-kv.log",
+                              flags=["--threads", str(threads), "--parallel", str(parallel), *flags])
+        try:
+            Stream(f"http://127.0.0.1:{port}", body).run()
+            results[label] = memory_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    return results
+
+
 # ---- the run ---------------------------------------------------------------------------------
 
 def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Path) -> dict:
@@ -284,6 +332,8 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
                 finish_reasons[s.finish] = finish_reasons.get(s.finish, 0) + 1
             if n == 4:
                 rss_at_4 = peak_rss_mb(server.pid)
+        print("server, shared system prompt ...", flush=True)
+        shared = shared_system_prompt(base_url, prompt, bias, clients=parallel)
         print("server, prefix cache ...", flush=True)
         fresh = f"Session {uuid.uuid4().hex}. " + prompt  # a prefix no slot holds
         cold = Stream(base_url, body("First question.", fresh)).run()
@@ -297,6 +347,8 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
     busy = beside_a_busy_core(model, threads=threads, body=body("Summarise the notes."), raw_runner=raw_runner,
                               out=out)
     raw_runner.close()
+    print("KV cache memory ...", flush=True)
+    kv_rss = kv_memory(model, threads=threads, parallel=parallel, body=body("Summarise the notes."), out=out)
     raw = {**raw_runs[0], "decode_tok_s": max(r["decode_tok_s"] for r in raw_runs),
            "decode_runs_tok_s": [r["decode_tok_s"] for r in raw_runs],
            "peak_rss_mb": max(r["peak_rss_mb"] for r in raw_runs)}
@@ -308,15 +360,18 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
                           "completion_tokens": single.usage["completion_tokens"]},
         "concurrency": concurrency,
         "prefix_cache": {"cold_ttft_s": cold.ttft, "warm_ttft_s": warm.ttft},
+        "shared_system_prompt": shared,
         "rss_mb": {"raw_peak": raw["peak_rss_mb"], "server_peak_at_4_streams": rss_at_4, "server_peak": server_rss},
         "finish_reasons": finish_reasons,
         "threads_in_use_unloaded": threads_in_use,
         "beside_a_busy_core": busy,
+        "kv_rss_mb": kv_rss,
     }
     results["checks"] = {
         "decode_ratio": max(s.decode_rate for s in singles) / raw["decode_tok_s"],
         "aggregate_4_over_1": concurrency[4]["decode_tok_s"] / concurrency[1]["decode_tok_s"],
         "warm_over_cold_ttft": warm.ttft / cold.ttft,
+        "shared_prompt_ttft_ratio": shared["ratio"],
         "rss_over_raw_mb": rss_at_4 - raw["peak_rss_mb"],
         "all_streams_ran_to_max_tokens": set(finish_reasons) == {"length"},
     }
@@ -347,12 +402,19 @@ def markdown(results: dict) -> str:
         f"| cold / warm prefix TTFT | {results['prefix_cache']['cold_ttft_s']:.2f} s / "
         f"{results['prefix_cache']['warm_ttft_s']:.3f} s | |",
         f"| warm / cold TTFT | {checks['warm_over_cold_ttft']:.3f} | <= {TARGETS['warm_over_cold_ttft_max']} |",
+        f"| shared fresh system prompt, {results['shared_system_prompt']['clients']} clients: median TTFT / one "
+        f"client's | {results['shared_system_prompt']['together_median_ttft_s']:.2f} s / "
+        f"{results['shared_system_prompt']['alone_ttft_s']:.2f} s = {checks['shared_prompt_ttft_ratio']:.2f} | "
+        f"<= {TARGETS['shared_prompt_ttft_ratio_max']} |",
         f"| peak RSS raw / server at 4 streams | {results['rss_mb']['raw_peak']:.0f} MB / "
         f"{results['rss_mb']['server_peak_at_4_streams']:.0f} MB | |",
         f"| server RSS over raw | {checks['rss_over_raw_mb']:.0f} MB | <= {TARGETS['rss_over_raw_max_mb']} MB |",
         f"| finish reasons | {results['finish_reasons']} | all `length` |",
         f"| threads in use after the run (unloaded machine) | {results['threads_in_use_unloaded']} | |",
     ]
+    lines += ["", f"Server RSS after one request, `--parallel {results['parallel']}`, by KV cache configuration:", "",
+              "| KV cache | RSS |", "|---|---|"]
+    lines += [f"| {label} | {mb:.0f} MB |" for label, mb in results["kv_rss_mb"].items()]
     busy = results["beside_a_busy_core"]
     lines += [
         "",
@@ -401,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--shared-prompt-at", metavar="URL",
+                        help="only the shared-system-prompt scenario, against a server already running at URL "
+                             "(ours or a peer such as llama-server, on the same model); prints JSON")
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n-ctx", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--bias", default="{}", help=argparse.SUPPRESS)
@@ -411,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
                    bias=json.loads(args.bias), system=args.system)
         return 0
     model = args.model or ensure_bench_model()
+    if args.shared_prompt_at:
+        vocab = load_vocab(model)
+        shared = shared_system_prompt(args.shared_prompt_at.rstrip("/"), shared_prompt(vocab), end_of_turn_bias(vocab),
+                                      clients=args.parallel)
+        print(json.dumps(shared, indent=2))
+        return 0
     results = bench(model, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, out=args.out)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(results))

@@ -9,7 +9,7 @@ import functools
 import heapq
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import gguf
@@ -30,6 +30,7 @@ __all__ = [
     "render_generation_prompt",
     "segment_script",
     "tokenize",
+    "write_embedding_model",
     "write_random_model",
     "write_scripted_model",
     "write_scripted_vocab_model",
@@ -402,15 +403,16 @@ def _random_layers(rng: np.random.Generator, *, n_layer: int, n_embd: int, n_hea
 def _write_gguf(path: Path, *, name: str, tokens: list[str], types: list[int], merges: list[str],
                 tensors: dict[str, np.ndarray | tuple[np.ndarray, gguf.GGMLQuantizationType]], n_layer: int,
                 n_embd: int, n_head: int, n_head_kv: int, n_ff: int, context_length: int, pre: str = "qwen2",
-                chat_template: str = CHAT_TEMPLATE, special_ids: dict[str, int] | None = None,
-                rope_freq_base: float = 1_000_000.0) -> Path:
+                chat_template: str | None = CHAT_TEMPLATE, special_ids: dict[str, int] | None = None,
+                rope_freq_base: float = 1_000_000.0, arch: str = "qwen2",
+                more_metadata: Callable[[gguf.GGUFWriter], None] = lambda writer: None) -> Path:
     """Write a qwen2 GGUF with the ChatML tokenizer metadata and the given tensors (an array, or an array
     already quantized with its type). `special_ids` (bos, eos, eot, pad) default to the ChatML markers."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ids = {text: i for i, text in enumerate(tokens)}
     special_ids = special_ids or {"bos": ids["<|endoftext|>"], "eos": ids["<|im_end|>"], "eot": ids["<|im_end|>"],
                                   "pad": ids["<|endoftext|>"]}
-    writer = gguf.GGUFWriter(path, "qwen2")
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_context_length(context_length)
@@ -428,10 +430,13 @@ def _write_gguf(path: Path, *, name: str, tokens: list[str], types: list[int], m
     writer.add_token_merges(merges)
     writer.add_bos_token_id(special_ids["bos"])
     writer.add_eos_token_id(special_ids["eos"])
-    writer.add_eot_token_id(special_ids["eot"])
+    if "eot" in special_ids:
+        writer.add_eot_token_id(special_ids["eot"])
     writer.add_pad_token_id(special_ids["pad"])
     writer.add_add_bos_token(False)
-    writer.add_chat_template(chat_template)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    more_metadata(writer)
     for tensor_name, array in tensors.items():
         if isinstance(array, tuple):  # (quantized bytes, their type)
             writer.add_tensor(tensor_name, array[0], raw_dtype=array[1])
@@ -951,6 +956,41 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
                        n_head_kv=n_head, n_ff=n_ff, context_length=context_length, pre=vocab.pre,
                        chat_template=template_text, special_ids=vocab.special_ids,
                        rope_freq_base=float(2.0 ** (_HEAD_DIM // 2)))
+
+
+_EMBEDDING_NAME = "edge-server synthetic embedding model (random weights, not a real embedder)"
+
+
+def write_embedding_model(path: str | Path, *, pooling: str = "last", seed: int = 0, n_layer: int = 2,
+                          n_embd: int = 64, n_head: int = 4, n_head_kv: int = 2, n_ff: int = 128,
+                          context_length: int = 512) -> Path:
+    """Write a tiny qwen3 GGUF shaped like Qwen3-Embedding: random weights, `<arch>.pooling_type` metadata
+    (`pooling`: none, mean, cls, last or rank) and a tokenizer that appends <|endoftext|> to every text."""
+    _check_shape(n_embd, n_head, n_head_kv)
+    rng = np.random.default_rng(seed)
+    tokens, types, merges = _vocabulary()
+    ids = {text: i for i, text in enumerate(tokens)}
+    head_dim = n_embd // n_head
+    tensors = {"token_embd.weight": rng.standard_normal((len(tokens), n_embd)).astype(np.float16),
+               "output_norm.weight": np.ones(n_embd, np.float32)}
+    for name, array in _random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                                      n_ff=n_ff, mix=1.0).items():
+        if not name.endswith(".bias"):  # qwen3 has no attention biases, but per-head q/k norms
+            tensors[name] = array
+    for i in range(n_layer):
+        tensors[f"blk.{i}.attn_q_norm.weight"] = np.ones(head_dim, np.float32)
+        tensors[f"blk.{i}.attn_k_norm.weight"] = np.ones(head_dim, np.float32)
+    endoftext = ids["<|endoftext|>"]
+
+    def embedding_metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_pooling_type(gguf.PoolingType[pooling.upper()])
+        writer.add_add_eos_token(True)  # Qwen3-Embedding's texts end with <|endoftext|>, whose state is pooled
+
+    return _write_gguf(Path(path), name=_EMBEDDING_NAME, tokens=tokens, types=types, merges=merges, tensors=tensors,
+                       n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                       context_length=context_length, chat_template=None, arch="qwen3",
+                       special_ids={"bos": endoftext, "eos": endoftext, "pad": endoftext},
+                       more_metadata=embedding_metadata)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,11 +12,13 @@ from llama_cpp import _internals as internals
 from llama_cpp._logger import set_verbose as set_llama_log_verbosity
 
 from edge_server.ggufmeta import read_gguf_metadata
-from edge_server.engine.scheduler import BATCH_TOKENS, Engine
+from edge_server.engine.batching import BATCH_TOKENS
+from edge_server.engine.scheduler import Engine
 from edge_server.engine.threadtuner import ThreadTuner
 from edge_server.engine.types import ModelInfo, ModelLoadError
 
 DEFAULT_N_CTX = 4096
+CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
 def load_engine(
@@ -30,10 +32,15 @@ def load_engine(
     flash_attn: str = "auto",
     adapt_threads: bool = True,
     fault_seed: int | None = None,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
+    kv_unified: bool = False,
 ) -> Engine:
     """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
 
-    `n_ctx` is the limit of one request; the KV cache holds `parallel` such sequences.
+    `n_ctx` is the limit of one request; the KV cache holds `parallel` such sequences, or with
+    `kv_unified` one pool of `n_ctx` cells that all sequences share (see `Engine`: when it is full).
+    `cache_type_k` / `cache_type_v`: f16, q8_0 or q4_0 (a quantized V cache needs flash attention).
     """
     path = Path(path)
     check_gguf_file(path)
@@ -45,9 +52,11 @@ def load_engine(
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
     context_params = llama_cpp.llama_context_default_params()
-    context_params.n_ctx = per_request * parallel
+    # Apart (default), each sequence gets its own n_ctx cells and none is ever short of them.
+    context_params.n_ctx = per_request if kv_unified else per_request * parallel
     context_params.n_seq_max = parallel
-    context_params.kv_unified = False  # each sequence gets its own n_ctx cells: none is ever shrunk
+    context_params.kv_unified = kv_unified
+    context_params.type_k, context_params.type_v = CACHE_TYPES[cache_type_k], CACHE_TYPES[cache_type_v]
     context_params.n_batch = context_params.n_ubatch = BATCH_TOKENS
     context_params.n_threads = context_params.n_threads_batch = threads
     context_params.no_perf = True
@@ -60,7 +69,11 @@ def load_engine(
         model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
         context = internals.LlamaContext(model=model, params=context_params, verbose=False)
     except (ValueError, RuntimeError) as error:
-        raise ModelLoadError(f"llama.cpp failed to load {path}: {error}") from None
+        hint = ""
+        if (cache_type_k, cache_type_v) != ("f16", "f16"):
+            hint = (f" (with --cache-type-k {cache_type_k} --cache-type-v {cache_type_v}: a quantized cache needs the "
+                    "model's attention head size to be a multiple of 32, and quantized values need flash attention)")
+        raise ModelLoadError(f"llama.cpp failed to load {path}: {error}{hint}") from None
     metadata = model.metadata()
     arch = metadata.get("general.architecture", "")
     n_layer = int(metadata.get(f"{arch}.block_count", "0") or 0)
@@ -80,7 +93,7 @@ def load_engine(
         add_bos=bool(model.add_bos_token()),
         metadata=metadata,
     )
-    return Engine(model, context, info, parallel=parallel, max_queue=max_queue,
+    return Engine(model, context, info, parallel=parallel, max_queue=max_queue, shared_pool=kv_unified,
                   tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed)
 
 

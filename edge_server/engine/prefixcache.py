@@ -1,14 +1,21 @@
 """Which tokens each sequence's KV cells hold, and how much of a new prompt they spare (pure).
 
-The cells themselves live in llama.cpp's memory; this class keeps the record of them and is handed
-the one memory operation it needs, so it is tested without a model.
+A new prompt reuses the longest prefix held by any sequence: its own in place, another's by copying
+those cells, or, when another sequence is evaluating that prefix right now, by waiting for it and
+copying then (so several jobs arriving together evaluate their common prefix once). The cells live
+in llama.cpp's memory; this class keeps the record of them and is handed the two memory operations
+it needs, so it is tested without a model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 RemoveCells = Callable[[int, int], bool]  # (sequence, from position) -> whether the memory dropped them
+CopyCells = Callable[[int, int], None]  # (source, destination): the destination holds the source's cells
+
+MIN_SHARED = 16  # fewest more tokens another sequence must hold to be copied from (or waited for)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -21,27 +28,63 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where a prompt's reusable prefix comes from."""
+
+    source: int  # the sequence holding it (the job's own: kept in place; another: copied)
+    tokens: int  # prompt tokens it spares
+    ready: bool  # False: the source is still evaluating them; wait, then plan again
+
+
 class PrefixCache:
     """Per-sequence token records of one llama.cpp context with `n_seq` sequences."""
 
-    def __init__(self, n_seq: int, remove_cells: RemoveCells):
+    def __init__(self, n_seq: int, remove_cells: RemoveCells, copy_cells: CopyCells):
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
+        self._promised: list[list[int]] = [[] for _ in range(n_seq)]  # prompt tokens being evaluated
         self._last_used = [0.0] * n_seq
         self._remove_cells = remove_cells
+        self._copy_cells = copy_cells
         self.reused_tokens = 0  # prompt tokens spared since start
 
     def choose(self, free: Sequence[int], prompt: Sequence[int]) -> int:
         """The free sequence sharing the longest prefix with `prompt`; the least recently used on ties."""
         return max(free, key=lambda seq: (common_prefix(self._tokens[seq], prompt), -self._last_used[seq]))
 
-    def reuse(self, seq: int, prompt: Sequence[int]) -> int:
-        """Keep the cells `seq` shares with `prompt`, drop the rest; returns how many prompt tokens they spare.
+    def plan(self, seq: int, prompt: Sequence[int]) -> Plan:
+        """Where the longest prefix of `prompt` for sequence `seq` is: held by `seq` itself, held by
+        another sequence (worth copying when `MIN_SHARED` longer), or about to be held by one that is
+        evaluating it now (worth waiting for when `MIN_SHARED` longer than anything held).
 
         One prompt token is always left to evaluate, since sampling the first answer token needs
-        fresh logits. A memory that cannot drop part of a sequence (some recurrent models) loses
-        the whole sequence instead.
+        fresh logits.
         """
-        keep = min(common_prefix(self._tokens[seq], prompt), len(prompt) - 1)
+        limit = len(prompt) - 1
+        held = Plan(seq, min(common_prefix(self._tokens[seq], prompt), limit), True)
+        later = held
+        for other, tokens in enumerate(self._tokens):
+            if other == seq:
+                continue
+            now = min(common_prefix(tokens, prompt), limit)
+            if now >= held.tokens + MIN_SHARED:
+                held = Plan(other, now, True)
+            promised = self._promised[other]
+            if promised and now == len(tokens) < limit:
+                soon = min(now + common_prefix(promised, prompt[now:]), limit)
+                if soon > later.tokens:
+                    later = Plan(other, soon, False)
+        return later if later.tokens >= held.tokens + MIN_SHARED else held
+
+    def take(self, seq: int, prompt: Sequence[int], plan: Plan) -> int:
+        """Give `seq` the cells of a ready `plan` and drop the rest; returns how many prompt tokens they spare.
+
+        A memory that cannot drop part of a sequence (some recurrent models) loses the whole sequence instead.
+        """
+        if plan.source != seq:
+            self._copy_cells(plan.source, seq)
+            self._tokens[seq] = self._tokens[plan.source][:]
+        keep = min(plan.tokens, common_prefix(self._tokens[seq], prompt))
         if not self._remove_cells(seq, keep):
             self._remove_cells(seq, 0)
             keep = 0
@@ -49,19 +92,31 @@ class PrefixCache:
         self.reused_tokens += keep
         return keep
 
+    def reuse(self, seq: int, prompt: Sequence[int]) -> int:
+        """Keep the cells `seq` itself shares with `prompt` (in place), drop the rest; returns the tokens spared."""
+        limit = len(prompt) - 1
+        return self.take(seq, prompt, Plan(seq, min(common_prefix(self._tokens[seq], prompt), limit), True))
+
+    def promise(self, seq: int, tokens: Sequence[int]) -> None:
+        """Note that `seq` is about to evaluate `tokens` (a prompt's rest): others may wait for them."""
+        self._promised[seq] = list(tokens)
+
     def length(self, seq: int) -> int:
         """Tokens `seq`'s cells hold: the position of the next token decoded into it."""
         return len(self._tokens[seq])
 
     def extend(self, seq: int, tokens: Sequence[int]) -> None:
-        """Record tokens just decoded into `seq`."""
+        """Record tokens just decoded into `seq` (a promised prompt chunk or a generated token)."""
         self._tokens[seq].extend(tokens)
+        del self._promised[seq][:len(tokens)]
 
     def forget(self, seq: int) -> None:
         """Drop every cell of `seq` (its contents are unknown after a failed step)."""
         self._remove_cells(seq, 0)
         self._tokens[seq].clear()
+        self._promised[seq].clear()
 
     def release(self, seq: int, now: float) -> None:
-        """Note that `seq`'s job ended at `now` (for least-recently-used ties)."""
+        """Note that `seq`'s job ended at `now` (for least-recently-used ties); it promises nothing more."""
         self._last_used[seq] = now
+        self._promised[seq].clear()

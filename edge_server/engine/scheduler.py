@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -11,6 +12,7 @@ import llama_cpp
 from llama_cpp import _internals as internals
 
 from edge_server.engine.admission import Admission
+from edge_server.engine.batching import BATCH_TOKENS, fill_batch
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.sampler import CompiledGrammar, compile_grammar
 from edge_server.engine.slots import Slot, Slots
@@ -20,30 +22,39 @@ from edge_server.engine.vocab import Vocabulary
 
 log = logging.getLogger("edge_server.engine")
 
-BATCH_TOKENS = 512  # most tokens one decode step takes (llama.cpp's n_batch)
-PROMPT_CHUNK = 256  # prompt tokens per step: bounds how long a new prompt stalls running streams
+NO_ROOM = 1  # llama_decode: no KV cells for the batch; nothing was decoded
 
 
 class Engine:
     """Owns the llama.cpp model and context; its worker thread decodes all running jobs together.
 
-    Each step decodes one token for every generating sequence plus one bounded chunk of a pending
-    prompt (chunked prefill). A new job takes the free slot whose cached tokens share the longest
-    prefix with its prompt and evaluates only the rest.
+    Each step decodes one token for every generating sequence plus chunks of pending prompts, oldest
+    first: at most `PROMPT_CHUNK` prompt tokens while any sequence generates, up to the whole batch
+    while none does (batched, chunked prefill). A new job evaluates only what no slot holds of its
+    prompt: the longest prefix any slot holds is kept in place or copied (`PrefixCache.plan`).
+
+    With `shared_pool` (`--kv-unified`) all sequences share one pool of `n_ctx` cells, which running
+    jobs can fill. A step that finds no room first drops the cells idle slots keep for reuse; if
+    that is not enough, the newest job ends: shortened (LENGTH) when it has answered, with the
+    `kv_cache_full` error before its first token. The step is then tried again with the rest.
     """
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, info: ModelInfo, *,
-                 parallel: int, max_queue: int, tuner: ThreadTuner, fault_seed: int | None = None):
+                 parallel: int, max_queue: int, tuner: ThreadTuner, fault_seed: int | None = None,
+                 shared_pool: bool = False):
         self._ctx = context
+        self.model = model  # for a second context on the same weights (engine/embedder.py)
         self._vocab = Vocabulary(model.vocab)
         self.info = info
         self.parallel = parallel
-        self._cache = PrefixCache(parallel, lambda seq, start: context.kv_cache_seq_rm(seq, start, -1))
+        self._cache = PrefixCache(parallel, lambda seq, start: context.kv_cache_seq_rm(seq, start, -1),
+                                  functools.partial(copy_cells, context.memory))
         self._slots = Slots(model, context, self._vocab, self._cache, parallel=parallel, fault_seed=fault_seed)
         self._admission = Admission(n_ctx=info.n_ctx, parallel=parallel, max_queue=max_queue,
                                     running=lambda: self.running)
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._tuner = tuner
+        self._shared_pool = shared_pool
         self._worker = threading.Thread(target=self._work, name="edge-engine", daemon=True)
         self._worker.start()
 
@@ -112,8 +123,11 @@ class Engine:
                 log.exception("engine step failed")
                 for slot in self._slots.active():
                     self._slots.fail(slot, f"generation failed: {error}")
+            finally:
+                self._slots.send()
         for slot in self._slots.active():
             self._slots.end(slot, Finish(FinishReason.CANCELLED))
+        self._slots.send()
         self._admission.end_waiting(Finish(FinishReason.CANCELLED))
 
     def _admit(self) -> None:
@@ -123,7 +137,9 @@ class Engine:
             if not self.running:
                 time.sleep(0.02)  # nothing runs: idle politely until close() or new (refused) jobs
             return
+        self._slots.resume()  # before a freed slot that others wait for takes a new job
         while free := self._slots.free():
+            self._slots.send()  # a job that failed to start hears of it before the worker waits
             waiting = self._admission.next(block=len(free) == self.parallel)
             if waiting is None:
                 return
@@ -136,39 +152,23 @@ class Engine:
             elif self._admission.abort_reason is not None:
                 self._slots.end(slot, Finish(FinishReason.ERROR, self._admission.abort_reason, SHUTTING_DOWN))
         active = [slot for slot in active if slot.job is not None]
+        self._slots.resume()
         batch = self._batch.batch
-        batch.n_tokens = 0
-        decoded: list[tuple[Slot, list[int]]] = []
-        for slot in active:
-            slot.logits_at = -1
-            if slot.next_token is not None:
-                slot.logits_at = add_to_batch(batch, [slot.next_token], self._cache.length(slot.seq), slot.seq,
-                                              logits=True)
-                decoded.append((slot, [slot.next_token]))
-        budget = min(PROMPT_CHUNK, BATCH_TOKENS - batch.n_tokens)
-        prefilling = False
-        # One prompt chunk per step, oldest job first, so running streams keep flowing.
-        for slot in sorted(active, key=lambda s: s.stream.submitted_at):
-            if slot.pending_prompt and budget > 0:
-                chunk, slot.pending_prompt = slot.pending_prompt[:budget], slot.pending_prompt[budget:]
-                last = add_to_batch(batch, chunk, self._cache.length(slot.seq), slot.seq,
-                                    logits=not slot.pending_prompt)
-                slot.logits_at = -1 if slot.pending_prompt else last
-                decoded.append((slot, chunk))
-                budget = 0
-                prefilling = True
+        decoded, prefilling = fill_batch(batch, active, self._cache)
         if batch.n_tokens == 0:
             return
         threads = self._tuner.next_step_threads()
         if threads != llama_cpp.llama_n_threads(self._ctx.ctx):
             llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
         started = time.perf_counter()
-        try:
-            self._ctx.decode(self._batch)
-        except RuntimeError as error:
-            log.exception("decoding a batch failed")
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status == NO_ROOM and self._shared_pool:
+            self._slots.make_room(decoded)  # nothing was decoded: free cells, try again next step
+            return
+        if status != 0:
+            log.error("decoding a batch failed: llama_decode returned %d", status)
             for slot, _ in decoded:
-                self._slots.fail(slot, f"decoding failed: {error}")
+                self._slots.fail(slot, f"decoding failed: llama_decode returned {status}")
             return
         if not prefilling:  # steps with a prompt chunk take longer for reasons threads do not change
             self._tuner.record(batch.n_tokens, time.perf_counter() - started)
@@ -179,17 +179,9 @@ class Engine:
                 self._slots.sample(slot)
 
 
-def add_to_batch(batch: Any, tokens: list[int], position: int, seq: int, *, logits: bool) -> int:
-    """Append `tokens` of sequence `seq` from `position` on to a llama.cpp batch; return the last one's index."""
-    start = batch.n_tokens
-    for i, token in enumerate(tokens):
-        j = start + i
-        batch.token[j] = token
-        batch.pos[j] = position + i
-        batch.n_seq_id[j] = 1
-        batch.seq_id[j][0] = seq
-        batch.logits[j] = False
-    last = start + len(tokens) - 1
-    batch.logits[last] = logits
-    batch.n_tokens = last + 1
-    return last
+def copy_cells(memory: Any, source: int, destination: int) -> None:
+    """Make sequence `destination` hold exactly the cells of sequence `source` (llama.cpp copies the
+    whole stream between per-sequence streams, so the copy is always of all of them; in a unified
+    pool the cells are shared, not copied)."""
+    llama_cpp.llama_memory_seq_rm(memory, destination, -1, -1)
+    llama_cpp.llama_memory_seq_cp(memory, source, destination, -1, -1)

@@ -1,7 +1,9 @@
 """The engine's slots: one sequence of the shared context each, and what happens to the job it runs.
 
-A slot starts a job (prefix-cache reuse, its sampler chain and grammar), samples and detokenizes
-each of its tokens, and ends it (freeing what it held before telling the client). Engine thread only.
+A slot starts a job (prefix-cache reuse from any slot, or waiting for a slot evaluating that prefix;
+its sampler chain and grammar), samples and detokenizes each of its tokens, and ends it (freeing what
+it held before telling the client). Clients hear of a step's tokens and ends together after it
+(`send`). Engine thread only.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Any
 import llama_cpp
 from llama_cpp import _internals as internals
 
-from edge_server.engine.prefixcache import PrefixCache
+from edge_server.engine.prefixcache import Plan, PrefixCache
 from edge_server.engine.sampler import ConstrainedSampler, make_sampler
-from edge_server.engine.types import Finish, FinishReason, Job, Token, TokenStream
+from edge_server.engine.types import KV_CACHE_FULL, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
+
+POOL_FULL_MESSAGE = "the KV cache (--kv-unified pool) is full with other requests; retry later"
 
 log = logging.getLogger("edge_server.engine")
 
@@ -36,6 +40,7 @@ class Slot:
     next_token: int | None = None  # sampled, emitted, and to be decoded in the next step
     produced: int = 0
     logits_at: int = -1  # index of this slot's logits in the current batch, -1 if none
+    awaits: tuple[Plan, TokenStream | None] | None = None  # waiting for another slot's prompt prefix (and its job)
 
 
 PickToken = Callable[[Slot], int]  # the token a slot samples from its logits in the current batch
@@ -66,6 +71,9 @@ class Slots:
         self._cache = cache
         self._constrained = ConstrainedSampler(context, model.n_vocab())
         self.all = [Slot(seq) for seq in range(parallel)]
+        # Events for the clients, sent together after each step (`send`): readers woken one by one
+        # while the step still samples would take the interpreter from it at every llama.cpp call.
+        self._outbox: list[tuple[TokenStream, Token | Finish]] = []
         self._pick: PickToken = self._pick_token if fault_seed is None else inject_faults(self._pick_token, fault_seed)
 
     @property
@@ -81,21 +89,71 @@ class Slots:
         """The slots holding no job."""
         return [slot for slot in self.all if slot.job is None]
 
+    def send(self) -> None:
+        """Hand the events of the last step to their streams, in order."""
+        outbox, self._outbox = self._outbox, []
+        for stream, event in outbox:
+            stream._emit(event)
+
+    def make_room(self, decoded: list[tuple[Slot, list[int]]]) -> None:
+        """The shared pool (`--kv-unified`) had no room for a step, so nothing of it was decoded: put its
+        prompt chunks back, then drop the cells idle slots keep for reuse or, when there are none, end
+        the newest job: shortened (LENGTH) once it has answered, else with the `kv_cache_full` error."""
+        for slot, tokens in decoded:
+            if slot.next_token is None:  # a prompt chunk, not a generated token
+                slot.pending_prompt = tokens + slot.pending_prompt
+        idle = [slot.seq for slot in self.free() if self._cache.length(slot.seq)]
+        for seq in idle:
+            self._cache.forget(seq)
+        if idle:
+            return
+        newest = max(self.active(), key=lambda slot: slot.stream.submitted_at)
+        log.warning("the KV cache pool (--kv-unified) is full: ending the newest request")
+        if newest.produced:
+            self.end(newest, Finish(FinishReason.LENGTH))
+        else:
+            self.end(newest, Finish(FinishReason.ERROR, POOL_FULL_MESSAGE, KV_CACHE_FULL))
+        self._cache.forget(newest.seq)
+
     def start(self, free: list[Slot], job: Job, stream: TokenStream) -> None:
-        """Run `job` in the free slot whose cells share the longest prefix with its prompt."""
+        """Run `job` in the free slot whose cells share the longest prefix with its prompt.
+
+        The prompt's prefix comes from whichever slot holds it (`PrefixCache.plan`); when a slot is
+        evaluating it right now, this one waits for it (`resume`) instead of evaluating it too.
+        """
         slot = self.all[self._cache.choose([slot.seq for slot in free], job.prompt)]
         try:
-            reuse = self._cache.reuse(slot.seq, job.prompt)
-            stream.reused_tokens = reuse
             slot.job, slot.stream, slot.produced, slot.next_token = job, stream, 0, None
-            slot.pending_prompt = job.prompt[reuse:]
             slot.sampler = make_sampler(job.sampling, self._model)
             slot.grammar = job.sampling.grammar.take() if job.sampling.grammar is not None else None
+            self._prepare(slot, self._cache.plan(slot.seq, job.prompt))
         except Exception as error:  # e.g. a sampler llama.cpp refuses: only this job fails
             log.exception("starting a job failed")
-            slot.job = None
             self._cache.forget(slot.seq)
-            stream._emit(Finish(FinishReason.ERROR, f"generation failed: {error}"))
+            self.end(slot, Finish(FinishReason.ERROR, f"generation failed: {error}"))
+
+    def resume(self) -> None:
+        """Let slots waiting for another slot's prompt prefix take it once that slot evaluated it (or
+        stopped evaluating it: they then take whatever is held)."""
+        for slot in self.all:
+            if slot.awaits is None or slot.job is None:
+                continue
+            plan, source_stream = slot.awaits
+            source = self.all[plan.source]
+            if source.stream is source_stream and source.pending_prompt \
+                    and self._cache.length(source.seq) < plan.tokens:
+                continue
+            self._prepare(slot, self._cache.plan(slot.seq, slot.job.prompt))
+
+    def _prepare(self, slot: Slot, plan: Plan) -> None:
+        if not plan.ready:
+            slot.awaits = (plan, self.all[plan.source].stream)
+            return
+        slot.awaits = None
+        reuse = self._cache.take(slot.seq, slot.job.prompt, plan)
+        slot.stream.reused_tokens = reuse
+        slot.pending_prompt = slot.job.prompt[reuse:]
+        self._cache.promise(slot.seq, slot.pending_prompt)
 
     def sample(self, slot: Slot) -> None:
         """Sample `slot`'s next token from its logits, send its piece, and end the job when it is done."""
@@ -110,7 +168,7 @@ class Slots:
             self.end(slot, Finish(FinishReason.STOP))
             return
         slot.produced += 1
-        slot.stream._emit(Token(token, self._vocab.piece(token)))
+        self._outbox.append((slot.stream, Token(token, self._vocab.piece(token))))
         if slot.produced >= slot.job.max_tokens:
             self.end(slot, Finish(FinishReason.LENGTH))
         else:
@@ -122,10 +180,10 @@ class Slots:
         return self._constrained.sample(slot.sampler.sampler, slot.grammar, slot.logits_at)
 
     def end(self, slot: Slot, finish: Finish) -> None:
-        """End `slot`'s job with `finish`, freeing the slot before the client hears of it."""
+        """End `slot`'s job with `finish`, freeing the slot before the client hears of it (at `send`)."""
         stream, sampler, grammar = slot.stream, slot.sampler, slot.grammar
         slot.job = slot.stream = slot.sampler = slot.grammar = None
-        slot.next_token = None
+        slot.next_token = slot.awaits = None
         slot.pending_prompt = []
         self._cache.release(slot.seq, time.monotonic())
         if sampler is not None:
@@ -133,7 +191,7 @@ class Slots:
         if grammar is not None:
             llama_cpp.llama_sampler_free(grammar)
         # Free the slot before telling the client: whoever reads the answer then sees the engine idle.
-        stream._emit(finish)
+        self._outbox.append((stream, finish))
 
     def fail(self, slot: Slot, error: str) -> None:
         """End `slot`'s job with `error` after a failed step, dropping its cells (their contents are unknown)."""

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 SHUTTING_DOWN = "shutting_down"  # error code: the server is stopping
 ENGINE_STOPPED = "engine_stopped"  # error code: the engine closed under a running job
+KV_CACHE_FULL = "kv_cache_full"  # error code: the shared KV pool (--kv-unified) had no room for the request
 
 
 class FinishReason(str, Enum):

@@ -34,6 +34,7 @@ class Outcome:
     cached_tokens: int = 0  # prompt tokens the prefix cache spared
     completion_tokens: int = 0
     reasoning_tokens: int | None = None  # None: the output was not split (no thinking template)
+    stop_sequence: str | None = None  # the client's stop string that ended the text
     error: str | None = None
     error_code: str | None = None
     first_token_seconds: float | None = None
@@ -171,6 +172,7 @@ class Generation:
 
     def _finish(self, finish: Finish) -> None:
         self.outcome.cached_tokens = self._stream.reused_tokens
+        self.outcome.stop_sequence = self._stops.matched
         if finish.reason is FinishReason.ERROR:
             self.outcome.error = finish.error or "generation failed"
             self.outcome.error_code = finish.code

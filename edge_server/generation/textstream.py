@@ -35,6 +35,7 @@ class StopBuffer:
         self._stops = tuple(stop for stop in stops if stop)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
         self.after_stop = ""  # the text that followed the stop string in the last push (dropped, but kept here)
 
     def push(self, text: str) -> str:
@@ -64,8 +65,8 @@ class StopBuffer:
     def _stop_at(self, text: str, cut: int) -> str:
         self.stopped = True
         self._held = ""
-        matched = max((stop for stop in self._stops if text.startswith(stop, cut)), key=len)
-        self.after_stop = text[cut + len(matched) :]
+        self.matched = max((stop for stop in self._stops if text.startswith(stop, cut)), key=len)
+        self.after_stop = text[cut + len(self.matched) :]
         return text[:cut]
 
     def _longest_stop_prefix_suffix(self, text: str) -> int:

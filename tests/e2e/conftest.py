@@ -142,3 +142,19 @@ def streamed_text(events: list[dict | str]) -> str:
     return "".join(
         e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e.get("choices")
     )
+
+
+def write_unloadable_gguf(path: Path) -> Path:
+    """A well-formed GGUF of an architecture llama.cpp does not know ("alien"): it passes the file checks
+    and fails in llama.cpp's loader."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "alien")
+    writer.add_context_length(2048)
+    writer.add_tensor("w", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

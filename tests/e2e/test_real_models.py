@@ -95,7 +95,9 @@ def test_streamed_text_equals_the_non_streamed_text(smol, smol_answers, content)
     assert streamed_text(events) == answer["message"]["content"]
     assert sum(bool(c["choices"][0]["delta"].get("content")) for c in chunks) > 5  # many deltas, not one
     assert chunks[-1]["choices"][0]["finish_reason"] == answer["finish_reason"] == "stop"
-    assert events[-2]["usage"] == answer["usage"]
+    # The same tokens; how many the prefix cache served differs (the second request finds more of its prompt).
+    same = lambda usage: {k: v for k, v in usage.items() if k != "prompt_tokens_details"}  # noqa: E731
+    assert same(events[-2]["usage"]) == same(answer["usage"])
 
 
 def stop_cases(text: str) -> list[str]:

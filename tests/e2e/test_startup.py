@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import ROOT
-from tests.e2e.conftest import chat, free_port
+from tests.e2e.conftest import chat, free_port, write_unloadable_gguf
 
 
 def run_to_exit(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -72,17 +72,7 @@ def test_unusable_model_file_exits_2_with_one_clear_line(tmp_path, content, word
 
 
 def test_architecture_llama_cpp_cannot_load_exits_2_with_one_clear_line(tmp_path):
-    import gguf
-    import numpy as np
-
-    path = tmp_path / "alien.gguf"
-    writer = gguf.GGUFWriter(path, "alien")
-    writer.add_context_length(2048)
-    writer.add_tensor("w", np.zeros(4, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_unloadable_gguf(tmp_path / "alien.gguf")
     result = run_to_exit("--model", str(path), "--port", str(free_port()))
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]

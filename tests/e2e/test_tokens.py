@@ -7,7 +7,6 @@ import pytest
 import requests
 from llama_cpp import Llama
 
-from tests.e2e.conftest import chat
 
 TEXT = "Hello, world! 👋 Grüße <|im_end|>"
 
@@ -65,3 +64,11 @@ def test_detokenize_of_nothing_is_empty(base_url):
 def test_a_text_too_long_for_the_context_is_refused_with_its_size(base_url):
     response = post(base_url, "/tokenize", content="word " * 100_000)
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_token_routes_need_the_api_key_when_one_is_set(start_server, tiny_model):
+    server = start_server("--model", str(tiny_model), "--api-key", "sesame")
+    assert post(server.base_url, "/tokenize", content="hi").status_code == 401
+    response = requests.post(server.base_url + "/detokenize", json={"tokens": []},
+                             headers={"Authorization": "Bearer sesame"}, timeout=30)
+    assert response.status_code == 200

@@ -19,7 +19,7 @@ def test_environment_overrides_defaults_and_flags_override_environment():
     environ = {"EDGE_PORT": "9001", "EDGE_MODEL": "a.gguf", "EDGE_N_GPU_LAYERS": "12"}
     settings = load_settings({"port": 9002, "model": None}, environ=environ)
     assert settings.port == 9002
-    assert settings.model == "a.gguf"
+    assert settings.model == ("a.gguf",)
     assert settings.n_gpu_layers == 12
 
 
@@ -32,3 +32,12 @@ def test_invalid_values_are_rejected(values):
 def test_settings_are_frozen():
     with pytest.raises(ValidationError):
         Settings().port = 1  # type: ignore[misc]
+
+
+def test_several_models_from_flags_or_a_comma_separated_environment():
+    assert load_settings({"model": ["a.gguf", "b.gguf"], "model_alias": ["a", "b"]}, environ={}).model_alias == ("a", "b")
+    assert load_settings({}, environ={"EDGE_MODEL": "a.gguf, b.gguf"}).model == ("a.gguf", "b.gguf")
+    with pytest.raises(ValidationError):
+        load_settings({"model": ["a.gguf"], "model_alias": ["x", "y"]}, environ={})
+    with pytest.raises(ValidationError):
+        load_settings({"model": ["a.gguf", "b.gguf"], "model_alias": ["x", "x"]}, environ={})

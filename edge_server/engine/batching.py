@@ -1,0 +1,53 @@
+"""One decode step's batch: a token of every generating sequence, then prompt chunks, oldest job first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_server.engine.prefixcache import PrefixCache
+from edge_server.engine.slots import Slot
+
+BATCH_TOKENS = 512  # most tokens one decode step takes (llama.cpp's n_batch)
+PROMPT_CHUNK = 256  # prompt tokens in a step that also decodes running streams: bounds how long they stall
+
+
+def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache) -> tuple[list[tuple[Slot, list[int]]], bool]:
+    """Fill `batch` for `active` slots; returns (each slot with the tokens it put in, whether a prompt did).
+
+    At most `PROMPT_CHUNK` prompt tokens go in while any sequence generates, up to the whole batch while
+    none does (batched, chunked prefill).
+    """
+    batch.n_tokens = 0
+    decoded: list[tuple[Slot, list[int]]] = []
+    for slot in active:
+        slot.logits_at = -1
+        if slot.next_token is not None:
+            slot.logits_at = add_to_batch(batch, [slot.next_token], cache.length(slot.seq), slot.seq, logits=True)
+            decoded.append((slot, [slot.next_token]))
+    budget = min(PROMPT_CHUNK if batch.n_tokens else BATCH_TOKENS, BATCH_TOKENS - batch.n_tokens)
+    prefilling = False
+    for slot in sorted(active, key=lambda s: s.stream.submitted_at):
+        if slot.pending_prompt and budget > 0:
+            chunk, slot.pending_prompt = slot.pending_prompt[:budget], slot.pending_prompt[budget:]
+            last = add_to_batch(batch, chunk, cache.length(slot.seq), slot.seq, logits=not slot.pending_prompt)
+            slot.logits_at = -1 if slot.pending_prompt else last
+            decoded.append((slot, chunk))
+            budget -= len(chunk)
+            prefilling = True
+    return decoded, prefilling
+
+
+def add_to_batch(batch: Any, tokens: list[int], position: int, seq: int, *, logits: bool) -> int:
+    """Append `tokens` of sequence `seq` from `position` on to a llama.cpp batch; return the last one's index."""
+    start = batch.n_tokens
+    for i, token in enumerate(tokens):
+        j = start + i
+        batch.token[j] = token
+        batch.pos[j] = position + i
+        batch.n_seq_id[j] = 1
+        batch.seq_id[j][0] = seq
+        batch.logits[j] = False
+    last = start + len(tokens) - 1
+    batch.logits[last] = logits
+    batch.n_tokens = last + 1
+    return last

@@ -1,0 +1,122 @@
+"""Several models in one server: routing by `model`, loading on first use within --max-loaded, the least
+recently used idle model unloaded, --idle-unload, failed loads visible; real engine, real processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from tests.conftest import SCRIPT_TEXT
+from tests.e2e.conftest import chat, write_unloadable_gguf
+
+
+def ask(base_url: str, model: str | None, **fields) -> requests.Response:
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 30, "temperature": 0, **fields}
+    if model is not None:
+        body["model"] = model
+    return requests.post(base_url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def states(base_url: str) -> dict[str, str]:
+    return {m["id"]: m["state"] for m in requests.get(base_url + "/health", timeout=10).json()["models"]}
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def wait_for(predicate, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def two_models(start_server, tiny_model, scripted_model):
+    return start_server("--model", str(tiny_model), "--model", str(scripted_model),
+                        "--model-alias", "tiny", "--model-alias", "scripted")
+
+
+def test_each_request_picks_its_model_and_models_lists_both(two_models):
+    base_url = two_models.base_url
+    assert ask(base_url, "scripted").json()["choices"][0]["message"]["content"] == SCRIPT_TEXT
+    tiny = ask(base_url, "tiny").json()
+    assert tiny["model"] == "tiny" and tiny["choices"][0]["message"]["content"] != SCRIPT_TEXT
+    assert ask(base_url, None).json()["choices"][0]["message"]["content"] == tiny["choices"][0]["message"]["content"]
+    cards = requests.get(base_url + "/v1/models", timeout=10).json()["data"]
+    assert [(c["id"], c["meta"]["role"], c["meta"]["loaded"]) for c in cards] == [("tiny", "chat", True),
+                                                                              ("scripted", "chat", True)]
+    assert requests.get(base_url + "/v1/models/scripted", timeout=10).json()["id"] == "scripted"
+    assert states(base_url) == {"tiny": "ready", "scripted": "ready"}
+
+
+def test_an_unknown_model_is_a_404_when_several_are_served(two_models):
+    for response in (ask(two_models.base_url, "gpt-3.5-turbo"),
+                     requests.get(two_models.base_url + "/v1/models/gpt-3.5-turbo", timeout=10)):
+        assert response.status_code == 404
+        error = response.json()["error"]
+        assert error["code"] == "model_not_found" and "'tiny'" in error["message"] and "'scripted'" in error["message"]
+
+
+def test_one_model_still_answers_to_any_name(server):
+    response = chat(server.base_url, model="gpt-3.5-turbo", max_tokens=2)
+    assert response.status_code == 200 and response.json()["model"] == "gpt-3.5-turbo"
+
+
+def test_max_loaded_one_swaps_the_least_recently_used_idle_model(start_server, tiny_model, scripted_model):
+    server = start_server("--model", str(tiny_model), "--model", str(scripted_model),
+                          "--model-alias", "tiny", "--model-alias", "scripted", "--max-loaded", "1")
+    base_url = server.base_url
+    assert states(base_url) == {"tiny": "ready", "scripted": "unloaded"}
+    assert ask(base_url, "scripted").json()["choices"][0]["message"]["content"] == SCRIPT_TEXT  # loaded on first use
+    assert states(base_url) == {"tiny": "unloaded", "scripted": "ready"}
+    time.sleep(2.5)  # a model chosen in the last 2 s may be about to submit: never evicted
+    assert ask(base_url, "tiny").status_code == 200
+    assert states(base_url) == {"tiny": "ready", "scripted": "unloaded"}
+    metrics = requests.get(base_url + "/metrics", timeout=10).text
+    assert 'edge_model_events_total{event="unloaded",model="tiny"} 1.0' in metrics
+    assert 'edge_model_events_total{event="loaded",model="scripted"} 1.0' in metrics
+    assert "edge_models_loaded 1.0" in metrics
+    assert "model scripted loaded" in server.log() and "model tiny unloaded (evicted for scripted)" in server.log()
+
+
+def test_idle_models_are_unloaded_and_come_back_on_use(start_server, slow_model):
+    server = start_server("--model", str(slow_model), "--model-alias", "slow", "--idle-unload", "1")
+    before = rss_kb(server.process.pid)
+    wait_for(lambda: states(server.base_url) == {"slow": "unloaded"})
+    after = rss_kb(server.process.pid)
+    assert before - after > 20_000, (before, after)  # the weights and the KV cache went back to the system
+    assert ask(server.base_url, "slow", max_tokens=3).status_code == 200  # loaded again, transparently
+    assert states(server.base_url)["slow"] in ("ready", "unloaded")
+
+
+def test_a_model_that_fails_to_load_is_a_503_and_shows_in_health(start_server, tiny_model, tmp_path):
+    alien = write_unloadable_gguf(tmp_path / "alien.gguf")
+    server = start_server("--model", str(tiny_model), "--model", str(alien), "--model-alias", "tiny",
+                          "--model-alias", "alien")
+    wait_for(lambda: states(server.base_url)["alien"] == "failed")
+    response = ask(server.base_url, "alien")
+    assert response.status_code == 503 and response.json()["error"]["code"] == "model_load_failed"
+    health = requests.get(server.base_url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and "alien.gguf" in next(m for m in health["models"] if m["id"] == "alien")["error"]
+    assert ask(server.base_url, "tiny").status_code == 200
+
+
+def test_an_embedding_model_beside_a_chat_model(start_server, tiny_model, tmp_path):
+    from edge_server.devtools.synthetic import write_embedding_model
+
+    embedder = write_embedding_model(tmp_path / "embed.gguf")
+    server = start_server("--model", str(tiny_model), "--model", str(embedder), "--model-alias", "chat",
+                          "--model-alias", "embed")
+    cards = {c["id"]: c["meta"]["role"] for c in requests.get(server.base_url + "/v1/models", timeout=10).json()["data"]}
+    assert cards == {"chat": "chat", "embed": "embedding"}
+    refused = ask(server.base_url, "embed")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "wrong_model_type"
+    vectors = requests.post(server.base_url + "/v1/embeddings", json={"model": "embed", "input": ["a", "b"]},
+                            timeout=30).json()
+    assert vectors["model"] == "embed" and len(vectors["data"]) == 2
+    assert ask(server.base_url, "chat").status_code == 200

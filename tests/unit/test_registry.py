@@ -1,0 +1,123 @@
+"""The model registry on fake engines: naming, loading on first use, LRU eviction of idle models only,
+failed loads, idle unloading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_server.api.errors import APIError
+from edge_server.api.registry import ModelRegistry, ModelSpec
+from edge_server.api.state import ServedModel
+from edge_server.devtools.fake_engine import FakeEngine
+from edge_server.engine.types import ModelLoadError
+
+
+class Loader:
+    """Loads fake models and records what it did; `broken` ids fail."""
+
+    def __init__(self, broken: frozenset[str] = frozenset()):
+        self.loads: list[str] = []
+        self.broken = broken
+        self.engines: dict[str, FakeEngine] = {}
+
+    def __call__(self, spec: ModelSpec) -> ServedModel:
+        self.loads.append(spec.id)
+        if spec.id in self.broken:
+            raise ModelLoadError(f"{spec.id}: cannot load")
+        self.engines[spec.id] = FakeEngine()
+        return ServedModel.of(self.engines[spec.id], spec.id)
+
+
+def registry(*ids: str, loader: Loader, **options) -> ModelRegistry:
+    events: list[tuple[str, str]] = []
+    made = ModelRegistry([ModelSpec(i, Path(f"{i}.gguf")) for i in ids], loader, events=lambda e, m: events.append((e, m)),
+                         **options)
+    made.events = events  # type: ignore[attr-defined]
+    return made
+
+
+def age(made: ModelRegistry, seconds: float) -> None:
+    """Pretend every model was last used `seconds` ago."""
+    for entry in made._entries.values():
+        entry.last_used -= seconds
+        entry.loaded_at -= seconds
+
+
+def test_requests_name_their_model_and_one_model_answers_to_any_name():
+    loader = Loader()
+    several = registry("a", "b", loader=loader)
+    several.preload()
+    assert several.get("b").model_id == "b" and several.get(None).model_id == "a"
+    with pytest.raises(APIError) as error:
+        several.get("gpt-3.5-turbo")
+    assert error.value.status == 404 and error.value.code == "model_not_found"
+    single = registry("only", loader=Loader())
+    single.preload()
+    assert single.get("gpt-3.5-turbo").model_id == "only"
+
+
+def test_max_loaded_loads_on_first_use_and_evicts_the_least_recently_used_idle_model():
+    loader = Loader()
+    made = registry("a", "b", "c", loader=loader, max_loaded=2)
+    made.preload()
+    assert loader.loads == ["a", "b"] and [s["state"] for s in made.status()] == ["ready", "ready", "unloaded"]
+    made.get("a")
+    made.get("b")
+    made._entries["a"].last_used -= 5  # both idle; b used after a
+    made._entries["b"].last_used -= 3
+    made.get("c")
+    assert [s["state"] for s in made.status()] == ["unloaded", "ready", "ready"]
+    assert ("unloaded", "a") in made.events and ("loaded", "c") in made.events
+    made._entries["b"].last_used -= 10  # now b is the least recently used
+    made._entries["c"].last_used -= 5
+    made.get("a")
+    assert [s["state"] for s in made.status()] == ["ready", "unloaded", "ready"]
+
+
+def test_a_busy_or_just_chosen_model_is_never_evicted():
+    loader = Loader()
+    made = registry("a", "b", loader=loader, max_loaded=1)
+    made.preload()
+    made.get("a")  # chosen just now: its request may be about to submit
+    with pytest.raises(APIError) as error:
+        made.get("b")
+    assert error.value.status == 503 and error.value.code == "models_busy"
+    age(made, 10)
+    loader.engines["a"].running = 1  # a request is decoding
+    with pytest.raises(APIError):
+        made.get("b")
+    loader.engines["a"].running = 0
+    assert made.get("b").model_id == "b"
+
+
+def test_a_failed_load_is_a_503_shown_in_status_and_retried_later():
+    loader = Loader(broken=frozenset({"b"}))
+    made = registry("a", "b", loader=loader)
+    made.preload()
+    assert made.status()[1]["state"] == "failed" and "cannot load" in made.status()[1]["error"]
+    with pytest.raises(APIError) as error:
+        made.get("b")
+    assert error.value.status == 503 and error.value.code == "model_load_failed"
+    assert loader.loads.count("b") == 1  # not hammered
+    made._entries["b"].failed_at -= 60
+    loader.broken = frozenset()
+    assert made.get("b").model_id == "b"
+
+
+def test_the_default_model_failing_at_start_is_fatal():
+    with pytest.raises(ModelLoadError):
+        registry("a", loader=Loader(broken=frozenset({"a"}))).preload()
+
+
+def test_idle_models_unload_after_the_idle_time_and_reload_on_use():
+    loader = Loader()
+    made = registry("a", loader=loader, idle_unload=30)
+    made.preload()
+    made.unload_idle()
+    assert made.status()[0]["state"] == "ready"  # loaded just now
+    age(made, 31)
+    made.unload_idle()
+    assert made.status()[0]["state"] == "unloaded" and loader.engines["a"].closed
+    assert made.get("a").model_id == "a" and loader.loads == ["a", "a"]
