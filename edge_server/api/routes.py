@@ -18,7 +18,7 @@ from edge_server.api.schemas import ChatCompletion, ChatCompletionChunk, TextCom
 from edge_server.api.registry import ModelSpec
 from edge_server.api.state import ServedModel, state_of
 from edge_server.api.submit import (context_check, event_stream, log_unknown_fields, refuse_unfittable,
-                                    served_model, start_chat, start_generation, whole_answer)
+                                    served_model, start_chat, start_generations, whole_answer)
 
 api = Blueprint("api", __name__)
 
@@ -120,13 +120,13 @@ def chat_completions():
     """Chat completion, streamed (SSE) or whole, with tools and structured output."""
     request = parse_body(ChatCompletionRequest, raw_request.get_data(cache=False))
     run = start_chat(request)
-    generation, plan, model, account = run.generation, run.plan, run.model, Accounting()
+    generations, plan, model, account = run.generations, run.plan, run.model, Accounting()
     settings = state_of().settings
     if request.stream:
-        return event_stream(chat_stream(generation, model, account, include_usage=request.include_usage(),
+        return event_stream(chat_stream(generations, model, account, include_usage=request.include_usage(),
                                          heartbeat_seconds=settings.heartbeat_seconds, legacy_functions=plan.legacy,
                                          fingerprint=run.fingerprint))
-    return whole_answer(lambda: chat_answer(generation, model, account, legacy_functions=plan.legacy,
+    return whole_answer(lambda: chat_answer(generations, model, account, legacy_functions=plan.legacy,
                                             fingerprint=run.fingerprint))
 
 
@@ -143,19 +143,31 @@ def completions():
         raise APIError("'suffix' (fill-in-the-middle) is not supported by this server.", param="suffix",
                        code="unsupported_parameter")
     served = served_model(request.model, role="chat")
-    prompt_text = request.prompt_text()
-    if not prompt_text:
+    engine = served.engine
+    prompts: list[list[int]] = []
+    echoes: list[str] = []
+    for prompt in request.prompt_list():
+        if isinstance(prompt, str):
+            refuse_unfittable(len(prompt), served)
+            with context_check(served):
+                prompts.append(served.renderer.text_tokens(prompt))
+        else:
+            if (bad := next((t for t in prompt if t >= engine.info.n_vocab), None)) is not None:
+                raise APIError(f"prompt names token {bad}, but the vocabulary has {engine.info.n_vocab} tokens.",
+                               param="prompt", code="invalid_value")
+            prompts.append(list(prompt))
+        if request.echo:
+            text = prompt if isinstance(prompt, str) else engine.detokenize(prompt).decode("utf-8", "replace")
+            echoes += [text] * request.n
+    if not any(prompts):
         raise APIError("'prompt' must not be empty.", param="prompt", code="invalid_value")
-    refuse_unfittable(len(prompt_text), served)
-    with context_check(served):
-        prompt = served.renderer.text_tokens(prompt_text)
-    generation = start_generation(served, request, prompt, request.token_limit())
+    echoes = echoes or [""] * (len(prompts) * request.n)
+    generations = start_generations(served, request, prompts, request.token_limit())
     model, account = request.model or served.model_id, Accounting()
-    echo = prompt_text if request.echo else ""
     settings = state_of().settings
     if request.stream:
-        return event_stream(text_stream(generation, model, account, include_usage=request.include_usage(),
-                                         heartbeat_seconds=settings.heartbeat_seconds, echo_prefix=echo,
+        return event_stream(text_stream(generations, model, account, include_usage=request.include_usage(),
+                                         heartbeat_seconds=settings.heartbeat_seconds, echo_prefixes=echoes,
                                          fingerprint=served.fingerprint))
-    return whole_answer(lambda: text_answer(generation, model, account, echo_prefix=echo,
+    return whole_answer(lambda: text_answer(generations, model, account, echo_prefixes=echoes,
                                             fingerprint=served.fingerprint))

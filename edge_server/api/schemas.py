@@ -14,6 +14,7 @@ from edge_server.api.bodylimits import check_body_shape, nesting_error
 from edge_server.api.errors import APIError
 from edge_server.engine.protocol import CompiledGrammarHandle
 from edge_server.engine.types import FinishReason, Sampling
+from edge_server.generation.pipeline import TokenLogprob
 from edge_server.generation.prompt import RESERVED_TEMPLATE_VARIABLES
 
 # JSON has one number type: 1.0 is an integer to JSON Schema (and to OpenAI), but not to strict pydantic.
@@ -33,6 +34,11 @@ _DEFAULTS = Sampling()  # the engine's defaults are the API's: written once, in 
 # The validators' checks are also stated as JSON Schema (`json_schema_extra`) for the OpenAPI document;
 # tests/unit/test_openapi.py checks that the server and the document accept and reject the same bodies.
 _NULL = {"type": "null"}
+
+
+MAX_CHOICES = 128  # OpenAI's limit on n; also on a legacy completion's prompts
+TokenId = whole_int(ge=0, lt=2**31)
+_TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 
 
 def _given(*fields: str) -> dict[str, Any]:
@@ -140,7 +146,8 @@ class GenerationRequest(RequestModel):
     stop: str | list[str] | None = Field(None, json_schema_extra={"anyOf": [
         _STOP, {"type": "array", "items": _STOP, "maxItems": 16}, _NULL]},
         description=f"a stop string or up to 16; none may be empty or longer than {MAX_STOP_CHARACTERS} characters")
-    n: whole_int() = Field(1, json_schema_extra={"const": 1}, description="only 1: one choice per request")
+    n: whole_int(ge=1, le=MAX_CHOICES) = Field(1, description="choices to generate (at most --parallel), each with "
+                                                               "its own sampler; with a seed, choice i uses seed + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"anyOf": [
@@ -149,13 +156,6 @@ class GenerationRequest(RequestModel):
         description="token id (a whole number as a string, below the model's vocabulary size) -> bias between "
                     "-100 and 100")
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported: this server generates one choice per request")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -190,7 +190,12 @@ class GenerationRequest(RequestModel):
             bias[token] = value
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                         presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                        repeat_penalty=self.repeat_penalty, seed=self.seed, logit_bias=bias, grammar=grammar)
+                        repeat_penalty=self.repeat_penalty, seed=self.seed, logit_bias=bias, grammar=grammar,
+                        logprobs=self.logprob_count())
+
+    def logprob_count(self) -> int | None:
+        """How many top alternatives to report per token, or None for no log-probabilities."""
+        return None
 
     def stop_list(self) -> list[str]:
         """The stop strings as a list."""
@@ -323,6 +328,18 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: ResponseFormat | None = None
     chat_template_kwargs: TemplateKwargs | None = None
     reasoning_effort: ReasoningEffort | None = None
+    logprobs: bool = False
+    top_logprobs: whole_int(ge=0, le=20) | None = Field(None, description="needs `logprobs: true`")
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise FieldError("top_logprobs", "needs 'logprobs': true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        """How many top alternatives to report per token, or None for no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_kwargs(self, server_reasoning: str) -> dict[str, Any]:
         """Variables for this request's chat template (see `template_variables`)."""
@@ -355,25 +372,40 @@ class ChatCompletionRequest(GenerationRequest):
 class CompletionRequest(GenerationRequest):
     """Body of POST /v1/completions (legacy prompt completion)."""
 
-    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [  # `_single_prompt`, and routes refuse ""
-        {"type": "string", "minLength": 1},
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]},
-        description="one non-empty prompt (a string, or a list holding one string)")
+    prompt: str | list[Annotated[str, Field(min_length=1)]] | list[TokenId] | list[list[TokenId]] = Field(
+        json_schema_extra={"anyOf": [  # routes refuse "" and empty token lists
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_CHOICES},
+            {"type": "array", "items": _TOKEN_ID_SCHEMA, "minItems": 1},
+            {"type": "array", "items": {"type": "array", "items": _TOKEN_ID_SCHEMA, "minItems": 1}, "minItems": 1,
+             "maxItems": MAX_CHOICES}]},
+        description="a prompt (text or token ids), or a list of them: one choice per prompt (times n)")
     max_tokens: whole_int(ge=1) | None = 16
     echo: bool = False
+    logprobs: whole_int(ge=0, le=5) | None = Field(None, description="the log-probabilities of each token and of "
+                                                                        "this many likeliest alternatives")
     suffix: str | None = Field(None, json_schema_extra={"anyOf": [{"type": "string", "maxLength": 0}, _NULL]},
                                description="not supported: a non-empty suffix is a 400")
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
+    def _prompts_given(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value or any(isinstance(item, list) and not item for item in value):
+                raise ValueError("prompts must not be empty")
+            if not isinstance(value[0], int) and len(value) > MAX_CHOICES:
+                raise ValueError(f"at most {MAX_CHOICES} prompts per request")
         return value
 
-    def prompt_text(self) -> str:
-        """The single prompt string."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_list(self) -> list[str | list[int]]:
+        """Each prompt: a text, or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def logprob_count(self) -> int | None:
+        """How many top alternatives to report per token, or None for no log-probabilities."""
+        return self.logprobs
 
     def token_limit(self) -> int | None:
         """The client's completion limit."""
@@ -469,12 +501,58 @@ class AssistantMessage(_Sparse):
         return {key: value for key, value in data.items() if value is not None or key == "content"}
 
 
+class TopLogprob(BaseModel):
+    """One of the likeliest tokens at a position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A generated token's log-probability and the likeliest alternatives at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """`choices[].logprobs` of a chat answer or chunk: the content's tokens."""
+
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+        """From the pipeline's per-token entries."""
+        return cls(content=[ChatTokenLogprob(token=e.text, logprob=e.logprob, bytes=e.bytes, top_logprobs=[
+            TopLogprob(token=text, logprob=logprob, bytes=raw) for text, raw, logprob in e.top]) for e in entries])
+
+
+class CompletionLogprobs(BaseModel):
+    """`choices[].logprobs` of a legacy completion."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+        """From the pipeline's per-token entries; `offset` is where the first token's text starts."""
+        offsets = []
+        for entry in entries:
+            offsets.append(offset)
+            offset += len(entry.text)
+        return cls(tokens=[e.text for e in entries], token_logprobs=[e.logprob for e in entries],
+                   top_logprobs=[{text: logprob for text, _, logprob in e.top} for e in entries], text_offset=offsets)
+
+
 class ChatChoice(BaseModel):
     """The one choice of a non-streamed chat answer."""
 
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: WireFinishReason
 
 
@@ -521,7 +599,7 @@ class ChunkChoice(BaseModel):
 
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: WireFinishReason | None = None
 
 
@@ -556,7 +634,7 @@ class CompletionChoice(BaseModel):
 
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: WireFinishReason | None = None
 
 

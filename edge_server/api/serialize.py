@@ -14,6 +14,8 @@ from edge_server.generation.pipeline import QUIET, ClientGone, Collected, Genera
 from edge_server.api.schemas import (
     AssistantMessage,
     ChatChoice,
+    ChoiceLogprobs,
+    CompletionLogprobs,
     ChatCompletion,
     ChatCompletionChunk,
     ChunkChoice,
@@ -38,34 +40,46 @@ def _usage(outcome: Outcome) -> Usage:
 def collect_accounted(generation: Generation, account: Accounting) -> Collected:
     """Run the generation to its end and account for it once: a 499 when the client left (`ClientGone`
     goes on up), else a 200, then the error of a failed generation is raised."""
+    return collect_all([generation], account)[0]
+
+
+def collect_all(generations: list[Generation], account: Accounting) -> list[Collected]:
+    """Run every choice to its end (they run together in the engine) and account for the request once;
+    a client that left (`ClientGone` goes on up) or a failed choice ends the others too."""
+    collected: list[Collected] = []
     try:
-        collected = generation.collect()
+        for generation in generations:
+            collected.append(generation.collect())
+            if generation.outcome.error:
+                break
     except ClientGone:
-        generation.outcome.finish_reason = FinishReason.CANCELLED
-        account.end(generation.outcome, status=499)
+        outcome = Outcome.combined([g.outcome for g in generations])
+        outcome.finish_reason = FinishReason.CANCELLED
+        account.end(outcome, status=499)
         raise
-    account.end(generation.outcome)
-    if generation.outcome.error:
-        raise generation_failure(generation.outcome.error, generation.outcome.error_code)
+    finally:
+        for generation in generations[len(collected):]:
+            generation.cancel()
+    outcome = Outcome.combined([g.outcome for g in generations])
+    account.end(outcome)
+    if outcome.error:
+        raise generation_failure(outcome.error, outcome.error_code)
     return collected
 
 
 # ---- chat ------------------------------------------------------------------------------------
 
-def chat_answer(generation: Generation, model: str, account: Accounting, *,
+def chat_answer(generations: list[Generation], model: str, account: Accounting, *,
                 legacy_functions: bool = False, fingerprint: str | None = None) -> ChatCompletion:
-    """The whole `chat.completion` once the generation has ended."""
-    collected = collect_accounted(generation, account)
-    outcome = generation.outcome
-    return ChatCompletion(
-        id=completion_id(),
-        created=now(),
-        model=model,
-        system_fingerprint=fingerprint,
-        choices=[ChatChoice(message=_assistant_message(collected, legacy_functions),
-                            finish_reason=outcome.finish_reason)],
-        usage=_usage(outcome),
-    )
+    """The whole `chat.completion` once every choice has ended."""
+    choices = []
+    for index, (generation, collected) in enumerate(zip(generations, collect_all(generations, account))):
+        choices.append(ChatChoice(
+            index=index, message=_assistant_message(collected, legacy_functions),
+            logprobs=None if collected.logprobs is None else ChoiceLogprobs.of(collected.logprobs),
+            finish_reason=generation.outcome.finish_reason))
+    return ChatCompletion(id=completion_id(), created=now(), model=model, system_fingerprint=fingerprint,
+                          choices=choices, usage=_usage(Outcome.combined([g.outcome for g in generations])))
 
 
 def _assistant_message(collected: Collected, legacy_functions: bool) -> AssistantMessage:
@@ -79,26 +93,27 @@ def _assistant_message(collected: Collected, legacy_functions: bool) -> Assistan
 
 
 def chat_stream(
-    generation: Generation, model: str, account: Accounting, *, include_usage: bool, heartbeat_seconds: float,
-    legacy_functions: bool = False, fingerprint: str | None = None,
+    generations: list[Generation], model: str, account: Accounting, *, include_usage: bool,
+    heartbeat_seconds: float, legacy_functions: bool = False, fingerprint: str | None = None,
 ) -> Iterator[bytes]:
-    """SSE events: role chunk, content and tool-call deltas, the finish chunk, usage if asked, `[DONE]`."""
+    """SSE events: per choice a role chunk, content and tool-call deltas and its finish chunk (choice after
+    choice: each chunk names its `index`), then usage if asked and `[DONE]`."""
     chunk_id, created = completion_id(), now()
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
         return sse.event(ChatCompletionChunk(id=chunk_id, created=created, model=model, system_fingerprint=fingerprint,
                                              choices=choices, usage=usage))
 
-    def delta_event(event: Event) -> bytes:
-        return chunk([ChunkChoice(delta=_chat_delta(event, legacy_functions))])
+    def delta_event(index: int, event: Event) -> bytes:
+        entries = generations[index].logprobs_for(event)
+        return chunk([ChunkChoice(index=index, delta=_chat_delta(event, legacy_functions),
+                                  logprobs=ChoiceLogprobs.of(entries) if entries else None)])
 
-    yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
-    yield from _stream_body(
-        generation,
-        heartbeat_seconds,
-        account,
+    yield from _stream_choices(
+        generations, heartbeat_seconds, account,
+        start_event=lambda index: chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))]),
         delta_event=delta_event,
-        finish_event=lambda reason: chunk([ChunkChoice(delta=Delta(), finish_reason=reason)]),
+        finish_event=lambda index, reason: chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=reason)]),
         usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
     )
 
@@ -122,40 +137,44 @@ def _chat_delta(event: Event | ReasoningDelta, legacy_functions: bool) -> Delta:
 
 # ---- legacy completions ----------------------------------------------------------------------
 
-def text_answer(generation: Generation, model: str, account: Accounting, *, echo_prefix: str = "",
+def text_answer(generations: list[Generation], model: str, account: Accounting, *, echo_prefixes: list[str],
                 fingerprint: str | None = None) -> TextCompletion:
-    """The whole `text_completion` once the generation has ended."""
-    text = collect_accounted(generation, account).content or ""
-    outcome = generation.outcome
-    return TextCompletion(
-        id=completion_id("cmpl"),
-        created=now(),
-        model=model,
-        system_fingerprint=fingerprint,
-        choices=[CompletionChoice(text=echo_prefix + text, finish_reason=outcome.finish_reason)],
-        usage=_usage(outcome),
-    )
+    """The whole `text_completion` once every choice has ended (`echo_prefixes`: each choice's echoed prompt)."""
+    choices = []
+    for index, (generation, collected) in enumerate(zip(generations, collect_all(generations, account))):
+        echo = echo_prefixes[index]
+        logprobs = None if collected.logprobs is None else CompletionLogprobs.of(collected.logprobs, len(echo))
+        choices.append(CompletionChoice(index=index, text=echo + (collected.content or ""), logprobs=logprobs,
+                                        finish_reason=generation.outcome.finish_reason))
+    return TextCompletion(id=completion_id("cmpl"), created=now(), model=model, system_fingerprint=fingerprint,
+                          choices=choices, usage=_usage(Outcome.combined([g.outcome for g in generations])))
 
 
 def text_stream(
-    generation: Generation, model: str, account: Accounting, *, include_usage: bool, heartbeat_seconds: float,
-    echo_prefix: str = "", fingerprint: str | None = None,
+    generations: list[Generation], model: str, account: Accounting, *, include_usage: bool,
+    heartbeat_seconds: float, echo_prefixes: list[str], fingerprint: str | None = None,
 ) -> Iterator[bytes]:
-    """SSE events of a legacy completion: text deltas, the finish chunk, usage if asked, `[DONE]`."""
+    """SSE events of a legacy completion: per choice its echo, text deltas and finish chunk, then usage if
+    asked and `[DONE]`."""
     chunk_id, created = completion_id("cmpl"), now()
+    offsets = [len(echo) for echo in echo_prefixes]
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse.event(TextCompletion(id=chunk_id, created=created, model=model, system_fingerprint=fingerprint,
                                         choices=choices, usage=usage))
 
-    if echo_prefix:
-        yield chunk([CompletionChoice(text=echo_prefix)])
-    yield from _stream_body(
-        generation,
-        heartbeat_seconds,
-        account,
-        delta_event=lambda event: chunk([CompletionChoice(text=event.text)]),
-        finish_event=lambda reason: chunk([CompletionChoice(text="", finish_reason=reason)]),
+    def delta_event(index: int, event: Event) -> bytes:
+        entries = generations[index].logprobs_for(event)
+        logprobs = CompletionLogprobs.of(entries, offsets[index]) if entries else None
+        offsets[index] += len(event.text)
+        return chunk([CompletionChoice(index=index, text=event.text, logprobs=logprobs)])
+
+    yield from _stream_choices(
+        generations, heartbeat_seconds, account,
+        start_event=lambda index: chunk([CompletionChoice(index=index, text=echo_prefixes[index])])
+        if echo_prefixes[index] else None,
+        delta_event=delta_event,
+        finish_event=lambda index, reason: chunk([CompletionChoice(index=index, text="", finish_reason=reason)]),
         usage_event=(lambda usage: chunk([], usage)) if include_usage else None,
     )
 
@@ -177,25 +196,46 @@ def accounted_events(generation: Generation, heartbeat_seconds: float,
     account.end(outcome)  # before the last events: the line is logged by the time the client has them
 
 
-def _stream_body(
-    generation: Generation,
+def _stream_choices(
+    generations: list[Generation],
     heartbeat_seconds: float,
     account: Accounting,
     *,
-    delta_event: Callable[[Event], bytes],
-    finish_event: Callable[[str], bytes],
+    start_event: Callable[[int], bytes | None],
+    delta_event: Callable[[int, Event], bytes],
+    finish_event: Callable[[int, str], bytes],
     usage_event: Callable[[Usage], bytes] | None,
 ) -> Iterator[bytes]:
-    outcome = generation.outcome
-    with closing(accounted_events(generation, heartbeat_seconds, account)) as events:
-        for event in events:
-            yield sse.PING if event is QUIET else delta_event(event)
-    if outcome.finish_reason is FinishReason.CANCELLED:
+    """Stream the choices one after another (they are generated together: the later ones' tokens wait
+    in their streams), account for the request once, and end with usage and `[DONE]`, or an error event."""
+    outcomes = [g.outcome for g in generations]
+    done = 0
+    try:
+        for index, generation in enumerate(generations):
+            if (first := start_event(index)) is not None:
+                yield first
+            with closing(generation.events(heartbeat_seconds)) as events:
+                for event in events:
+                    yield sse.PING if event is QUIET else delta_event(index, event)
+            done += 1
+            if generation.outcome.error:
+                break
+            yield finish_event(index, generation.outcome.finish_reason)
+    except (ClientGone, GeneratorExit) as gone:  # GeneratorExit: the WSGI server closed us mid-write
+        outcome = Outcome.combined(outcomes)
+        outcome.finish_reason = FinishReason.CANCELLED
+        account.end(outcome)
+        if isinstance(gone, GeneratorExit):
+            raise
         return
+    finally:
+        for generation in generations[done:]:
+            generation.cancel()
+    outcome = Outcome.combined(outcomes)
+    account.end(outcome)
     if outcome.error:
         yield sse.event(generation_failure(outcome.error, outcome.error_code).body())
         return
-    yield finish_event(outcome.finish_reason)
     if usage_event is not None:
         yield usage_event(_usage(outcome))
     yield sse.DONE

@@ -3,6 +3,7 @@ completions, and the APIs translated onto chat), with its context, template and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -46,12 +47,18 @@ def served_model(name: str | None = None, *, role: str | None = None) -> ServedM
 
 @dataclass
 class ChatRun:
-    """A submitted chat request: its generation, the tool plan it runs under, and the model name to answer with."""
+    """A submitted chat request: a generation per choice (`n`), the tool plan they run under, and the model
+    name to answer with."""
 
-    generation: Generation
+    generations: list[Generation]
     plan: ToolPlan
     model: str
     fingerprint: str
+
+    @property
+    def generation(self) -> Generation:
+        """The first (for APIs with one choice, the only) generation."""
+        return self.generations[0]
 
 
 @dataclass
@@ -88,25 +95,51 @@ def start_chat(request: ChatCompletionRequest) -> ChatRun:
         except GrammarRejected as error:
             raise APIError(str(error), param="tools" if plan.callable_names else "response_format",
                            code="invalid_grammar") from None
-    reasoning = None
-    if served.renderer.thinks and settings.reasoning_format == "separate":
-        reasoning = ReasoningSplitter(opened_in_prompt=prompt.opens_reasoning,
-                                      answer_openers=(CALL_OPEN_TAG,) if plan.callable_names else ())
-    generation = start_generation(
-        served, request, prompt.tokens, request.token_limit(), grammar=grammar,
-        extractor=plan.extractor(incremental=request.stream), reasoning=reasoning,
-        call_finish_reason=FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS)
-    return ChatRun(generation, plan, request.model or served.model_id, served.fingerprint)
+    split_reasoning = served.renderer.thinks and settings.reasoning_format == "separate"
+
+    def choice_options() -> dict:  # each choice reads its own output
+        return {"extractor": plan.extractor(incremental=request.stream),
+                "reasoning": ReasoningSplitter(opened_in_prompt=prompt.opens_reasoning,
+                                               answer_openers=(CALL_OPEN_TAG,) if plan.callable_names else ())
+                if split_reasoning else None,
+                "call_finish_reason": FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS}
+
+    generations = start_generations(served, request, [prompt.tokens], request.token_limit(), grammar=grammar,
+                                    options=choice_options)
+    return ChatRun(generations, plan, request.model or served.model_id, served.fingerprint)
+
+
+def start_generations(served: ServedModel, request: GenerationRequest, prompts: list[list[int]], limit: int | None, *,
+                      grammar: CompiledGrammarHandle | None = None,
+                      options: Callable[[], dict] = dict) -> list[Generation]:
+    """Submit `request.n` choices of every prompt (choice i samples with seed + i when a seed is given);
+    none is left running when one cannot be submitted. `n` above `--parallel` is a 400."""
+    parallel = served.engine.parallel
+    if request.n > parallel:
+        raise APIError(f"n={request.n} is more than the {parallel} requests this server decodes together "
+                       f"(--parallel); ask for at most {parallel} choices.", param="n", code="invalid_value")
+    generations: list[Generation] = []
+    try:
+        for prompt in prompts:
+            for choice in range(request.n):
+                seed = None if request.seed is None else (request.seed + choice) % 2**64
+                generations.append(start_generation(served, request, prompt, limit, grammar=grammar, seed=seed,
+                                                    **options()))
+    except BaseException:
+        for generation in generations:
+            generation.cancel()
+        raise
+    return generations
 
 
 def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
-                     grammar: CompiledGrammarHandle | None = None, **options) -> Generation:
-    """Submit prompt tokens with the request's sampling, limited to what the context leaves."""
+                     grammar: CompiledGrammarHandle | None = None, seed: int | None = None, **options) -> Generation:
+    """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context leaves."""
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
         raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
-    sampling = request.sampling(info.n_vocab, grammar)
+    sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed)
     job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
 

@@ -135,3 +135,17 @@ def compile_grammar(vocab: Any, grammar: str) -> CompiledGrammar:
     if not pointer:
         raise GrammarRejected("llama.cpp rejected the grammar built for this request")
     return CompiledGrammar(pointer)
+
+
+def token_logprobs(context: Any, index: int, token: int, n_vocab: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under the raw logits at batch `index` (before sampling settings), and
+    the `top` likeliest tokens with theirs; samplers read the logits without changing them."""
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(context, index), shape=(n_vocab,))
+    shifted = logits - logits.max()
+    log_total = float(np.log(np.exp(shifted, dtype=np.float64).sum()))
+    best: list[tuple[int, float]] = []
+    if top:
+        ids = np.argpartition(shifted, -top)[-top:]
+        ids = ids[np.argsort(shifted[ids])[::-1]]
+        best = [(int(i), float(shifted[i]) - log_total) for i in ids]
+    return float(shifted[token]) - log_total, best

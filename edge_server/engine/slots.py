@@ -18,7 +18,7 @@ import llama_cpp
 from llama_cpp import _internals as internals
 
 from edge_server.engine.prefixcache import Plan, PrefixCache
-from edge_server.engine.sampler import ConstrainedSampler, make_sampler
+from edge_server.engine.sampler import ConstrainedSampler, make_sampler, token_logprobs
 from edge_server.engine.types import KV_CACHE_FULL, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
 
@@ -69,7 +69,8 @@ class Slots:
         self._ctx = context
         self._vocab = vocab
         self._cache = cache
-        self._constrained = ConstrainedSampler(context, model.n_vocab())
+        self._n_vocab = model.n_vocab()
+        self._constrained = ConstrainedSampler(context, self._n_vocab)
         self.all = [Slot(seq) for seq in range(parallel)]
         # Events for the clients, sent together after each step (`send`): readers woken one by one
         # while the step still samples would take the interpreter from it at every llama.cpp call.
@@ -168,11 +169,18 @@ class Slots:
             self.end(slot, Finish(FinishReason.STOP))
             return
         slot.produced += 1
-        self._outbox.append((slot.stream, Token(token, self._vocab.piece(token))))
+        self._outbox.append((slot.stream, self._token(slot, token)))
         if slot.produced >= slot.job.max_tokens:
             self.end(slot, Finish(FinishReason.LENGTH))
         else:
             slot.next_token = token
+
+    def _token(self, slot: Slot, token: int) -> Token:
+        wanted = slot.job.sampling.logprobs
+        if wanted is None:
+            return Token(token, self._vocab.piece(token))
+        logprob, best = token_logprobs(self._ctx.ctx, slot.logits_at, token, self._n_vocab, wanted)
+        return Token(token, self._vocab.piece(token), logprob, tuple((self._vocab.piece(i), lp) for i, lp in best))
 
     def _pick_token(self, slot: Slot) -> int:
         if slot.grammar is None:

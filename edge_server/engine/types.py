@@ -75,6 +75,7 @@ class Sampling:
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: CompiledGrammarHandle | None = None  # what the output must match (forced tool calls, JSON output)
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class Token:
 
     id: int
     piece: bytes
+    logprob: float | None = None  # the model's log-probability of it (when the job asked)
+    top: tuple[tuple[bytes, float], ...] = ()  # the likeliest tokens' pieces and log-probabilities
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,47 @@ class Outcome:
     error_code: str | None = None
     first_token_seconds: float | None = None
 
+    @classmethod
+    def combined(cls, outcomes: list[Outcome]) -> Outcome:
+        """One request's outcome over its choices: the prompt once (they share it), the tokens generated
+        summed, the first failure, and the first choice's finish reason."""
+        if len(outcomes) == 1:
+            return outcomes[0]
+        first = outcomes[0]
+        failed = next((o for o in outcomes if o.error), None)
+        reasoning = [o.reasoning_tokens for o in outcomes if o.reasoning_tokens is not None]
+        starts = [o.first_token_seconds for o in outcomes if o.first_token_seconds is not None]
+        return cls(finish_reason=failed.finish_reason if failed else first.finish_reason,
+                   prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+                   completion_tokens=sum(o.completion_tokens for o in outcomes),
+                   reasoning_tokens=sum(reasoning) if reasoning else None,
+                   error=failed.error if failed else None, error_code=failed.error_code if failed else None,
+                   first_token_seconds=min(starts) if starts else None)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's text, bytes and log-probability, with the likeliest alternatives."""
+
+    text: str
+    bytes: list[int]
+    logprob: float
+    top: list[tuple[str, list[int], float]]
+
+    @classmethod
+    def of(cls, token: Token) -> TokenLogprob:
+        """From an engine token that carries log-probabilities."""
+        return cls(_token_text(token.piece), list(token.piece), token.logprob,
+                   [(_token_text(piece), list(piece), logprob) for piece, logprob in token.top])
+
+
+def _token_text(piece: bytes) -> str:
+    # OpenAI's convention for a token that is not whole UTF-8 on its own.
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in piece)
+
 
 @dataclass
 class CollectedCall:
@@ -56,6 +97,7 @@ class Collected:
     content: str | None
     calls: list[CollectedCall] = field(default_factory=list)
     reasoning: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the content's tokens, when asked
 
 
 class Generation:
@@ -72,6 +114,7 @@ class Generation:
         call_finish_reason: FinishReason = FinishReason.TOOL_CALLS,
         client_gone: Callable[[], bool] = lambda: False,
         poll_seconds: float = 0.05,
+        logprobs: bool = False,
     ):
         self._stream = stream
         self._stops = StopBuffer(stops)
@@ -82,11 +125,14 @@ class Generation:
         self._client_gone = client_gone
         self._poll = poll_seconds
         self.outcome = Outcome(prompt_tokens=prompt_tokens, reasoning_tokens=0 if reasoning else None)
+        self._pending_logprobs: list[TokenLogprob] = []
+        self._wants_logprobs = logprobs  # the job asked the engine for log-probabilities
 
     @classmethod
     def start(cls, engine: EngineClient, job: Job, **options) -> Generation:
         """Submit `job` and wrap its stream; raises `QueueFull` when too many requests wait."""
-        return cls(engine.submit(job), prompt_tokens=len(job.prompt), **options)
+        return cls(engine.submit(job), prompt_tokens=len(job.prompt), logprobs=job.sampling.logprobs is not None,
+                   **options)
 
     def events(self, heartbeat_seconds: float | None = None) -> Iterator[Event | ReasoningDelta | Heartbeat]:
         """Reasoning, content and tool-call events as they become final, and `QUIET` after each quiet spell.
@@ -129,12 +175,18 @@ class Generation:
             # Whatever ended us early (stop string, disconnect, closed generator), the engine must let go.
             self._stream.cancel()
 
+    def cancel(self) -> None:
+        """Let the engine drop this job (another choice of the request failed, or its client left)."""
+        self._stream.cancel()
+
     def collect(self) -> Collected:
         """Run to the end and return the whole answer (for non-streamed responses)."""
         content: list[str] = []
         reasoning: list[str] = []
         calls: list[CollectedCall] = []
+        logprobs: list[TokenLogprob] = []
         for event in self.events():
+            logprobs += self.logprobs_for(event)
             if isinstance(event, ContentDelta):
                 content.append(event.text)
             elif isinstance(event, ReasoningDelta):
@@ -145,7 +197,8 @@ class Generation:
                 calls[-1].arguments += event.fragment
         text = "".join(content)
         thought = "".join(reasoning) or None
-        return Collected(None if calls and not text.strip() else text, calls, thought)
+        return Collected(None if calls and not text.strip() else text, calls, thought,
+                         logprobs if self._wants_logprobs else None)
 
     def _split(self, text: str, *, final: bool) -> Iterator[Event | ReasoningDelta]:
         if self._reasoning is not None:
@@ -163,7 +216,15 @@ class Generation:
         if final:
             yield from self._extractor.finish()
 
+    def logprobs_for(self, event: object) -> list[TokenLogprob]:
+        """The log-probabilities of the tokens whose text `event` releases: those read since the last
+        event, for content; none for reasoning and tool calls (OpenAI reports content tokens only)."""
+        pending, self._pending_logprobs = self._pending_logprobs, []
+        return pending if isinstance(event, ContentDelta) else []
+
     def _on_token(self, token: Token) -> str:
+        if token.logprob is not None:
+            self._pending_logprobs.append(TokenLogprob.of(token))
         if self.outcome.completion_tokens == 0:
             self.outcome.first_token_seconds = time.monotonic() - self._stream.submitted_at
             self.outcome.cached_tokens = self._stream.reused_tokens

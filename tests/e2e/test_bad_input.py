@@ -34,7 +34,7 @@ BAD_CHAT_BODIES = [
     ("max_tokens zero", {"messages": USER, "max_tokens": 0}, "max_tokens"),
     ("max_tokens as fraction", {"messages": USER, "max_tokens": 1.5}, "max_tokens"),
     ("max_completion_tokens zero", {"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
-    ("n of two", {"messages": USER, "n": 2}, "n"),
+    ("n above --parallel", {"messages": USER, "n": 5}, "n"),
     ("stream not bool", {"messages": USER, "stream": "yes"}, "stream"),
     ("stop of wrong type", {"messages": USER, "stop": 5}, "stop"),
     ("empty stop string", {"messages": USER, "stop": [""]}, "stop"),
@@ -73,7 +73,9 @@ def test_malformed_chat_request_is_a_400_envelope(base_url, name, body, param):
 
 @pytest.mark.parametrize("body, param", [
     ({"prompt": 5}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
+    ({"prompt": [[1], []]}, "prompt"),
+    ({"prompt": [10**9]}, "prompt"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": ""}, "prompt"),
     ({}, "prompt"),

@@ -261,6 +261,7 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
 
 VALID_CHAT = {
     "minimal": {"messages": USER},
+    "n 2": {"messages": USER, "n": 2},
     "everything sampled": {"messages": USER, "model": "m", "max_tokens": 5, "temperature": 0, "top_p": 1,
                            "top_k": 0, "min_p": 0, "presence_penalty": -2, "frequency_penalty": 2,
                            "repeat_penalty": 10, "seed": 2**64 - 1, "n": 1, "user": "u"},
@@ -299,7 +300,8 @@ INVALID_CHAT = {
     "top_p zero": {"messages": USER, "top_p": 0},
     "max_tokens zero": {"messages": USER, "max_tokens": 0},
     "seed too big": {"messages": USER, "seed": 2**64},
-    "n 2": {"messages": USER, "n": 2},
+    "n 129": {"messages": USER, "n": 129},
+    "n 0": {"messages": USER, "n": 0},
     "stream string": {"messages": USER, "stream": "yes"},
     "empty stop": {"messages": USER, "stop": ""},
     "empty stop in list": {"messages": USER, "stop": ["a", ""]},
@@ -329,15 +331,20 @@ VALID_COMPLETION = {
     "one-item list": {"prompt": ["Once"], "echo": True, "max_tokens": 3},
     "empty suffix": {"prompt": "Once", "suffix": ""},
     "null suffix": {"prompt": "Once", "suffix": None},
+    "two prompts": {"prompt": ["a", "b"]},
+    "token ids": {"prompt": [1, 2, 3]},
+    "lists of token ids": {"prompt": [[1, 2], [3]], "n": 2},
+    "n 3": {"prompt": "a", "n": 3},
 }
 
 INVALID_COMPLETION = {
     "missing prompt": {"max_tokens": 3},
-    "two prompts": {"prompt": ["a", "b"]},
     "no prompts": {"prompt": []},
+    "an empty token list": {"prompt": [[1], []]},
+    "a negative token id": {"prompt": [1, -2]},
+    "mixed texts and ids": {"prompt": ["a", 1]},
     "suffix": {"prompt": "a", "suffix": "b"},
     "max_tokens zero": {"prompt": "a", "max_tokens": 0},
-    "n 3": {"prompt": "a", "n": 3},
 }
 
 
