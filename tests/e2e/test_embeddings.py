@@ -145,3 +145,17 @@ def test_node_openai_sdk_float_and_base64(embedding_server, embedding_model):
     assert_same(answer["floats"], expected)
     assert_same(answer["base64"], expected)  # the node SDK decodes base64 itself too
     assert answer["usage"]["prompt_tokens"] == answer["usage"]["total_tokens"] > 0
+
+
+def test_langchain_openai_embeddings(embedding_server, embedding_model):
+    """LangChain's OpenAIEmbeddings, as a RAG pipeline builds it, against llama-cpp-python's own vectors."""
+    from langchain_openai import OpenAIEmbeddings
+
+    # check_embedding_ctx_length off: LangChain would otherwise fetch tiktoken's OpenAI vocabulary, and send
+    # OpenAI token ids that mean nothing to this model.
+    embeddings = OpenAIEmbeddings(model="tiny-embed", base_url=embedding_server.base_url + "/v1", api_key=KEY,
+                                  check_embedding_ctx_length=False, max_retries=0)
+    documents = embeddings.embed_documents(TEXTS)
+    assert_same(documents, oracle(embedding_model, llama_cpp.LLAMA_POOLING_TYPE_LAST, TEXTS))
+    query = embeddings.embed_query(TEXTS[1])
+    assert_same([query], oracle(embedding_model, llama_cpp.LLAMA_POOLING_TYPE_LAST, [TEXTS[1]]))
