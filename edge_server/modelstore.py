@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_server.engine.types import ModelLoadError
 
@@ -162,3 +166,45 @@ def local_models(models_dir: Path) -> list[LocalModel]:
     paths = [p for pattern in ("*.gguf", f"{GENERATED_DIR}/*.gguf") for p in root.glob(pattern) if p.is_file()]
     paths.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [describe_gguf(p) for p in paths]
+
+
+class ModelsFileEntry(BaseModel):
+    """One model of `--models-file`: its id, where it is, and settings of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="GGUF path, file name in models/, or OWNER/REPO/FILE.gguf")
+    role: Literal["chat", "embedding"] | None = None  # default: read from the GGUF
+    n_ctx: int | None = Field(None, ge=16)
+    parallel: int | None = Field(None, ge=1, le=64)
+    n_gpu_layers: int | Literal["auto"] | None = None
+    chat_template: str | None = None
+
+    def settings(self) -> dict[str, object]:
+        """The settings this model overrides."""
+        return self.model_dump(exclude={"id", "model", "role"}, exclude_none=True)
+
+
+def read_models_file(path: Path) -> list[ModelsFileEntry]:
+    """The models a JSON or TOML file lists (`[[models]]` tables, or a JSON list or `{"models": [...]}`);
+    `ModelLoadError` naming what is wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = _toml(text) if Path(path).suffix.lower() == ".toml" else json.loads(text)
+        entries = data.get("models", []) if isinstance(data, dict) else data
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("it lists no models (a list, or a 'models' list of tables)")
+        return [ModelsFileEntry.model_validate(entry) for entry in entries]
+    except (OSError, ValueError) as error:  # JSON's and TOML's decode errors are ValueErrors too
+        reason = error.errors(include_url=False)[0] if isinstance(error, ValidationError) else None
+        detail = f"{'.'.join(map(str, reason['loc']))}: {reason['msg']}" if reason else str(error)
+        raise ModelLoadError(f"cannot use --models-file {path}: {detail}") from None
+
+
+def _toml(text: str) -> object:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ValueError("TOML needs Python 3.11 or newer; write the file as JSON") from None
+    return tomllib.loads(text)

@@ -11,11 +11,13 @@ import sys
 import threading
 import time
 
+from pydantic import ValidationError
+
 from edge_server.api.app import create_app
 from edge_server.engine.loader import check_gguf_file, load_engine
 from edge_server.engine.types import ModelLoadError
 from edge_server.http_server import create_hardened_server
-from edge_server.modelstore import resolve_model
+from edge_server.modelstore import read_models_file, resolve_model
 from edge_server.api.security import warn_if_exposed
 from edge_server.settings import EXIT_CONFIG, Settings
 from edge_server.api.observability import metrics_of
@@ -117,13 +119,23 @@ class GracefulShutdown:
 def resolve_models(settings: Settings) -> list[ModelSpec]:
     """Each `--model` found or downloaded and checked (the newest local GGUF, the default download or the
     demo model when none is given), with its id and role; `ModelLoadError` for an unusable one."""
-    names = settings.model or (None,)
+    names = settings.model or (() if settings.models_file else (None,))
     specs = []
     for index, name in enumerate(names):
         alias = settings.model_alias[index] if index < len(settings.model_alias) else None
         resolved = resolve_model(name, settings.models_dir, alias=alias, timeout=settings.download_timeout)
         check_gguf_file(resolved.path)
         specs.append(ModelSpec(resolved.model_id, resolved.path, model_role(resolved.path), resolved.demo_warning))
+    for entry in read_models_file(settings.models_file) if settings.models_file else []:
+        try:  # the model's own settings, checked now (a bad one exits 2 before anything loads)
+            Settings.model_validate({**settings.model_dump(exclude_unset=True), **entry.settings()})
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            raise ModelLoadError(f"--models-file: model {entry.id!r}: {first['msg']}") from None
+        resolved = resolve_model(entry.model, settings.models_dir, alias=entry.id, timeout=settings.download_timeout)
+        check_gguf_file(resolved.path)
+        specs.append(ModelSpec(entry.id, resolved.path, entry.role or model_role(resolved.path),
+                               options=entry.settings()))
     ids = [spec.id for spec in specs]
     if len(set(ids)) != len(ids):
         raise ModelLoadError(f"two models share an id ({', '.join(ids)}); name them with --model-alias")
@@ -145,6 +157,7 @@ def _unload_idle(registry: ModelRegistry) -> None:
 
 
 def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
+    settings = settings.model_copy(update=spec.options)  # --models-file settings of this model (checked)
     engine = load_engine(spec.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
                          threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
                          flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,

@@ -45,6 +45,8 @@ class Settings(BaseModel):
     api_key_file: Path | None = None
     cors_origin: tuple[str, ...] = ()
     model_alias: tuple[str, ...] = Field((), description="the ids of the models, in --model order (default: file stem)")
+    models_file: Path | None = Field(None, description="a JSON or TOML file listing models (id, model, role, "
+                                                        "n_ctx, parallel, n_gpu_layers, chat_template)")
     max_loaded: int | None = Field(None, ge=1, description="models held in memory at once (default: all of them)")
     idle_unload: float = Field(0.0, ge=0, description="unload a model after this many idle seconds (0: never)")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)

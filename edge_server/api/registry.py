@@ -31,6 +31,7 @@ class ModelSpec:
     path: Path
     role: str = "chat"  # or "embedding"
     demo_warning: str | None = None
+    options: dict = field(default_factory=dict)  # per-model settings from --models-file (n_ctx, parallel, ...)
 
 
 def model_role(path: Path) -> str:

@@ -120,3 +120,30 @@ def test_an_embedding_model_beside_a_chat_model(start_server, tiny_model, tmp_pa
                             timeout=30).json()
     assert vectors["model"] == "embed" and len(vectors["data"]) == 2
     assert ask(server.base_url, "chat").status_code == 200
+
+
+def test_a_models_file_lists_models_with_settings_of_their_own(start_server, tiny_model, scripted_model, tmp_path):
+    listing = tmp_path / "models.toml"
+    listing.write_text(f'[[models]]\nid = "small"\nmodel = "{tiny_model}"\nn_ctx = 256\n\n'
+                       f'[[models]]\nid = "script"\nmodel = "{scripted_model}"\nparallel = 1\n')
+    server = start_server("--models-file", str(listing))
+    cards = {c["id"]: c["meta"] for c in requests.get(server.base_url + "/v1/models", timeout=10).json()["data"]}
+    assert list(cards) == ["small", "script"] and cards["small"]["n_ctx"] == 256
+    assert ask(server.base_url, "script").json()["choices"][0]["message"]["content"] == SCRIPT_TEXT
+    assert requests.get(server.base_url + "/health", timeout=10).json()["n_ctx"] == 256  # the default's own
+
+
+@pytest.mark.parametrize("content,words", [
+    ('[{"id": "x", "model": "MODEL", "n_ctx": 2}]', "n_ctx"),
+    ('[{"id": "x", "model": "MODEL", "colour": "red"}]', "colour"),
+    ('{"models": []}', "no models"),
+    ("not json", "models-file"),
+])
+def test_a_bad_models_file_exits_2_saying_why(tiny_model, tmp_path, content, words):
+    from tests.e2e.test_startup import run_to_exit
+    from tests.e2e.conftest import free_port
+
+    listing = tmp_path / "models.json"
+    listing.write_text(content.replace("MODEL", str(tiny_model)))
+    result = run_to_exit("--models-file", str(listing), "--port", str(free_port()))
+    assert result.returncode == 2 and words in result.stderr, result.stderr
