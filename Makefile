@@ -7,6 +7,9 @@ LLAMA_VERSION := 0.3.36
 GPU ?= auto
 ARGS ?=
 MODEL ?=
+# `make bench PEER=llama-server`: also llama-server, built once from the pinned sdist's llama.cpp, side by side.
+PEER ?=
+BENCH_ARGS ?=
 
 # Backend: nvcc (on PATH or in /usr/local/cuda, also Jetson) with an NVIDIA GPU visible -> cuda;
 # macOS -> metal; else cpu. nvcc alone is not enough: CUDA's "native" architecture needs a GPU to
@@ -88,7 +91,8 @@ model: install
 
 bench: install
 	$(PIP) install -q -e '.[bench]'
-	$(PY) -m edge_server.devtools.bench $(if $(MODEL),--model $(MODEL))
+	$(if $(PEER),$(if $(filter llama-server,$(PEER)),$(PY) -m edge_server.devtools.peer build --version $(LLAMA_VERSION)))
+	$(PY) -m edge_server.devtools.bench $(if $(MODEL),--model $(MODEL)) $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
 
 soak: install-test tiny-model
 	$(PY) -m edge_server.devtools.soak --seconds $(or $(SECONDS),90)

@@ -1,4 +1,5 @@
-"""`make bench`: raw llama-cpp-python against the server on one model and prompt, with figures."""
+"""`make bench`: raw llama-cpp-python against the server on one model and prompt, with figures; with
+`--peer llama-server`, also the same scenarios side by side with llama-server built from the same llama.cpp."""
 
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ class Stream:
 
     def __init__(self, base_url: str, body: dict):
         self.base_url, self.body = base_url, body
-        self.sent = self.first = self.last = 0.0
+        self.sent = self.first = self.last = self.done = 0.0
         self.deltas = 0
         self.usage: dict = {}
         self.finish: str | None = None
@@ -164,13 +165,14 @@ class Stream:
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     self.usage = chunk["usage"]
-                for choice in chunk["choices"]:
-                    if choice["delta"].get("content"):
+                for choice in chunk.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
                         now = time.perf_counter()
                         self.first = self.first or now
                         self.last = now
                         self.deltas += 1
-                    self.finish = choice["finish_reason"] or self.finish
+                    self.finish = choice.get("finish_reason") or self.finish
+        self.done = time.perf_counter()  # [DONE] (or the stream's end): what a user waits for
         return self
 
     @property
@@ -286,6 +288,188 @@ def kv_memory(model: Path, *, threads: int, parallel: int, body: dict, out: Path
             server.terminate()
             server.wait(timeout=30)
     return results
+
+
+# ---- side by side with a peer (llama-server) ---------------------------------------------------
+
+PEER_SCENARIOS = ("single", "cold4", "shared", "decode")
+SIDE_BY_SIDE_HEADING = "## Side by side with llama-server"
+
+
+def start_peer(binary: Path, model: Path, *, port: int, threads: int, parallel: int, n_ctx: int,
+               log_path: Path) -> subprocess.Popen:
+    """llama-server with our server's settings (`parallel` slots of `n_ctx` each, flash attention off);
+    returns once its /health is 200 (it answers 503 while loading)."""
+    from edge_server.devtools.peer import command
+
+    log = log_path.open("wb")
+    argv = command(model, port=port, threads=threads, parallel=parallel, n_ctx=n_ctx)
+    argv[0] = str(binary)
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"llama-server exited; see {log_path}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    process.terminate()
+    raise SystemExit(f"llama-server did not become ready; see {log_path}")
+
+
+def side_scenarios(base_url: str, pid: int, prompt: str, bias: dict[str, float], *, parallel: int, max_tokens: int,
+                   scenarios: tuple[str, ...]) -> dict:
+    """The peer-neutral scenarios against one server (ours or llama-server), in one of its lifetimes."""
+
+    def body(user: str, system: str, tokens: int = max_tokens) -> dict:
+        return {"model": "bench", "messages": messages(system, user), "max_tokens": tokens, "temperature": 0.0,
+                "logit_bias": bias}
+
+    def fresh() -> str:
+        return f"Session {uuid.uuid4().hex}. " + prompt
+
+    def tokens(streams: list[Stream]) -> int:
+        return sum(s.usage.get("completion_tokens", 0) for s in streams)
+
+    result: dict = {}
+    if "single" in scenarios:
+        # One stream: the first with a cold prompt (its TTFT), then the same prompt cached (decode-only rate,
+        # and end to end = completion tokens / request-to-[DONE]).
+        system = fresh()
+        runs = [Stream(base_url, body("Summarise the notes.", system)).run() for _ in range(3)]
+        warm = runs[1:]
+        result["single"] = {
+            "cold_ttft_s": runs[0].ttft,
+            "warm_ttft_s": statistics.median(s.ttft for s in warm),
+            "decode_tok_s": max(s.decode_rate for s in warm),
+            "end_to_end_tok_s": max(s.usage["completion_tokens"] / (s.done - s.sent) for s in warm),
+            "cold_end_to_end_tok_s": runs[0].usage["completion_tokens"] / (runs[0].done - runs[0].sent),
+        }
+    if "cold4" in scenarios:
+        # The same fresh prompt from `parallel` clients at once, two rounds (the first cold), against one client
+        # sending a fresh prompt twice: aggregate end-to-end tok/s over both rounds, cold round included.
+        def rounds(clients: int) -> dict:
+            system, walls, ttfts, done = fresh(), [], [], 0
+            for _ in range(2):
+                streams, wall = run_together(base_url, [body("Summarise the notes.", system) for _ in range(clients)])
+                walls.append(wall)
+                ttfts.append(statistics.median(s.ttft for s in streams))
+                done += tokens(streams)
+            return {"end_to_end_tok_s": done / sum(walls), "round_walls_s": walls, "median_ttft_s": ttfts}
+
+        one, many = rounds(1), rounds(parallel)
+        result["cold4"] = {"clients": parallel, "one": one, "many": many,
+                           "ratio": many["end_to_end_tok_s"] / one["end_to_end_tok_s"]}
+    if "shared" in scenarios:
+        result["shared"] = shared_system_prompt(base_url, prompt, bias, clients=parallel)
+    if "decode" in scenarios:
+        # Every slot holds the prompt first; then aggregate decode-only and end-to-end rates at 1, 2, `parallel`.
+        system = fresh()
+        run_together(base_url, [body(f"Warm-up {i}.", system, 4) for i in range(parallel)])
+        rows = {}
+        for n in sorted({1, 2, parallel}):
+            streams, wall = run_together(base_url, [body(f"Question {i} of {n}.", system) for i in range(n)])
+            ttfts = sorted(s.ttft for s in streams)
+            rows[n] = {"decode_tok_s": decode_throughput(streams), "end_to_end_tok_s": tokens(streams) / wall,
+                       "ttft_p50_s": statistics.median(ttfts), "ttft_max_s": ttfts[-1]}
+        result["decode"] = rows
+    result["rss_mb"] = {"now": memory_mb(pid), "peak": peak_rss_mb(pid)}
+    return result
+
+
+def side_by_side(model: Path, peer: Path, *, threads: int, parallel: int, max_tokens: int, out: Path,
+                 scenarios: tuple[str, ...] = PEER_SCENARIOS, repetitions: int = 2) -> dict:
+    """Our server and llama-server on the same model, prompts and load, alternating (ours, peer, ours, peer, ...),
+    each started fresh per repetition with `parallel` slots of 4096 tokens and flash attention off."""
+    vocab = load_vocab(model)
+    bias, prompt, n_ctx = end_of_turn_bias(vocab), shared_prompt(vocab), 4096
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {"ours": [], "llama-server": []}
+    for rep in range(repetitions):
+        for side in runs:
+            print(f"side by side, repetition {rep + 1}/{repetitions}: {side} ...", flush=True)
+            port = free_port()
+            if side == "ours":
+                server = start_server(model, port=port, log_path=out / "side-ours.log",
+                                      flags=["--threads", str(threads), "--parallel", str(parallel), "--n-ctx",
+                                             str(n_ctx), "--max-queue", "64", "--flash-attn", "off"])
+            else:
+                server = start_peer(peer, model, port=port, threads=threads, parallel=parallel, n_ctx=n_ctx,
+                                    log_path=out / "side-llama-server.log")
+            try:
+                runs[side].append(side_scenarios(f"http://127.0.0.1:{port}", server.pid, prompt, bias,
+                                                 parallel=parallel, max_tokens=max_tokens, scenarios=scenarios))
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    return {"model": str(model), "peer": str(peer), "threads": threads, "parallel": parallel, "n_ctx": n_ctx,
+            "max_tokens": max_tokens, "repetitions": repetitions, "scenarios": list(scenarios), "runs": runs}
+
+
+def side_by_side_markdown(results: dict) -> str:
+    """The side-by-side figures: per side, the range over repetitions (min-max) or the single value."""
+    runs = results["runs"]
+
+    def span(side: str, *keys, fmt: str = "{:.2f}") -> str:
+        values = []
+        for run in runs[side]:
+            value = run
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+                if value is None:
+                    break
+            if isinstance(value, (int, float)):
+                values.append(float(value))
+        if not values:
+            return "-"
+        low, high = min(values), max(values)
+        if len(values) == 1 or fmt.format(low) == fmt.format(high):
+            return fmt.format(low)
+        return f"{fmt.format(low)}–{fmt.format(high)}"
+
+    def row(label: str, *keys, fmt: str = "{:.2f}") -> str:
+        return f"| {label} | {span('ours', *keys, fmt=fmt)} | {span('llama-server', *keys, fmt=fmt)} |"
+
+    p = results["parallel"]
+    lines = [
+        f"Side by side with llama-server built from the same vendored llama.cpp (`{Path(results['peer']).name}`), "
+        f"model `{Path(results['model']).name}`, {results['threads']} threads, {p} slots of {results['n_ctx']} tokens "
+        f"(llama-server `-np {p} -c {p * results['n_ctx']}`), flash attention off, {results['max_tokens']} tokens per "
+        f"stream unless said, servers alternating, {results['repetitions']} repetition(s) (min–max). "
+        "*End to end* counts from request to `[DONE]`; *decode only* from each stream's first token to its last.",
+        "",
+        "| measure | ours | llama-server |",
+        "|---|---|---|",
+    ]
+    scen = results["scenarios"]
+    if "single" in scen:
+        lines += [row("1 stream, cached prompt: decode only (tok/s)", "single", "decode_tok_s"),
+                  row("1 stream, cached prompt: end to end (tok/s)", "single", "end_to_end_tok_s"),
+                  row("1 stream, cold prompt: TTFT (s)", "single", "cold_ttft_s"),
+                  row("1 stream, cold prompt: end to end (tok/s)", "single", "cold_end_to_end_tok_s")]
+    if "cold4" in scen:
+        lines += [row("same cold prompt, 1 client, 2 rounds: end to end (tok/s)", "cold4", "one", "end_to_end_tok_s"),
+                  row(f"same cold prompt, {p} clients, 2 rounds: end to end aggregate (tok/s)", "cold4", "many",
+                      "end_to_end_tok_s"),
+                  row(f"same cold prompt: {p} clients / 1 client, end to end, cold round included", "cold4", "ratio")]
+    if "shared" in scen:
+        lines += [row("shared fresh system prompt: 1 client TTFT (s)", "shared", "alone_ttft_s"),
+                  row(f"shared fresh system prompt: {p} clients median TTFT (s)", "shared", "together_median_ttft_s"),
+                  row(f"shared fresh system prompt: {p} clients / 1 client TTFT", "shared", "ratio")]
+    if "decode" in scen:
+        for n in sorted({1, 2, p}):
+            lines += [row(f"{n} stream(s), cached prompt: aggregate decode only (tok/s)", "decode", n, "decode_tok_s"),
+                      row(f"{n} stream(s), cached prompt: aggregate end to end (tok/s)", "decode", n,
+                          "end_to_end_tok_s"),
+                      f"| {n} stream(s), cached prompt: TTFT p50 / max (s) | "
+                      + " | ".join(f"{span(side, 'decode', n, 'ttft_p50_s')} / {span(side, 'decode', n, 'ttft_max_s')}"
+                                   for side in ("ours", "llama-server")) + " |"]
+    lines += [row("resident memory at the end (MB)", "rss_mb", "now", fmt="{:.0f}"),
+              row("peak resident memory (MB)", "rss_mb", "peak", fmt="{:.0f}")]
+    return "\n".join(lines) + "\n"
 
 
 # ---- the run ---------------------------------------------------------------------------------
@@ -466,6 +650,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-prompt-at", metavar="URL",
                         help="only the shared-system-prompt scenario, against a server already running at URL "
                              "(ours or a peer such as llama-server, on the same model); prints JSON")
+    parser.add_argument("--peer", metavar="BINARY|llama-server",
+                        help="also run the scenarios side by side with llama-server: a binary's path, or "
+                             "`llama-server` for the one built (once) from the pinned sdist by devtools/peer.py")
+    parser.add_argument("--peer-only", action="store_true",
+                        help="with --peer: only the side-by-side run (updates its section of results.md)")
+    parser.add_argument("--scenarios", default=",".join(PEER_SCENARIOS),
+                        help=f"side-by-side scenarios, comma-separated, from {','.join(PEER_SCENARIOS)} "
+                             "(resident memory is always reported)")
+    parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n-ctx", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--bias", default="{}", help=argparse.SUPPRESS)
@@ -482,11 +675,31 @@ def main(argv: list[str] | None = None) -> int:
                                       clients=args.parallel)
         print(json.dumps(shared, indent=2))
         return 0
-    results = bench(model, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, out=args.out)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(results))
-    plot(results, args.out / "throughput.png")
-    print(markdown(results))
+    if args.peer_only and not args.peer:
+        parser.error("--peer-only needs --peer")
+    scenarios = tuple(name for name in args.scenarios.split(",") if name)
+    if unknown := set(scenarios) - set(PEER_SCENARIOS):
+        parser.error(f"unknown scenarios: {sorted(unknown)}")
+    peer = None
+    if args.peer:
+        from edge_server.devtools import peer as peer_build
+
+        peer = peer_build.build() if args.peer == "llama-server" else Path(args.peer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = (args.out / "results.md").read_text() if (args.out / "results.md").is_file() else ""
+    if not args.peer_only:
+        results = bench(model, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, out=args.out)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        text = markdown(results)
+        plot(results, args.out / "throughput.png")
+    if peer:
+        side = side_by_side(model, peer, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens,
+                            out=args.out, scenarios=scenarios, repetitions=args.repetitions)
+        (args.out / "results-peer.json").write_text(json.dumps(side, indent=2) + "\n")
+        text = text.split(SIDE_BY_SIDE_HEADING)[0].rstrip("\n") + "\n\n" + SIDE_BY_SIDE_HEADING + "\n\n" \
+            + side_by_side_markdown(side)
+    (args.out / "results.md").write_text(text.lstrip("\n"))
+    print(text)
     return 0
 
 
