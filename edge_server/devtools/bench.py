@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server
+from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server, start_until_healthy
 from edge_server.settings import available_cores
 
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
@@ -302,22 +302,9 @@ def start_peer(binary: Path, model: Path, *, port: int, threads: int, parallel: 
     returns once its /health is 200 (it answers 503 while loading)."""
     from edge_server.devtools.peer import command
 
-    log = log_path.open("wb")
     argv = command(model, port=port, threads=threads, parallel=parallel, n_ctx=n_ctx)
     argv[0] = str(binary)
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"llama-server exited; see {log_path}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    process.terminate()
-    raise SystemExit(f"llama-server did not become ready; see {log_path}")
+    return start_until_healthy(argv, port=port, log_path=log_path, name="llama-server")
 
 
 def side_scenarios(base_url: str, pid: int, prompt: str, bias: dict[str, float], *, parallel: int, max_tokens: int,

@@ -22,13 +22,18 @@ def free_port() -> int:
 
 def start_server(model: Path, *, port: int, log_path: Path, flags: list[str] = ()) -> subprocess.Popen:
     """`python -m edge_server` on `model` with `flags`, its output in `log_path`; returns once /health is 200."""
+    return start_until_healthy([sys.executable, "-m", "edge_server", "--model", str(model), "--port", str(port),
+                                *flags], port=port, log_path=log_path, name="server")
+
+
+def start_until_healthy(argv: list[str], *, port: int, log_path: Path, name: str) -> subprocess.Popen:
+    """Start `argv` (a server on `port`), its output in `log_path`; returns once its /health is 200."""
     log = log_path.open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "edge_server", "--model", str(model), "--port", str(port),
-                                *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"server exited; see {log_path}")
+            raise SystemExit(f"{name} exited; see {log_path}")
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return process
@@ -36,7 +41,7 @@ def start_server(model: Path, *, port: int, log_path: Path, flags: list[str] = (
             pass
         time.sleep(0.2)
     process.terminate()
-    raise SystemExit(f"server did not become ready; see {log_path}")
+    raise SystemExit(f"{name} did not become ready; see {log_path}")
 
 
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
