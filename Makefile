@@ -28,9 +28,10 @@ ifeq ($(GPU),auto)
 else
   BACKEND := $(GPU)
 endif
-CMAKE_ARGS_cpu := -DGGML_CUDA=OFF -DGGML_METAL=OFF
-CMAKE_ARGS_cuda := -DGGML_CUDA=ON $(if $(CUDA_ARCHITECTURES),-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES))
-CMAKE_ARGS_metal := -DGGML_METAL=ON
+# Every build has llama.cpp's RPC backend (`edge-server serve --rpc`: layers on `edge-server worker` machines).
+CMAKE_ARGS_cpu := -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_RPC=ON
+CMAKE_ARGS_cuda := -DGGML_CUDA=ON -DGGML_RPC=ON $(if $(CUDA_ARCHITECTURES),-DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCHITECTURES))
+CMAKE_ARGS_metal := -DGGML_METAL=ON -DGGML_RPC=ON
 # llama.cpp's AMX kernels crash (SIGSEGV on the first quantized matmul) on VMs that advertise AMX
 # without granting its tile state, as CI's machines do. There, build for the same instruction sets
 # minus AMX instead of -march=native.
@@ -44,8 +45,9 @@ ifneq ($(filter amx_int8,$(CPU_FLAGS)),)
 endif
 # Wheels are kept per backend, outside pip's cache (which keys on the sdist, not on CMAKE_ARGS),
 # so a CPU wheel is never reused for a CUDA build or the other way round.
-WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(BACKEND)$(CPU_VARIANT)
-STAMP := $(VENV)/.edge-installed-$(BACKEND)$(CPU_VARIANT)
+BUILD_KEY := $(BACKEND)$(CPU_VARIANT)-rpc
+WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(BUILD_KEY)
+STAMP := $(VENV)/.edge-installed-$(BUILD_KEY)
 TEST_MODEL := models/generated/tiny-test.gguf
 
 .PHONY: install install-test run test test-assets bench soak model tiny-model clean
@@ -57,13 +59,17 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if [ "$(BACKEND)" = cuda ] && ! command -v nvcc >/dev/null 2>&1; then export PATH=/usr/local/cuda/bin:$$PATH; fi; \
 	if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
-	  echo "building llama-cpp-python $(LLAMA_VERSION) for $(BACKEND)$(CPU_VARIANT) (about 5 minutes on 2 cores, once)"; \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) for $(BUILD_KEY) (about 5 minutes on 2 cores, once)"; \
 	  mkdir -p $(WHEELS) && \
 	  CMAKE_ARGS="$(CMAKE_ARGS_$(BACKEND)) $(NO_AMX_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(getconf _NPROCESSORS_ONLN) \
 	    $(PIP) wheel --no-cache-dir --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION) || exit 1; \
 	fi
 	$(PIP) install -q --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(PIP) install -q -e .
+	@# `edge-server worker`: llama.cpp's rpc-server from the same vendored source and backend (once, cached).
+	@if [ "$(BACKEND)" = cuda ] && ! command -v nvcc >/dev/null 2>&1; then export PATH=/usr/local/cuda/bin:$$PATH; fi; \
+	$(PY) -m edge_server.worker build --cmake-args "$(CMAKE_ARGS_$(BACKEND)) $(NO_AMX_ARGS)" --key $(BUILD_KEY) \
+	  --dest $(VENV)/bin >/dev/null
 	@rm -f $(VENV)/.edge-installed-*
 	@touch $@
 

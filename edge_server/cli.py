@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible chat server for GGUF Qwen models. Every flag also reads EDGE_<FLAG>.",
     )
     parser.add_argument("command", nargs="?", choices=["serve"], default="serve",
-                        help="serve (default); also: 'edge-server pull [REPO/FILE]', 'edge-server models'")
+                        help="serve (default); also: 'edge-server pull [REPO/FILE]', 'edge-server models', "
+                             "'edge-server worker' (lends this machine's devices to a server's --rpc)")
     flag = parser.add_argument
     flag("--model", action="append", help="GGUF path, file name in models/, or OWNER/REPO/FILE.gguf on Hugging Face; "
                                            "repeat to serve several (the first is the default)")
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
          help="thinking models (Qwen3, QwQ, Qwen3.5): think, don't, or as the template defaults (default: auto)")
     flag("--reasoning-format", choices=["separate", "none"],
          help="separate: reasoning in reasoning_content; none: the raw <think> text stays in content (default: separate)")
+    flag("--rpc", help="HOST:PORT[,HOST:PORT...] of `edge-server worker`s: their devices hold the model's layers and KV "
+                        "cache, by free memory (trusted networks only: the protocol has no authentication)")
+    flag("--tensor-split", help="shares of the layers per device, e.g. 3,1: the --rpc workers in order, then local GPUs")
+    flag("--rpc-timeout", type=float, help="seconds a decoding step may wait for the workers before they count as "
+                                           "lost: running requests end with an error, the server exits 3 (default: 120)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
     return parser
 
@@ -141,6 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("pull", "models"):
         return (pull if argv[0] == "pull" else list_models)(argv[1:])
+    if argv and argv[0] == "worker":
+        from edge_server.worker import main as worker
+
+        return worker(argv[1:])
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     return_large_buffers_to_the_system()

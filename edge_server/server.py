@@ -14,6 +14,7 @@ import time
 from pydantic import ValidationError
 
 from edge_server.api.app import create_app
+from edge_server.engine import fatal
 from edge_server.engine.loader import check_gguf_file, load_engine
 from edge_server.engine.types import ModelLoadError
 from edge_server.http_server import create_hardened_server
@@ -57,6 +58,10 @@ def serve(settings: Settings) -> int:
     state.registry = ModelRegistry(specs, functools.partial(_load_model, settings), max_loaded=settings.max_loaded,
                                    idle_unload=settings.idle_unload, events=metrics_of(app).model_event)
     threading.Thread(target=_preload, args=(state.registry,), name="edge-loader", daemon=True).start()
+    fatal.on_fatal(functools.partial(_report_failure, state, server), last=True)
+    if settings.rpc:
+        threading.Thread(target=_watch_steps, args=(state.registry, settings.rpc_timeout, settings.rpc), name="edge-step-watch",
+                         daemon=True).start()
     if settings.idle_unload:
         threading.Thread(target=_unload_idle, args=(state.registry,), name="edge-idle-unload", daemon=True).start()
     log.info("listening on http://%s:%s (model loading; GET /health is 503 until ready)",
@@ -150,6 +155,38 @@ def _preload(registry: ModelRegistry) -> None:
         os._exit(EXIT_CONFIG)  # the HTTP server runs on the main thread; nothing useful is left to serve
 
 
+def _report_failure(state: ServerState, server, reason: str) -> None:
+    """The backend failed (`engine.fatal`): /health says so, and the HTTP threads get a few seconds to write the
+    error events the engines just sent, before the process exits."""
+    state.failure = reason
+    dispatcher = server.task_dispatcher
+    deadline = time.monotonic() + 5
+    caller = 1 if threading.current_thread().name.startswith("waitress") else 0  # e.g. an embedding's decode
+    while (dispatcher.active_count > caller or dispatcher.queue) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The handlers are done once their events are in the channels' buffers; the main loop still sends them.
+    while time.monotonic() < deadline and any(getattr(channel, "total_outbufs_len", 0)
+                                              for channel in list(server._map.values())):
+        time.sleep(0.02)
+
+
+def _watch_steps(registry: ModelRegistry, limit: float, workers: tuple[str, ...]) -> None:
+    """With RPC workers a lost machine can leave a step waiting forever (no reset ever arrives): past `limit`
+    seconds that is a backend failure."""
+    while True:
+        time.sleep(min(1.0, limit / 4))
+        for served in registry.loaded():
+            since = served.engine.step_since
+            if since is not None and time.monotonic() - since > limit:
+                fatal.fail(f"a decoding step waited {limit:g}s for the RPC workers ({', '.join(workers)}) "
+                           "without an answer")
+
+
+def _describe(share) -> str:
+    where = f" ({share.endpoint})" if share.endpoint else ""
+    return f"{share.name}{where} {share.layers} layers, {share.weights_mib:.1f} MiB weights, {share.kv_mib:.1f} MiB KV"
+
+
 def _unload_idle(registry: ModelRegistry) -> None:
     while True:
         time.sleep(min(5.0, registry.idle_unload / 4))
@@ -162,7 +199,8 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
                          threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
                          flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
                          fault_seed=settings.fault_seed, cache_type_k=settings.cache_type_k,
-                         cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified)
+                         cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified,
+                         rpc_workers=settings.rpc, tensor_split=settings.tensor_split)
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
     log.info(
@@ -173,5 +211,8 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
         settings.parallel, served.renderer.template.label,
         " (thinking: reasoning_content)" if served.renderer.thinks and settings.reasoning_format == "separate" else "",
     )
+    if settings.rpc:
+        log.info("model %r split: %s", spec.id, "; ".join(_describe(share) for share in info.devices))
+
     sys.stderr.flush()
     return served

@@ -61,6 +61,11 @@ class Settings(BaseModel):
     chat_template: str | None = Field(None, description="a Jinja file or llama.cpp built-in name instead of the GGUF's template")
     reasoning: Literal["on", "off", "auto"] = Field("auto", description="thinking models think (on), do not (off) or as their template defaults (auto)")
     reasoning_format: Literal["separate", "none"] = Field("separate", description="reasoning in reasoning_content (separate) or left in content (none)")
+    rpc: tuple[str, ...] = Field((), description="HOST:PORT of `edge-server worker`s whose devices hold layers")
+    tensor_split: tuple[float, ...] = Field((), description="shares of the layers per device: the --rpc workers in "
+                                                             "order, then local GPUs (default: by free memory)")
+    rpc_timeout: float = Field(120.0, gt=0, description="seconds one decoding step may wait for the RPC workers "
+                                                        "before they count as lost")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
 
     @field_validator("model", "model_alias", mode="before")
@@ -69,6 +74,33 @@ class Settings(BaseModel):
         if isinstance(value, str):  # EDGE_MODEL="a.gguf,b.gguf"
             value = value.split(",")
         return tuple(item.strip() for item in value or () if item and item.strip())
+
+    @field_validator("rpc", mode="before")
+    @classmethod
+    def _endpoints(cls, value: Any) -> Any:
+        from edge_server.engine.rpc import parse_endpoint  # pure: no llama.cpp import
+
+        if isinstance(value, str):  # --rpc a:1,b:2 and EDGE_RPC
+            value = value.split(",")
+        endpoints = tuple(item.strip() for item in value or () if item and item.strip())
+        for endpoint in endpoints:
+            parse_endpoint(endpoint)
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError("the same worker is named twice")
+        return endpoints
+
+    @field_validator("tensor_split", mode="before")
+    @classmethod
+    def _shares(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = [float(part) for part in value.replace("/", ",").split(",") if part.strip()]
+            except ValueError:
+                raise ValueError("must be numbers separated by commas, e.g. 3,1") from None
+        shares = tuple(value or ())
+        if shares and (any(share < 0 for share in shares) or not sum(shares) > 0):
+            raise ValueError("shares must be >= 0 with a positive sum")
+        return shares
 
     @model_validator(mode="after")
     def _aliases_match_models(self) -> Settings:

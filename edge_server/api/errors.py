@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException
 
 from edge_server.api.observability import log_safe
 from edge_server.dialects.schemalimits import SchemaRefused
-from edge_server.engine.types import ENGINE_STOPPED, KV_CACHE_FULL, SHUTTING_DOWN, QueueFull
+from edge_server.engine.types import BACKEND_FAILED, ENGINE_STOPPED, KV_CACHE_FULL, SHUTTING_DOWN, QueueFull
 from edge_server.generation.prompt import TemplateRefused
 
 log = logging.getLogger("edge_server")
@@ -58,7 +58,7 @@ class APIError(Exception):
 
 
 # The one place where a failure becomes an HTTP status: codes of failed generations...
-_STATUS_BY_GENERATION_CODE = {SHUTTING_DOWN: 503, ENGINE_STOPPED: 503, KV_CACHE_FULL: 503}
+_STATUS_BY_GENERATION_CODE = {SHUTTING_DOWN: 503, ENGINE_STOPPED: 503, KV_CACHE_FULL: 503, BACKEND_FAILED: 503}
 
 
 def generation_failure(message: str, code: str | None) -> APIError:

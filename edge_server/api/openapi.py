@@ -48,6 +48,16 @@ class ModelStatus(BaseModel):
     error: str | None = Field(description="why the last load failed (null when it did not)")
 
 
+class DeviceShare(BaseModel):
+    """One device holding part of the model, in GET /health and /v1/models `meta.devices`."""
+
+    device: str = Field(description="llama.cpp's device name: CPU, CUDA0, Metal, RPC0, ...")
+    endpoint: str | None = Field(description="HOST:PORT of the edge-server worker (RPC devices only)")
+    layers: int = Field(description="repeating layers placed on it")
+    weights_mib: float
+    kv_cache_mib: float
+
+
 class Health(BaseModel):
     """GET /health once the server has started (the figures are the default model's, or of another model in
     memory while the default is unloaded; null when none is)."""
@@ -57,6 +67,8 @@ class Health(BaseModel):
     demo: bool = Field(description="true when serving the generated demo model")
     backend: str | None = Field(description="llama.cpp backend, e.g. CPU, CUDA, Metal")
     gpu_layers: int | None = Field(description="layers offloaded to the GPU")
+    devices: list[DeviceShare] = Field(description="what each device holds of the model (layers, weights, KV cache), "
+                                                   "as llama.cpp placed them: local ones and --rpc workers")
     n_ctx: int | None = Field(description="tokens per request, prompt + completion")
     threads: int | None = Field(description="the most threads decoding may use (--threads)")
     threads_in_use: int | None = Field(description="threads decoding uses now: fewer while fewer run faster, "
@@ -69,9 +81,10 @@ class Health(BaseModel):
 
 
 class HealthUnavailable(BaseModel):
-    """GET /health while the model is loading or the server is shutting down."""
+    """GET /health while the model is loading, the server is shutting down, or the backend failed (it exits next)."""
 
-    status: Literal["loading", "shutting_down"]
+    status: Literal["loading", "shutting_down", "failed"]
+    error: str | None = Field(None, description="what failed (status failed): e.g. an RPC worker was lost")
 
 
 class Error(BaseModel):

@@ -25,10 +25,12 @@ api = Blueprint("api", __name__)
 
 @api.get("/health")
 @documented("health", "operations", "Readiness and load", {200: Reply("The model is loaded.", Health),
-                                                          503: Reply("Loading or shutting down.", HealthUnavailable)})
+                                                          503: Reply("Loading, shutting down, or the backend failed.", HealthUnavailable)})
 def health():
     """Readiness: 503 while loading or shutting down, else the engine's state."""
     state = state_of()
+    if state.failure:
+        return jsonify({"status": "failed", "error": state.failure}), 503
     if state.shutting_down:
         return jsonify({"status": "shutting_down"}), 503
     registry = state.registry
@@ -45,6 +47,7 @@ def health():
         "demo": registry.spec(registry.default_id).demo_warning is not None,
         "backend": info.backend if info else None,
         "gpu_layers": info.gpu_layers if info else None,
+        "devices": [share.as_dict() for share in info.devices] if info else [],
         "n_ctx": info.n_ctx if info else None,
         "threads": info.threads if info else None,
         "threads_in_use": engine.threads_in_use if engine else None,
@@ -69,6 +72,7 @@ def _model_card(spec: ModelSpec, served: ServedModel | None) -> ModelCard:
         "n_ctx_train": info.n_ctx_train,
         "n_vocab": info.n_vocab,
         "backend": info.backend,
+        "devices": [share.as_dict() for share in info.devices],
         "chat_template": served.renderer.template.label,
         "thinking": served.renderer.thinks,
     }

@@ -91,6 +91,7 @@ class ServerState:
     settings: Settings
     registry: ModelRegistry | None = None
     shutting_down: bool = False
+    failure: str | None = None  # the backend failed (engine.fatal): /health is 503 until the process exits
 
     @property
     def served(self) -> ServedModel | None:

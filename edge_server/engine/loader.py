@@ -9,10 +9,11 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp import _internals as internals
-from llama_cpp._logger import set_verbose as set_llama_log_verbosity
 
 from edge_server.ggufmeta import read_gguf_metadata
+from edge_server.engine import fatal, rpc
 from edge_server.engine.batching import BATCH_TOKENS
+from edge_server.engine.llamalog import captured_log, route_llama_log
 from edge_server.engine.scheduler import Engine
 from edge_server.engine.threadtuner import ThreadTuner
 from edge_server.engine.types import ModelInfo, ModelLoadError
@@ -35,22 +36,33 @@ def load_engine(
     cache_type_k: str = "f16",
     cache_type_v: str = "f16",
     kv_unified: bool = False,
+    rpc_workers: tuple[str, ...] = (),
+    tensor_split: tuple[float, ...] = (),
 ) -> Engine:
     """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
 
     `n_ctx` is the limit of one request; the KV cache holds `parallel` such sequences, or with
     `kv_unified` one pool of `n_ctx` cells that all sequences share (see `Engine`: when it is full).
     `cache_type_k` / `cache_type_v`: f16, q8_0 or q4_0 (a quantized V cache needs flash attention).
+    `rpc_workers` (`host:port` of `edge-server worker`s) become devices first (`WorkerUnavailable` when one
+    cannot be used); with them "auto" offloads every layer, spread by free memory or by `tensor_split`
+    (one share per device: the workers in order, then local GPUs).
     """
     path = Path(path)
     check_gguf_file(path)
     n_ctx_train = read_n_ctx_train(path)
     per_request = n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
     backend = offload_backend()
-    layers = (-1 if backend != "CPU" else 0) if n_gpu_layers == "auto" else int(n_gpu_layers)
     _init_backend()
+    if rpc_workers:
+        rpc.add_workers(rpc_workers)
+        backend = "RPC" if backend == "CPU" else f"{backend}+RPC"
+    layers = (-1 if backend != "CPU" else 0) if n_gpu_layers == "auto" else int(n_gpu_layers)
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
+    if tensor_split:
+        split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
+        model_params.tensor_split = split  # `split` outlives the load: it is read while the model loads
     context_params = llama_cpp.llama_context_default_params()
     # Apart (default), each sequence gets its own n_ctx cells and none is ever short of them.
     context_params.n_ctx = per_request if kv_unified else per_request * parallel
@@ -66,8 +78,9 @@ def load_engine(
         "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }[flash_attn]
     try:
-        model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
-        context = internals.LlamaContext(model=model, params=context_params, verbose=False)
+        with captured_log() as load_log:
+            model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+            context = internals.LlamaContext(model=model, params=context_params, verbose=False)
     except (ValueError, RuntimeError) as error:
         hint = ""
         if (cache_type_k, cache_type_v) != ("f16", "f16"):
@@ -92,6 +105,7 @@ def load_engine(
         eos_token=_token_text(model, model.token_eos()),
         add_bos=bool(model.add_bos_token()),
         metadata=metadata,
+        devices=tuple(rpc.device_shares("".join(load_log))),
     )
     return Engine(model, context, info, parallel=parallel, max_queue=max_queue, shared_pool=kv_unified,
                   tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed)
@@ -114,7 +128,7 @@ def offload_backend() -> str:
     for name in ("CUDA", "METAL", "VULKAN", "HIP", "SYCL"):
         if name in info:
             return name.title() if name == "METAL" else name
-    return "GPU"
+    return "CPU"  # the RPC backend alone also makes llama.cpp report GPU offload"
 
 
 def check_gguf_file(path: Path) -> None:
@@ -145,5 +159,6 @@ def _token_text(model: Any, token: int) -> str:
 @functools.cache
 def _init_backend() -> None:
     # Once per process (functools.cache): llama.cpp's backend is global state.
-    set_llama_log_verbosity(False)
+    route_llama_log()
+    fatal.catch_aborts()
     llama_cpp.llama_backend_init()

@@ -11,13 +11,14 @@ from typing import Any
 import llama_cpp
 from llama_cpp import _internals as internals
 
+from edge_server.engine import fatal
 from edge_server.engine.admission import Admission
 from edge_server.engine.batching import BATCH_TOKENS, fill_batch
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.sampler import CompiledGrammar, compile_grammar
 from edge_server.engine.slots import Slot, Slots
 from edge_server.engine.threadtuner import ThreadTuner
-from edge_server.engine.types import SHUTTING_DOWN, Finish, FinishReason, Job, ModelInfo, PromptTooLong, TokenStream
+from edge_server.engine.types import BACKEND_FAILED, SHUTTING_DOWN, Finish, FinishReason, Job, ModelInfo, PromptTooLong, TokenStream
 from edge_server.engine.vocab import Vocabulary
 
 log = logging.getLogger("edge_server.engine")
@@ -55,6 +56,10 @@ class Engine:
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._tuner = tuner
         self._shared_pool = shared_pool
+        # Monotonic start of the step running now (decode and sampling: with RPC devices llama_decode returns
+        # before the workers answer, and reading the logits waits for them), for a watchdog to see a hang.
+        self.step_since: float | None = None
+        fatal.on_fatal(self._backend_failed)
         self._worker = threading.Thread(target=self._work, name="edge-engine", daemon=True)
         self._worker.start()
 
@@ -107,8 +112,18 @@ class Engine:
 
     def close(self) -> None:
         """Stop the worker after the current step; running and queued jobs end as cancelled."""
+        fatal.forget(self._backend_failed)
         self._admission.close()
         self._worker.join(timeout=10)
+
+    def _backend_failed(self, reason: str) -> None:
+        # Called on another thread while the worker is stuck in llama.cpp (or about to abort): tell every
+        # running and waiting request now; the process exits next.
+        finish = Finish(FinishReason.ERROR, f"{reason}; the server exits to be restarted", BACKEND_FAILED)
+        for slot in self._slots.active():
+            if slot.stream is not None:
+                slot.stream._emit(finish)
+        self._admission.end_waiting(finish)
 
     # ---- the worker thread -------------------------------------------------------------------
 
@@ -118,12 +133,14 @@ class Engine:
                 self._admit()
                 active = self._slots.active()
                 if active:
+                    self.step_since = time.monotonic()
                     self._step(active)
             except Exception as error:  # the worker must outlive any bug: fail the jobs, keep serving
                 log.exception("engine step failed")
                 for slot in self._slots.active():
                     self._slots.fail(slot, f"generation failed: {error}")
             finally:
+                self.step_since = None
                 self._slots.send()
         for slot in self._slots.active():
             self._slots.end(slot, Finish(FinishReason.CANCELLED))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from edge_server.engine.protocol import CompiledGrammarHandle
 
+BACKEND_FAILED = "backend_failed"  # error code: llama.cpp aborted (e.g. a lost RPC worker); the server exits
 SHUTTING_DOWN = "shutting_down"  # error code: the server is stopping
 ENGINE_STOPPED = "engine_stopped"  # error code: the engine closed under a running job
 KV_CACHE_FULL = "kv_cache_full"  # error code: the shared KV pool (--kv-unified) had no room for the request
@@ -135,6 +136,23 @@ class TokenStream:
         self._events.put(event)
 
 
+@dataclass
+class DeviceShare:
+    """What one device holds of a loaded model."""
+
+    name: str  # llama.cpp's device name: CPU, CUDA0, RPC0, ...
+    endpoint: str | None = None  # host:port of an RPC worker
+    layers: int = 0
+    weights_mib: float = 0.0
+    kv_mib: float = 0.0
+
+    def as_dict(self) -> dict:
+        """The wire form shown in /health and /v1/models."""
+        return {"device": self.name, "endpoint": self.endpoint, "layers": self.layers,
+                "weights_mib": round(self.weights_mib, 1), "kv_cache_mib": round(self.kv_mib, 1)}
+
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the loaded model and its context are, for logs, /health and /v1/models."""
@@ -153,3 +171,4 @@ class ModelInfo:
     eos_token: str
     add_bos: bool
     metadata: dict[str, str]
+    devices: tuple[DeviceShare, ...] = ()  # what each device holds (engine/rpc.py reads it from llama.cpp's log)

@@ -1,0 +1,56 @@
+"""llama.cpp's log into Python's logging (errors as errors, the rest at debug), and captured while a model loads
+(what llama.cpp alone knows: which device got which layers and buffers)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import threading
+from collections.abc import Iterator
+
+import llama_cpp
+
+log = logging.getLogger("llama.cpp")
+
+GGML_LOG_LEVEL_ERROR = 3
+GGML_LOG_LEVEL_CONT = 5  # the rest of the previous message
+
+_capture: list[str] | None = None
+_capture_lock = threading.Lock()
+_last_level = threading.local()
+
+
+@llama_cpp.llama_log_callback
+def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace")
+    if level == GGML_LOG_LEVEL_CONT:
+        level = getattr(_last_level, "value", 0)
+    _last_level.value = level
+    captured = _capture
+    if captured is not None:
+        captured.append(message)
+    if level == GGML_LOG_LEVEL_ERROR:
+        log.error("%s", message.rstrip())
+    elif log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", message.rstrip())
+
+
+@functools.cache
+def route_llama_log() -> None:
+    """Send llama.cpp's log to Python's logging instead of llama-cpp-python's printer (once per process)."""
+    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+
+
+@contextlib.contextmanager
+def captured_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log text while the block runs (one capture at a time: loads are serialized by it)."""
+    global _capture
+    route_llama_log()
+    with _capture_lock:
+        _capture = lines = []
+        try:
+            yield lines
+        finally:
+            _capture = None
