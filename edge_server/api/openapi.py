@@ -84,7 +84,8 @@ class HealthUnavailable(BaseModel):
     """GET /health while the model is loading, the server is shutting down, or the backend failed (it exits next)."""
 
     status: Literal["loading", "shutting_down", "failed"]
-    error: str | None = Field(None, description="what failed (status failed): e.g. an RPC worker was lost")
+    error: str | None = Field(None, exclude_if=lambda value: value is None,
+                              description="what failed (status failed only): e.g. an RPC worker was lost")
 
 
 class Error(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server, start_until_healthy
+from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server, start_until_healthy, start_worker
 from edge_server.settings import available_cores
 
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
@@ -290,6 +290,61 @@ def kv_memory(model: Path, *, threads: int, parallel: int, body: dict, out: Path
     return results
 
 
+# ---- split over RPC workers ---------------------------------------------------------------------
+
+RPC_HEADING = "## Split over two loopback workers (RPC)"
+
+
+def split_over_workers(model: Path, *, threads: int, max_tokens: int, prompt: str, bias: dict[str, float],
+                       out: Path, runs: int = 3) -> dict:
+    """Prefill and decode served locally vs with the layers split over two `edge-server worker`s on loopback:
+    the compute stays on this machine, so the difference is the RPC protocol's own cost."""
+    results = {}
+    for label in ("local", "rpc"):
+        workers, flags = [], ["--threads", str(threads), "--parallel", "1", "--flash-attn", "off"]
+        if label == "rpc":
+            ports = [free_port(), free_port()]
+            workers = [start_worker(port, log_path=out / f"worker-{port}.log", threads=threads) for port in ports]
+            flags += ["--rpc", ",".join(f"127.0.0.1:{port}" for port in ports)]
+        port = free_port()
+        server = start_server(model, port=port, log_path=out / f"server-{label}-split.log", flags=flags)
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            prefill, decode = [], []
+            for run in range(runs + 1):  # the first warms up
+                body = {"model": "bench", "messages": messages(f"Run {uuid.uuid4().hex}. " + prompt, "Go on."),
+                        "max_tokens": max_tokens, "temperature": 0.0, "logit_bias": bias}
+                stream = Stream(base_url, body).run()
+                if run:
+                    prefill.append(stream.usage["prompt_tokens"] / stream.ttft)
+                    decode.append(stream.decode_rate)
+            devices = requests.get(base_url + "/health", timeout=5).json()["devices"]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            for worker in workers:
+                worker.kill()
+                worker.wait(timeout=10)
+        results[label] = {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+                          "devices": devices}
+    results["prefill_ratio"] = results["rpc"]["prefill_tok_s"] / results["local"]["prefill_tok_s"]
+    results["decode_ratio"] = results["rpc"]["decode_tok_s"] / results["local"]["decode_tok_s"]
+    return results
+
+
+def split_markdown(results: dict) -> str:
+    """The split-over-workers figures as a table."""
+    layers = ", ".join(f"{d['device']} {d['layers']}" for d in results["rpc"]["devices"])
+    lines = [f"Layers: {layers}. Prefill: a fresh ~700-token prompt, prompt tokens / time to first token (end to "
+             "end). Decode: tokens after the first / their time (decode only). Medians of 3 runs.", "",
+             "| | prefill | decode |", "|---|---|---|"]
+    for label, name in (("local", "served locally"), ("rpc", "split over two loopback workers")):
+        row = results[label]
+        lines.append(f"| {name} | {row['prefill_tok_s']:.1f} tok/s | {row['decode_tok_s']:.2f} tok/s |")
+    lines.append(f"| split / local | {results['prefill_ratio']:.3f} | {results['decode_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- side by side with a peer (llama-server) ---------------------------------------------------
 
 PEER_SCENARIOS = ("single", "cold4", "shared", "decode")
@@ -520,6 +575,8 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
     raw_runner.close()
     print("KV cache memory ...", flush=True)
     kv_rss = kv_memory(model, threads=threads, parallel=parallel, body=body("Summarise the notes."), out=out)
+    print("split over two loopback RPC workers ...", flush=True)
+    split = split_over_workers(model, threads=threads, max_tokens=max_tokens, prompt=prompt, bias=bias, out=out)
     raw = {**raw_runs[0], "decode_tok_s": max(r["decode_tok_s"] for r in raw_runs),
            "decode_runs_tok_s": [r["decode_tok_s"] for r in raw_runs],
            "peak_rss_mb": max(r["peak_rss_mb"] for r in raw_runs)}
@@ -537,6 +594,7 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
         "threads_in_use_unloaded": threads_in_use,
         "beside_a_busy_core": busy,
         "kv_rss_mb": kv_rss,
+        "split_over_workers": split,
     }
     results["checks"] = {
         "decode_ratio": max(s.decode_rate for s in singles) / raw["decode_tok_s"],
@@ -600,6 +658,8 @@ def markdown(results: dict) -> str:
         f"| server, --fixed-threads | {busy['server_fixed_decode_tok_s']:.2f} tok/s | "
         f"{busy['server_fixed_threads_in_use']} |",
     ]
+    if "split_over_workers" in results:
+        lines += ["", RPC_HEADING, "", split_markdown(results["split_over_workers"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -645,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(PEER_SCENARIOS),
                         help=f"side-by-side scenarios, comma-separated, from {','.join(PEER_SCENARIOS)} "
                              "(resident memory is always reported)")
+    parser.add_argument("--rpc-only", action="store_true",
+                        help="only the split-over-two-loopback-workers measurement (updates its section of results.md)")
     parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n-ctx", type=int, default=4096, help=argparse.SUPPRESS)
@@ -674,6 +736,17 @@ def main(argv: list[str] | None = None) -> int:
         peer = peer_build.build() if args.peer == "llama-server" else Path(args.peer)
     args.out.mkdir(parents=True, exist_ok=True)
     text = (args.out / "results.md").read_text() if (args.out / "results.md").is_file() else ""
+    if args.rpc_only:
+        vocab = load_vocab(model)
+        split = split_over_workers(model, threads=args.threads, max_tokens=args.max_tokens, prompt=shared_prompt(vocab),
+                                   bias=end_of_turn_bias(vocab), out=args.out)
+        (args.out / "results-rpc.json").write_text(json.dumps(split, indent=2) + "\n")
+        before, _, after = text.partition(RPC_HEADING)
+        rest = after[after.find("\n## "):] if "\n## " in after else ""
+        text = before.rstrip("\n") + "\n\n" + RPC_HEADING + "\n\n" + split_markdown(split) + rest
+        (args.out / "results.md").write_text(text.lstrip("\n"))
+        print(split_markdown(split))
+        return 0
     if not args.peer_only:
         results = bench(model, threads=args.threads, parallel=args.parallel, max_tokens=args.max_tokens, out=args.out)
         (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

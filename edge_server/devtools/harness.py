@@ -44,6 +44,23 @@ def start_until_healthy(argv: list[str], *, port: int, log_path: Path, name: str
     raise SystemExit(f"{name} did not become ready; see {log_path}")
 
 
+def start_worker(port: int, *, log_path: Path, threads: int | None = None) -> subprocess.Popen:
+    """`python -m edge_server worker` on 127.0.0.1:`port`, its output in `log_path`; returns once it listens."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "edge_server", "worker", "--port", str(port),
+                                    *(["--threads", str(threads)] if threads else [])],
+                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while "transport" not in log_path.read_text(errors="replace"):  # the last line of rpc-server's banner
+        if process.poll() is not None:
+            raise SystemExit(f"worker exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"worker not listening after 30 s:\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    return process
+
+
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
     """A memory figure of a process from /proc (VmRSS now, VmHWM peak), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

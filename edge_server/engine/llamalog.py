@@ -1,5 +1,5 @@
-"""llama.cpp's log into Python's logging (errors as errors, the rest at debug), and captured while a model loads
-(what llama.cpp alone knows: which device got which layers and buffers)."""
+"""llama.cpp's log into Python's logging (its errors as warnings, the rest at debug), and captured while a model
+loads (what llama.cpp alone knows: which device got which layers and buffers)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if captured is not None:
         captured.append(message)
     if level == GGML_LOG_LEVEL_ERROR:
-        log.error("%s", message.rstrip())
+        # Not ours to call errors: llama.cpp also says "error" of what it then handles (a pooling type it
+        # overrides, a load that fails and is reported to the caller, who logs what it means).
+        log.warning("%s", message.rstrip())
     elif log.isEnabledFor(logging.DEBUG):
         log.debug("%s", message.rstrip())
 

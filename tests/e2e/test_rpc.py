@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from edge_server.devtools.harness import free_port
+from edge_server.devtools.harness import free_port, start_worker
 from edge_server.devtools.synthetic import write_random_model
 from edge_server.engine.fatal import EXIT_BACKEND_FAILED
 from edge_server.worker import worker_binary
@@ -31,16 +31,7 @@ class Worker:
     def __init__(self, log_dir: Path):
         self.port = free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"worker-{self.port}.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "edge_server", "worker", "--port", str(self.port),
-                                             "--threads", "1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while "transport" not in self.log_path.read_text(errors="replace"):  # rpc-server's banner: it listens
-            assert self.process.poll() is None, f"worker exited:\n{self.log_path.read_text()}"
-            assert time.monotonic() < deadline, f"worker not listening:\n{self.log_path.read_text()}"
-            time.sleep(0.05)
-        time.sleep(0.1)
+        self.process = start_worker(self.port, log_path=log_dir / f"worker-{self.port}.log", threads=1)
 
     def stop(self) -> None:
         """Kill and reap the worker (it may be stopped with SIGSTOP)."""
