@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--tensor-split", help="shares of the layers per device, e.g. 3,1: the --rpc workers in order, then local GPUs")
     flag("--rpc-timeout", type=float, help="seconds a decoding step may wait for the workers before they count as "
                                            "lost: running requests end with an error, the server exits 3 (default: 120)")
+    flag("--spec-type", choices=["none", "ngram-simple"],
+         help="speculative decoding (default: none): ngram-simple verifies, with each token, the tokens that followed "
+              "the last few ones where they appeared before in the prompt or output (fast on copied or edited text)")
+    flag("--spec-draft-n-max", type=int, help="most tokens drafted per step and request (default: 16)")
+    flag("--spec-draft-n-min", type=int, help="drafts shorter than this are not verified (default: 0)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
     return parser
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from edge_server.api.app import create_app
 from edge_server.engine import fatal
 from edge_server.engine.loader import check_gguf_file, load_engine
+from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.types import ModelLoadError
 from edge_server.http_server import create_hardened_server
 from edge_server.modelstore import read_models_file, resolve_model
@@ -200,16 +201,20 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
                          flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
                          fault_seed=settings.fault_seed, cache_type_k=settings.cache_type_k,
                          cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified,
-                         rpc_workers=settings.rpc, tensor_split=settings.tensor_split)
+                         rpc_workers=settings.rpc, tensor_split=settings.tensor_split,
+                         speculation=None if settings.spec_type == "none" else SpecConfig(
+                             settings.spec_type, settings.spec_draft_n_max, settings.spec_draft_n_min))
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
     log.info(
         "model ready: %s (id %r, %s) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s "
-        "parallel=%d chat_template=%s%s",
+        "parallel=%d chat_template=%s%s%s",
         info.path, spec.id, spec.role, info.backend, info.gpu_layers, info.n_layer + 1, info.n_ctx,
         info.n_ctx_train, info.threads, " (fixed)" if settings.fixed_threads else " (fewer while faster)",
         settings.parallel, served.renderer.template.label,
         " (thinking: reasoning_content)" if served.renderer.thinks and settings.reasoning_format == "separate" else "",
+        f" speculation={engine.speculation.kind} (drafts of up to {engine.speculation.n_max})"
+        if engine.speculation else "",
     )
     if settings.rpc:
         log.info("model %r split: %s", spec.id, "; ".join(_describe(share) for share in info.devices))

@@ -66,6 +66,10 @@ class Settings(BaseModel):
                                                              "order, then local GPUs (default: by free memory)")
     rpc_timeout: float = Field(120.0, gt=0, description="seconds one decoding step may wait for the RPC workers "
                                                         "before they count as lost")
+    spec_type: Literal["none", "ngram-simple"] = Field("none", description="speculative decoding: ngram-simple "
+                                                                         "proposes continuations found in the prompt and output")
+    spec_draft_n_max: int = Field(16, ge=1, le=256, description="most tokens drafted per step and request")
+    spec_draft_n_min: int = Field(0, ge=0, le=256, description="drafts shorter than this are not verified")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
 
     @field_validator("model", "model_alias", mode="before")

@@ -46,6 +46,10 @@ class Metrics:
         Gauge("edge_queue_depth", "Requests waiting for a slot", registry=self.registry).set_function(queued)
         Gauge("edge_busy_slots", "Slots running a request", registry=self.registry).set_function(running)
         Gauge("edge_models_loaded", "Models in memory", registry=self.registry).set_function(loaded)
+        self.draft_tokens = Counter("edge_draft_tokens", "Tokens drafted by speculative decoding and verified",
+                                    registry=self.registry)
+        self.draft_accepted = Counter("edge_draft_accepted", "Drafted tokens the model agreed with",
+                                      registry=self.registry)
         self.model_events = Counter("edge_model_events", "Model loads, failed loads and unloads", ["model", "event"],
                                     registry=self.registry)
 
@@ -54,9 +58,11 @@ class Metrics:
         self.model_events.labels(model=model_id, event=event).inc()
 
     def observe_generation(self, prompt_tokens: int, completion_tokens: int, ttft: float | None,
-                           rate: float) -> None:
+                           rate: float, draft_tokens: int = 0, draft_accepted: int = 0) -> None:
         """Count one finished generation."""
         self.prompt_tokens.inc(prompt_tokens)
+        self.draft_tokens.inc(draft_tokens)
+        self.draft_accepted.inc(draft_accepted)
         self.completion_tokens.inc(completion_tokens)
         if ttft is not None:
             self.ttft.observe(ttft)
@@ -93,12 +99,18 @@ class Accounting:
         tokens = outcome.completion_tokens
         rate = (tokens - 1) / decode_seconds if tokens > 1 and decode_seconds > 0 else 0.0
         ttft = f"{outcome.first_token_seconds * 1000:.0f}ms" if outcome.first_token_seconds is not None else "-"
+        drafts = ""
+        if outcome.draft_tokens:
+            steps = max(1, tokens - outcome.draft_accepted)  # steps that verified a draft or decoded one token
+            drafts = (f" drafts={outcome.draft_accepted}/{outcome.draft_tokens} accepted "
+                      f"({outcome.draft_accepted / outcome.draft_tokens:.0%}, {outcome.draft_tokens / steps:.1f}/step)")
         access_log.info(
-            "%s POST %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s cached=%d%s",
+            "%s POST %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s cached=%d%s%s",
             self.request_id, self.route, status, outcome.prompt_tokens, tokens, ttft, rate,
-            outcome.finish_reason, outcome.cached_tokens, f" error={outcome.error!r}" if outcome.error else "",
+            outcome.finish_reason, outcome.cached_tokens, drafts, f" error={outcome.error!r}" if outcome.error else "",
         )
-        self.metrics.observe_generation(outcome.prompt_tokens, tokens, outcome.first_token_seconds, rate)
+        self.metrics.observe_generation(outcome.prompt_tokens, tokens, outcome.first_token_seconds, rate,
+                                        outcome.draft_tokens, outcome.draft_accepted)
 
 
 def register_observability(app: Flask, metrics: Metrics) -> None:

@@ -156,6 +156,8 @@ class GenerationRequest(RequestModel):
         description="token id (a whole number as a string, below the model's vocabulary size) -> bias between "
                     "-100 and 100")
     user: str | None = None
+    speculative: bool = Field(True, description="extension: false turns speculative decoding off for this request "
+                                                "(when the server runs with --spec-type)")
 
     @field_validator("stop")
     @classmethod

@@ -140,7 +140,8 @@ def start_generation(served: ServedModel, request: GenerationRequest, prompt: li
     if room < 1:
         raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
     sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed)
-    job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling)
+    job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling,
+              speculative=request.speculative)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
 
 

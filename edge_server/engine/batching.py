@@ -1,4 +1,5 @@
-"""One decode step's batch: a token of every generating sequence, then prompt chunks, oldest job first."""
+"""One decode step's batch: a token of every generating sequence (with the tokens it drafted, when speculating),
+then prompt chunks, oldest job first."""
 
 from __future__ import annotations
 
@@ -15,15 +16,25 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache) -> tuple[list
     """Fill `batch` for `active` slots; returns (each slot with the tokens it put in, whether a prompt did).
 
     At most `PROMPT_CHUNK` prompt tokens go in while any sequence generates, up to the whole batch while
-    none does (batched, chunked prefill).
+    none does (batched, chunked prefill). Drafted tokens get what real tokens leave, shared evenly; every
+    position of a slot's draft gets logits (`slot.logits_at` is its next token's, the draft's follow).
     """
     batch.n_tokens = 0
     decoded: list[tuple[Slot, list[int]]] = []
+    generating = [slot for slot in active if slot.next_token is not None]
+    pending = sum(len(slot.pending_prompt) for slot in active)
+    spare = BATCH_TOKENS - len(generating) - min(pending, PROMPT_CHUNK if generating else BATCH_TOKENS)
     for slot in active:
         slot.logits_at = -1
+        slot.draft = []
         if slot.next_token is not None:
-            slot.logits_at = add_to_batch(batch, [slot.next_token], cache.length(slot.seq), slot.seq, logits=True)
-            decoded.append((slot, [slot.next_token]))
+            if slot.drafter is not None and spare > 0:
+                slot.draft = slot.drafter.propose(spare // len(generating))
+            tokens = [slot.next_token, *slot.draft]
+            last = add_to_batch(batch, tokens, cache.length(slot.seq), slot.seq, logits=True,
+                                every_logit=bool(slot.draft))
+            slot.logits_at = last - len(slot.draft)
+            decoded.append((slot, tokens))
     budget = min(PROMPT_CHUNK if batch.n_tokens else BATCH_TOKENS, BATCH_TOKENS - batch.n_tokens)
     prefilling = False
     for slot in sorted(active, key=lambda s: s.stream.submitted_at):
@@ -37,8 +48,10 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache) -> tuple[list
     return decoded, prefilling
 
 
-def add_to_batch(batch: Any, tokens: list[int], position: int, seq: int, *, logits: bool) -> int:
-    """Append `tokens` of sequence `seq` from `position` on to a llama.cpp batch; return the last one's index."""
+def add_to_batch(batch: Any, tokens: list[int], position: int, seq: int, *, logits: bool,
+                 every_logit: bool = False) -> int:
+    """Append `tokens` of sequence `seq` from `position` on to a llama.cpp batch; return the last one's index.
+    Logits are computed for the last token (when `logits`) or for every one (`every_logit`)."""
     start = batch.n_tokens
     for i, token in enumerate(tokens):
         j = start + i
@@ -46,7 +59,7 @@ def add_to_batch(batch: Any, tokens: list[int], position: int, seq: int, *, logi
         batch.pos[j] = position + i
         batch.n_seq_id[j] = 1
         batch.seq_id[j][0] = seq
-        batch.logits[j] = False
+        batch.logits[j] = every_logit
     last = start + len(tokens) - 1
     batch.logits[last] = logits
     batch.n_tokens = last + 1

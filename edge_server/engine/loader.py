@@ -15,6 +15,7 @@ from edge_server.engine import fatal, rpc
 from edge_server.engine.batching import BATCH_TOKENS
 from edge_server.engine.llamalog import captured_log, route_llama_log
 from edge_server.engine.scheduler import Engine
+from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.threadtuner import ThreadTuner
 from edge_server.engine.types import ModelInfo, ModelLoadError
 
@@ -38,6 +39,7 @@ def load_engine(
     kv_unified: bool = False,
     rpc_workers: tuple[str, ...] = (),
     tensor_split: tuple[float, ...] = (),
+    speculation: SpecConfig | None = None,
 ) -> Engine:
     """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
 
@@ -108,7 +110,7 @@ def load_engine(
         devices=tuple(rpc.device_shares("".join(load_log))),
     )
     return Engine(model, context, info, parallel=parallel, max_queue=max_queue, shared_pool=kv_unified,
-                  tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed)
+                  tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed, speculation=speculation)
 
 
 def read_n_ctx_train(path: Path) -> int:

@@ -110,6 +110,14 @@ class PrefixCache:
         self._tokens[seq].extend(tokens)
         del self._promised[seq][:len(tokens)]
 
+    def truncate(self, seq: int, length: int) -> bool:
+        """Drop `seq`'s cells from position `length` on (drafted tokens the model rejected); False when the
+        memory cannot drop part of a sequence."""
+        if not self._remove_cells(seq, length):
+            return False
+        del self._tokens[seq][length:]
+        return True
+
     def forget(self, seq: int) -> None:
         """Drop every cell of `seq` (its contents are unknown after a failed step)."""
         self._remove_cells(seq, 0)

@@ -17,6 +17,7 @@ from edge_server.engine.batching import BATCH_TOKENS, fill_batch
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.sampler import CompiledGrammar, compile_grammar
 from edge_server.engine.slots import Slot, Slots
+from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.threadtuner import ThreadTuner
 from edge_server.engine.types import BACKEND_FAILED, SHUTTING_DOWN, Finish, FinishReason, Job, ModelInfo, PromptTooLong, TokenStream
 from edge_server.engine.vocab import Vocabulary
@@ -42,7 +43,7 @@ class Engine:
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, info: ModelInfo, *,
                  parallel: int, max_queue: int, tuner: ThreadTuner, fault_seed: int | None = None,
-                 shared_pool: bool = False):
+                 shared_pool: bool = False, speculation: SpecConfig | None = None):
         self._ctx = context
         self.model = model  # for a second context on the same weights (engine/embedder.py)
         self._vocab = Vocabulary(model.vocab)
@@ -50,7 +51,12 @@ class Engine:
         self.parallel = parallel
         self._cache = PrefixCache(parallel, lambda seq, start: context.kv_cache_seq_rm(seq, start, -1),
                                   functools.partial(copy_cells, context.memory))
-        self._slots = Slots(model, context, self._vocab, self._cache, parallel=parallel, fault_seed=fault_seed)
+        if speculation and (llama_cpp.llama_model_is_recurrent(model.model) or llama_cpp.llama_model_is_hybrid(model.model)):
+            log.warning("speculative decoding is off for this model: its recurrent memory cannot drop rejected drafts")
+            speculation = None
+        self.speculation = speculation
+        self._slots = Slots(model, context, self._vocab, self._cache, parallel=parallel, fault_seed=fault_seed,
+                            speculation=speculation)
         self._admission = Admission(n_ctx=info.n_ctx, parallel=parallel, max_queue=max_queue,
                                     running=lambda: self.running)
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)

@@ -19,6 +19,7 @@ from llama_cpp import _internals as internals
 
 from edge_server.engine.prefixcache import Plan, PrefixCache
 from edge_server.engine.sampler import ConstrainedSampler, make_sampler, token_logprobs
+from edge_server.engine.speculation import PromptLookup, SpecConfig
 from edge_server.engine.types import KV_CACHE_FULL, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
 
@@ -41,6 +42,8 @@ class Slot:
     produced: int = 0
     logits_at: int = -1  # index of this slot's logits in the current batch, -1 if none
     awaits: tuple[Plan, TokenStream | None] | None = None  # waiting for another slot's prompt prefix (and its job)
+    drafter: PromptLookup | None = None  # proposes tokens to verify with the next one (speculative decoding)
+    draft: list[int] = field(default_factory=list)  # tokens proposed in the current step, after next_token
 
 
 PickToken = Callable[[Slot], int]  # the token a slot samples from its logits in the current batch
@@ -64,7 +67,8 @@ class Slots:
     """The `parallel` slots of one context, with the prefix cache that records their cells."""
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, vocab: Vocabulary,
-                 cache: PrefixCache, *, parallel: int, fault_seed: int | None = None):
+                 cache: PrefixCache, *, parallel: int, fault_seed: int | None = None,
+                 speculation: SpecConfig | None = None):
         self._model = model
         self._ctx = context
         self._vocab = vocab
@@ -76,6 +80,7 @@ class Slots:
         # while the step still samples would take the interpreter from it at every llama.cpp call.
         self._outbox: list[tuple[TokenStream, Token | Finish]] = []
         self._pick: PickToken = self._pick_token if fault_seed is None else inject_faults(self._pick_token, fault_seed)
+        self._speculation = speculation
 
     @property
     def running(self) -> int:
@@ -127,6 +132,8 @@ class Slots:
             slot.job, slot.stream, slot.produced, slot.next_token = job, stream, 0, None
             slot.sampler = make_sampler(job.sampling, self._model)
             slot.grammar = job.sampling.grammar.take() if job.sampling.grammar is not None else None
+            slot.drafter = PromptLookup(self._speculation, job.prompt) if self._speculation and job.speculative \
+                else None
             self._prepare(slot, self._cache.plan(slot.seq, job.prompt))
         except Exception as error:  # e.g. a sampler llama.cpp refuses: only this job fails
             log.exception("starting a job failed")
@@ -157,23 +164,60 @@ class Slots:
         self._cache.promise(slot.seq, slot.pending_prompt)
 
     def sample(self, slot: Slot) -> None:
-        """Sample `slot`'s next token from its logits, send its piece, and end the job when it is done."""
+        """Sample `slot`'s next token from its logits, send its piece, and end the job when it is done.
+
+        With a draft in the batch, each drafted position is then sampled in turn, the same way, while the
+        sampled token is the drafted one (its cells are already there); the first that differs becomes the
+        next token and the cells of the rest are dropped. Every token is thus sampled from the model's own
+        distribution at its position, as plain decoding would.
+        """
+        draft, slot.draft = slot.draft, []
+        first, accepted, stream, drafter = slot.logits_at, 0, slot.stream, slot.drafter
+        try:
+            for offset in range(len(draft) + 1):
+                slot.logits_at = first + offset
+                if not self._emit(slot):
+                    return
+                if offset < len(draft) and slot.next_token == draft[offset]:
+                    slot.next_token = None  # decoded already, as part of the draft
+                    accepted += 1
+                    continue
+                break
+        finally:
+            if draft:
+                stream.draft_tokens += len(draft)
+                stream.draft_accepted += accepted
+                drafter.record(len(draft), accepted)
+                self._drop_rejected(slot, len(draft) - accepted)
+
+    def _emit(self, slot: Slot) -> bool:
+        """Sample one token at `slot.logits_at` and send it; False when that ended the job."""
         try:
             token = self._pick(slot)
         except Exception as error:  # a failing sampler ends its own job only
             log.exception("sampling failed")
             self.end(slot, Finish(FinishReason.ERROR, f"sampling failed: {error}"))
-            return
+            return False
         slot.next_token = None
         if self._vocab.ends_generation(token):
             self.end(slot, Finish(FinishReason.STOP))
-            return
+            return False
         slot.produced += 1
         self._outbox.append((slot.stream, self._token(slot, token)))
+        if slot.drafter is not None:
+            slot.drafter.extend([token])
         if slot.produced >= slot.job.max_tokens:
             self.end(slot, Finish(FinishReason.LENGTH))
-        else:
-            slot.next_token = token
+            return False
+        slot.next_token = token
+        return True
+
+    def _drop_rejected(self, slot: Slot, rejected: int) -> None:
+        """Drop the cells of drafted tokens the model rejected, when the job goes on (an ended job's cells
+        stay: they hold what those tokens are, for the prefix cache)."""
+        if slot.job is not None and rejected and not self._cache.truncate(slot.seq, self._cache.length(slot.seq)
+                                                                           - rejected):
+            self.fail(slot, "this model's memory cannot drop rejected draft tokens: turn speculation off")
 
     def _token(self, slot: Slot, token: int) -> Token:
         wanted = slot.job.sampling.logprobs
@@ -190,8 +234,9 @@ class Slots:
     def end(self, slot: Slot, finish: Finish) -> None:
         """End `slot`'s job with `finish`, freeing the slot before the client hears of it (at `send`)."""
         stream, sampler, grammar = slot.stream, slot.sampler, slot.grammar
-        slot.job = slot.stream = slot.sampler = slot.grammar = None
+        slot.job = slot.stream = slot.sampler = slot.grammar = slot.drafter = None
         slot.next_token = slot.awaits = None
+        slot.draft = []
         slot.pending_prompt = []
         self._cache.release(slot.seq, time.monotonic())
         if sampler is not None:

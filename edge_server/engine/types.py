@@ -86,6 +86,7 @@ class Job:
     prompt: list[int]
     max_tokens: int
     sampling: Sampling
+    speculative: bool = True  # verify drafted tokens too when the server speculates (--spec-type)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class TokenStream:
         self._cancelled = threading.Event()
         self.submitted_at = time.monotonic()
         self.reused_tokens = 0  # prompt tokens the prefix cache spared
+        self.draft_tokens = 0  # tokens proposed by speculation and verified (engine thread writes, reader reads at end)
+        self.draft_accepted = 0  # of those, the ones the model agreed with
 
     def next(self, timeout: float | None = None) -> Token | Finish | None:
         """The next event, or None if nothing arrived within `timeout` seconds."""

@@ -38,6 +38,8 @@ class Outcome:
     error: str | None = None
     error_code: str | None = None
     first_token_seconds: float | None = None
+    draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    draft_accepted: int = 0  # of those, the ones the model agreed with
 
     @classmethod
     def combined(cls, outcomes: list[Outcome]) -> Outcome:
@@ -54,7 +56,9 @@ class Outcome:
                    completion_tokens=sum(o.completion_tokens for o in outcomes),
                    reasoning_tokens=sum(reasoning) if reasoning else None,
                    error=failed.error if failed else None, error_code=failed.error_code if failed else None,
-                   first_token_seconds=min(starts) if starts else None)
+                   first_token_seconds=min(starts) if starts else None,
+                   draft_tokens=sum(o.draft_tokens for o in outcomes),
+                   draft_accepted=sum(o.draft_accepted for o in outcomes))
 
 
 @dataclass(frozen=True)
@@ -233,6 +237,7 @@ class Generation:
 
     def _finish(self, finish: Finish) -> None:
         self.outcome.cached_tokens = self._stream.reused_tokens
+        self.outcome.draft_tokens, self.outcome.draft_accepted = self._stream.draft_tokens, self._stream.draft_accepted
         self.outcome.stop_sequence = self._stops.matched
         if finish.reason is FinishReason.ERROR:
             self.outcome.error = finish.error or "generation failed"

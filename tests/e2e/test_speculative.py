@@ -1,0 +1,164 @@
+"""Speculative decoding (prompt lookup) through the real engine and server: the answer is exactly what plain
+decoding gives (greedy on a scripted model with the real Qwen tokenizer, seeded sampling on a random model),
+with stop strings, max_tokens, concurrency and the per-request switch, and the drafts are counted."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import re
+
+import pytest
+import requests
+
+from tests.e2e.conftest import sse_events
+
+CODE = '''def moving_average(values, window):
+    """Mean of each run of `window` values."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    total = sum(values[:window])
+    averages = [total / window]
+    for i in range(window, len(values)):
+        total += values[i] - values[i - window]
+        averages.append(total / window)
+    return averages
+'''
+REWRITE = [{"role": "user", "content": f"Rewrite this code unchanged:\n\n{CODE}"}]
+SPECULATE = ("--spec-type", "ngram-simple")
+
+
+@pytest.fixture(scope="module")
+def copier(qwen_scripted_model):
+    """A scripted model (real Qwen vocabulary and template) whose greedy reply to any user turn is CODE."""
+    return qwen_scripted_model("qwen2.5", CODE)
+
+
+@pytest.fixture(scope="module")
+def plain_and_speculating(start_server, copier):
+    """(plain server, speculating server) on the copier."""
+    return start_server("--model", str(copier)), start_server("--model", str(copier), *SPECULATE)
+
+
+def ask(base_url: str, messages=REWRITE, **fields) -> dict:
+    body = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": 400, **fields}
+    response = requests.post(base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def ask_streamed(base_url: str, **fields) -> tuple[str, str, list[str]]:
+    body = {"model": "m", "messages": REWRITE, "temperature": 0, "max_tokens": 400, "stream": True, **fields}
+    with requests.post(base_url + "/v1/chat/completions", json=body, stream=True, timeout=120) as response:
+        events = [e for e in sse_events(response) if isinstance(e, dict)]
+    deltas = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+    finish = next(e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"])
+    return "".join(deltas), finish, [d for d in deltas if d]
+
+
+def drafts_logged(server) -> list[tuple[int, int]]:
+    """(accepted, drafted) of every access-log line that reports drafts."""
+    return [(int(a), int(d)) for a, d in re.findall(r"drafts=(\d+)/(\d+) accepted", server.log())]
+
+
+def metric(server, name: str) -> float:
+    text = requests.get(server.base_url + "/metrics", timeout=10).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+
+def test_prompt_lookup_answers_exactly_as_plain_decoding_and_accepts_most_drafts(plain_and_speculating):
+    plain, speculating = plain_and_speculating
+    expected = ask(plain.base_url)
+    assert expected["choices"][0]["message"]["content"] == CODE
+    answer = ask(speculating.base_url)
+    assert answer["choices"][0]["message"]["content"] == CODE
+    assert answer["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    accepted, drafted = drafts_logged(speculating)[-1]
+    assert drafted > 0 and accepted / drafted > 0.7, (accepted, drafted)
+    assert accepted > expected["usage"]["completion_tokens"] / 2  # most tokens came out of verified drafts
+    assert metric(speculating, "edge_draft_accepted_total") >= accepted
+    assert metric(speculating, "edge_draft_tokens_total") >= drafted
+    # streamed: the same text, and the tokens of one step arrive as they were accepted (several deltas)
+    text, finish, deltas = ask_streamed(speculating.base_url)
+    assert (text, finish) == (CODE, "stop")
+    assert len(deltas) > 20
+
+
+def test_stop_strings_and_max_tokens_cut_exactly_where_plain_decoding_does(plain_and_speculating):
+    plain, speculating = plain_and_speculating
+    for fields in ({"stop": ["total +="]}, {"max_tokens": 17}, {"max_tokens": 1}, {"stop": ["averages"]}):
+        expected, answer = ask(plain.base_url, **fields), ask(speculating.base_url, **fields)
+        assert answer["choices"][0] == expected["choices"][0], fields
+        assert answer["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"], fields
+        streamed_text, finish, _ = ask_streamed(speculating.base_url, **fields)
+        assert (streamed_text, finish) == (expected["choices"][0]["message"]["content"],
+                                           expected["choices"][0]["finish_reason"]), fields
+    assert ask(speculating.base_url, max_tokens=17)["usage"]["completion_tokens"] == 17
+
+
+def test_four_concurrent_speculating_streams_each_answer_exactly(plain_and_speculating):
+    _, speculating = plain_and_speculating
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: ask(speculating.base_url), range(4)))
+    assert [a["choices"][0]["message"]["content"] for a in answers] == [CODE] * 4
+
+
+def test_a_request_can_turn_speculation_off(plain_and_speculating):
+    _, speculating = plain_and_speculating
+    before = len(drafts_logged(speculating))
+    assert ask(speculating.base_url, speculative=False)["choices"][0]["message"]["content"] == CODE
+    assert len(drafts_logged(speculating)) == before
+    assert "drafts=" not in speculating.log().strip().splitlines()[-1]
+
+
+COPY_TASK = [{"role": "user", "content": "Repeat this paragraph exactly, word for word:\n\nThe old lighthouse keeper "
+                                         "climbed the stairs every evening at six, lit the lamp, wound the clock, and "
+                                         "wrote the weather in a leather book that his father had kept before him."}]
+
+
+@pytest.fixture(scope="module")
+def smol_pair(start_server, smollm2_model):
+    """(plain server, speculating server) on SmolLM2-135M-Instruct, a real trained model."""
+    return (start_server("--model", str(smollm2_model), "--parallel", "1"),
+            start_server("--model", str(smollm2_model), "--parallel", "1", *SPECULATE))
+
+
+def tokens_of(answer: dict) -> list[dict]:
+    return answer["choices"][0]["logprobs"]["content"]
+
+
+def test_a_real_model_copies_as_it_does_without_speculation(smol_pair):
+    """Greedy SmolLM2 on a copy task: the same tokens, or a first difference only where the plain run's two
+    likeliest tokens are within numerical noise (verification computes logits in other batch shapes)."""
+    plain, speculating = smol_pair
+    expected = ask(plain.base_url, COPY_TASK, max_tokens=80, logprobs=True, top_logprobs=2)
+    answer = ask(speculating.base_url, COPY_TASK, max_tokens=80, logprobs=True)
+    accepted, drafted = drafts_logged(speculating)[-1]
+    assert accepted > 20, (accepted, drafted)
+    want, got = [t["token"] for t in tokens_of(expected)], [t["token"] for t in tokens_of(answer)]
+    if got != want:
+        first = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
+        top = tokens_of(expected)[first]["top_logprobs"]
+        assert abs(top[0]["logprob"] - top[1]["logprob"]) < 0.02, (first, top, want[first], got[first])
+
+
+def test_seeded_sampling_is_distributed_as_without_speculation(smol_pair):
+    """Temperature 0.7, 100 seeds: the first tokens' and bigrams' frequencies of the speculating server match
+    the plain server's (each position is sampled from the target's own distribution, with the request's
+    sampler and seed, in order)."""
+    plain, speculating = smol_pair
+
+    def samples(server) -> list[list[str]]:
+        return [[t["token"] for t in tokens_of(ask(server.base_url, COPY_TASK, temperature=0.7, seed=seed,
+                                                   max_tokens=16, logprobs=True))] for seed in range(100)]
+
+    before = sum(accepted for accepted, _ in drafts_logged(speculating))
+    expected, observed = samples(plain), samples(speculating)
+    assert sum(accepted for accepted, _ in drafts_logged(speculating)) - before > 200  # drafts were verified
+    assert len({tuple(tokens) for tokens in expected}) > 5  # sampling, not one greedy answer
+    for pick in (lambda tokens: tokens[:1], lambda tokens: list(zip(tokens, tokens[1:]))):
+        a = collections.Counter(item for tokens in expected for item in pick(tokens))
+        b = collections.Counter(item for tokens in observed for item in pick(tokens))
+        distance = sum(abs(a[k] / sum(a.values()) - b[k] / sum(b.values())) for k in set(a) | set(b)) / 2
+        assert distance < 0.1, distance
