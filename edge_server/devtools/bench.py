@@ -351,6 +351,121 @@ def split_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- speculative decoding ------------------------------------------------------------------------
+
+SPEC_HEADING = "## Speculative decoding (prompt lookup)"
+SPEC_CODE = '''import csv
+from collections import defaultdict
+
+
+def summarize_sales(path):
+    """Total and average sale per region from a CSV file with region and amount columns."""
+    totals = defaultdict(float)
+    counts = defaultdict(int)
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            region = row["region"].strip()
+            totals[region] += float(row["amount"])
+            counts[region] += 1
+    summary = {}
+    for region, total in sorted(totals.items()):
+        summary[region] = {"total": round(total, 2), "average": round(total / counts[region], 2)}
+    return summary
+
+
+if __name__ == "__main__":
+    for region, figures in summarize_sales("sales.csv").items():
+        print(f"{region}: {figures['total']} total, {figures['average']} on average")
+'''
+SPEC_COPY = [{"role": "user", "content": f"Write this Python code again, unchanged:\n\n```python\n{SPEC_CODE}```"}]
+SPEC_PROSE = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
+                                          "bottle."}]
+SPEC_PEER_MODES = ("ngram-simple", "ngram-mod")
+
+
+def _spec_runs(base_url: str, messages_: list[dict], runs: int, max_tokens: int) -> list[Stream]:
+    body = {"model": "bench", "messages": messages_, "max_tokens": max_tokens, "temperature": 0.0}
+    return [Stream(base_url, body).run() for _ in range(runs)]
+
+
+def _drafts(base_url: str) -> tuple[float, float]:
+    text = requests.get(base_url + "/metrics", timeout=5).text
+    values = [float(line.split()[1]) for name in ("edge_draft_tokens_total", "edge_draft_accepted_total")
+              for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0], values[1]
+
+
+def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, runs: int = 3,
+                         max_tokens: int = 320) -> dict:
+    """SmolLM2-135M-Instruct (a real model) rewriting a ~190-token Python file unchanged, and writing prose:
+    decode rates with and without prompt lookup, one stream and four, and llama-server's n-gram modes."""
+    from edge_server.devtools.assets import fetch
+    from edge_server.devtools.peer import command as peer_command
+
+    model = fetch("model:smollm2")
+    results: dict = {"model": model.name, "ours": {}, "peer": {}}
+    for label, flags in (("plain", []), ("ngram-simple", ["--spec-type", "ngram-simple"])):
+        port = free_port()
+        server = start_server(model, port=port, log_path=out / f"server-spec-{label}.log",
+                              flags=["--threads", str(threads), "--parallel", "4", "--flash-attn", "off", *flags])
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            _spec_runs(base_url, SPEC_COPY, 1, 16)  # warm-up
+            copy = _spec_runs(base_url, SPEC_COPY, runs, max_tokens)
+            drafted, accepted = _drafts(base_url) if flags else (0.0, 0.0)
+            prose = _spec_runs(base_url, SPEC_PROSE, runs, max_tokens)
+            together, _ = run_together(base_url, [{"model": "bench", "messages": SPEC_COPY, "max_tokens": max_tokens,
+                                                   "temperature": 0.0}] * 4)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        results["ours"][label] = {
+            "copy_decode_tok_s": statistics.median(s.decode_rate for s in copy),
+            "copy_end_to_end_tok_s": statistics.median(s.usage["completion_tokens"] / (s.done - s.sent) for s in copy),
+            "copy_tokens": copy[0].usage["completion_tokens"],
+            "acceptance": accepted / drafted if drafted else None,
+            "prose_decode_tok_s": statistics.median(s.decode_rate for s in prose),
+            "four_streams_decode_tok_s": decode_throughput(together),
+        }
+    if peer is not None:
+        for mode in ("plain", *SPEC_PEER_MODES):
+            port = free_port()
+            argv = peer_command(model, port=port, threads=threads, parallel=1, n_ctx=4096,
+                                extra=[] if mode == "plain" else ["--spec-type", mode])
+            argv[0] = str(peer)
+            server = start_until_healthy(argv, port=port, log_path=out / f"peer-spec-{mode}.log", name="llama-server")
+            try:
+                _spec_runs(f"http://127.0.0.1:{port}", SPEC_COPY, 1, 16)
+                copy = _spec_runs(f"http://127.0.0.1:{port}", SPEC_COPY, runs, max_tokens)
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+            results["peer"][mode] = {"copy_decode_tok_s": statistics.median(s.decode_rate for s in copy)}
+    return results
+
+
+def speculation_markdown(results: dict) -> str:
+    """The speculative decoding figures as tables."""
+    plain, spec = results["ours"]["plain"], results["ours"]["ngram-simple"]
+    lines = [f"`{results['model']}` rewriting a {plain['copy_tokens']}-token Python file unchanged (greedy), and "
+             "writing a short story (prose). Decode only: tokens after the first / their time; end to end: all "
+             "tokens / request to `[DONE]`. Medians of 3 runs.", "",
+             "| | copy: decode | copy: end to end | acceptance | prose: decode | 4 copy streams: aggregate decode |",
+             "|---|---|---|---|---|---|"]
+    for label, row in results["ours"].items():
+        acceptance = f"{row['acceptance']:.0%}" if row["acceptance"] is not None else "-"
+        lines.append(f"| edge-server, {label} | {row['copy_decode_tok_s']:.1f} tok/s | "
+                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s | {acceptance} | {row['prose_decode_tok_s']:.1f} tok/s | "
+                     f"{row['four_streams_decode_tok_s']:.1f} tok/s |")
+    lines.append(f"| ngram-simple / plain | {spec['copy_decode_tok_s'] / plain['copy_decode_tok_s']:.2f}x | "
+                 f"{spec['copy_end_to_end_tok_s'] / plain['copy_end_to_end_tok_s']:.2f}x | | "
+                 f"{spec['prose_decode_tok_s'] / plain['prose_decode_tok_s']:.2f}x | "
+                 f"{spec['four_streams_decode_tok_s'] / plain['four_streams_decode_tok_s']:.2f}x |")
+    for mode, row in results["peer"].items():
+        lines.append(f"| llama-server, {mode} | {row['copy_decode_tok_s']:.1f} tok/s | | | | |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- side by side with a peer (llama-server) ---------------------------------------------------
 
 PEER_SCENARIOS = ("single", "cold4", "shared", "decode")
@@ -692,6 +807,13 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _replace_section(text: str, heading: str, body: str) -> str:
+    """`text` (markdown) with the section under `heading` replaced by `body` (appended when absent)."""
+    before, _, after = text.partition(heading)
+    rest = after[after.find("\n## "):] if "\n## " in after else ""
+    return before.rstrip("\n") + "\n\n" + heading + "\n\n" + body + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --raw-worker, only the raw llama-cpp-python measurement)."""
     parser = argparse.ArgumentParser(prog="python -m edge_server.devtools.bench", description=__doc__)
@@ -711,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default=",".join(PEER_SCENARIOS),
                         help=f"side-by-side scenarios, comma-separated, from {','.join(PEER_SCENARIOS)} "
                              "(resident memory is always reported)")
+    parser.add_argument("--spec-only", action="store_true",
+                        help="only the speculative decoding measurement (with --peer: llama-server's n-gram modes too)")
     parser.add_argument("--rpc-only", action="store_true",
                         help="only the split-over-two-loopback-workers measurement (updates its section of results.md)")
     parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
@@ -742,14 +866,19 @@ def main(argv: list[str] | None = None) -> int:
         peer = peer_build.build() if args.peer == "llama-server" else Path(args.peer)
     args.out.mkdir(parents=True, exist_ok=True)
     text = (args.out / "results.md").read_text() if (args.out / "results.md").is_file() else ""
+    if args.spec_only:
+        spec = speculative_decoding(threads=args.threads, out=args.out, peer=peer)
+        (args.out / "results-spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+        text = _replace_section(text, SPEC_HEADING, speculation_markdown(spec))
+        (args.out / "results.md").write_text(text.lstrip("\n"))
+        print(speculation_markdown(spec))
+        return 0
     if args.rpc_only:
         vocab = load_vocab(model)
         split = split_over_workers(model, threads=args.threads, max_tokens=args.max_tokens, prompt=shared_prompt(vocab),
                                    bias=end_of_turn_bias(vocab), out=args.out)
         (args.out / "results-rpc.json").write_text(json.dumps(split, indent=2) + "\n")
-        before, _, after = text.partition(RPC_HEADING)
-        rest = after[after.find("\n## "):] if "\n## " in after else ""
-        text = before.rstrip("\n") + "\n\n" + RPC_HEADING + "\n\n" + split_markdown(split) + rest
+        text = _replace_section(text, RPC_HEADING, split_markdown(split))
         (args.out / "results.md").write_text(text.lstrip("\n"))
         print(split_markdown(split))
         return 0

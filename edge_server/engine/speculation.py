@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NGRAM_SIZES = (6, 4, 3, 2)  # lookup n-grams, longest (most reliable) first
-START_LENGTH = 4  # a fresh slot's first proposals: grown on success, shrunk on failure
+NGRAM_SIZES = (12, 8, 5)  # lookup n-grams, longest (most reliable) first
+START_LENGTH = 8  # a fresh slot's first proposals: grown on success, shrunk on failure
 MAX_PAUSE = 32  # steps a slot whose proposals keep failing waits before it proposes again
 
 

@@ -1,0 +1,52 @@
+"""Prompt lookup's proposals and how they adapt (pure; the engine's verification: tests/e2e/test_speculative.py)."""
+
+from __future__ import annotations
+
+from edge_server.engine.speculation import MAX_PAUSE, NGRAM_SIZES, START_LENGTH, PromptLookup, SpecConfig
+
+SHORTEST = min(NGRAM_SIZES)
+TEXT = list(range(100, 140))  # 40 distinct tokens
+
+
+def test_proposes_what_followed_the_latest_earlier_match_of_the_last_tokens():
+    lookup = PromptLookup(SpecConfig(n_max=16), TEXT + TEXT[:SHORTEST])
+    assert lookup.propose(100) == TEXT[SHORTEST:SHORTEST + START_LENGTH]
+    lookup.extend([TEXT[SHORTEST]])
+    assert lookup.propose(3) == TEXT[SHORTEST + 1:SHORTEST + 4]  # never more than the room given
+
+
+def test_nothing_matches_nothing_is_proposed():
+    assert PromptLookup(SpecConfig(), TEXT).propose(16) == []
+    assert PromptLookup(SpecConfig(), TEXT + TEXT[:SHORTEST - 1]).propose(16) == []  # too short a match
+
+
+def test_the_longest_match_wins_over_a_more_recent_shorter_one():
+    tail = TEXT[:max(NGRAM_SIZES)]
+    decoy = [7] + tail[-SHORTEST:] + [8, 8, 8]  # a later occurrence of only the last few tokens
+    lookup = PromptLookup(SpecConfig(), tail + [1, 2, 3] + decoy + tail)
+    assert lookup.propose(3) == [1, 2, 3]
+
+
+def test_drafts_grow_after_successes_shrink_after_misses_and_pause_after_failures():
+    config = SpecConfig(n_max=16, n_min=0)
+    lookup = PromptLookup(config, TEXT * 3)
+    lookup.record(START_LENGTH, START_LENGTH)
+    assert lookup.length == min(16, START_LENGTH * 2)
+    lookup.record(8, 3)
+    assert lookup.length == 4
+    lookup.record(4, 0)
+    assert lookup.length == 2 and lookup.propose(16) == []  # paused one step
+    assert lookup.propose(16) != []
+    for _ in range(10):
+        lookup.record(1, 0)
+    pauses = 0
+    while lookup.propose(16) == []:
+        pauses += 1
+    assert pauses == MAX_PAUSE
+    assert (lookup.drafted, lookup.accepted) == (START_LENGTH + 8 + 4 + 10, START_LENGTH + 3)
+
+
+def test_drafts_shorter_than_n_min_are_not_proposed():
+    lookup = PromptLookup(SpecConfig(n_max=16, n_min=6), TEXT + TEXT[:SHORTEST])
+    assert lookup.propose(5) == []
+    assert len(lookup.propose(16)) >= 6
