@@ -397,50 +397,59 @@ def _drafts(base_url: str) -> tuple[float, float]:
 
 def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, runs: int = 3,
                          max_tokens: int = 320) -> dict:
-    """SmolLM2-135M-Instruct (a real model) rewriting a ~190-token Python file unchanged, and writing prose:
-    decode rates with and without prompt lookup, one stream and four, and llama-server's n-gram modes."""
+    """SmolLM2-135M-Instruct (a real model) rewriting a ~320-token Python file unchanged, and writing prose:
+    decode rates with and without prompt lookup, one stream and four, and llama-server's n-gram modes. Every
+    server runs at once (idle but for the one measured) and the runs alternate between them, so the machine's
+    drift over minutes falls on all of them alike."""
     from edge_server.devtools.assets import fetch
     from edge_server.devtools.peer import command as peer_command
 
     model = fetch("model:smollm2")
-    results: dict = {"model": model.name, "ours": {}, "peer": {}}
-    for label, flags in (("plain", []), ("ngram-simple", ["--spec-type", "ngram-simple"])):
-        port = free_port()
-        server = start_server(model, port=port, log_path=out / f"server-spec-{label}.log",
-                              flags=["--threads", str(threads), "--parallel", "4", "--flash-attn", "off", *flags])
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            _spec_runs(base_url, SPEC_COPY, 1, 16)  # warm-up
-            copy = _spec_runs(base_url, SPEC_COPY, runs, max_tokens)
-            drafted, accepted = _drafts(base_url) if flags else (0.0, 0.0)
-            prose = _spec_runs(base_url, SPEC_PROSE, runs, max_tokens)
-            together, _ = run_together(base_url, [{"model": "bench", "messages": SPEC_COPY, "max_tokens": max_tokens,
-                                                   "temperature": 0.0}] * 4)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-        results["ours"][label] = {
-            "copy_decode_tok_s": statistics.median(s.decode_rate for s in copy),
-            "copy_end_to_end_tok_s": statistics.median(s.usage["completion_tokens"] / (s.done - s.sent) for s in copy),
-            "copy_tokens": copy[0].usage["completion_tokens"],
-            "acceptance": accepted / drafted if drafted else None,
-            "prose_decode_tok_s": statistics.median(s.decode_rate for s in prose),
-            "four_streams_decode_tok_s": decode_throughput(together),
-        }
-    if peer is not None:
-        for mode in ("plain", *SPEC_PEER_MODES):
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        for label, flags in (("plain", []), ("ngram-simple", ["--spec-type", "ngram-simple"])):
+            port = free_port()
+            process = start_server(model, port=port, log_path=out / f"server-spec-{label}.log",
+                                   flags=["--threads", str(threads), "--parallel", "4", "--flash-attn", "off", *flags])
+            servers[f"ours:{label}"] = (process, f"http://127.0.0.1:{port}")
+        for mode in ("plain", *SPEC_PEER_MODES) if peer is not None else ():
             port = free_port()
             argv = peer_command(model, port=port, threads=threads, parallel=1, n_ctx=4096,
                                 extra=[] if mode == "plain" else ["--spec-type", mode])
             argv[0] = str(peer)
-            server = start_until_healthy(argv, port=port, log_path=out / f"peer-spec-{mode}.log", name="llama-server")
-            try:
-                _spec_runs(f"http://127.0.0.1:{port}", SPEC_COPY, 1, 16)
-                copy = _spec_runs(f"http://127.0.0.1:{port}", SPEC_COPY, runs, max_tokens)
-            finally:
-                server.terminate()
-                server.wait(timeout=30)
-            results["peer"][mode] = {"copy_decode_tok_s": statistics.median(s.decode_rate for s in copy)}
+            process = start_until_healthy(argv, port=port, log_path=out / f"peer-spec-{mode}.log", name="llama-server")
+            servers[f"peer:{mode}"] = (process, f"http://127.0.0.1:{port}")
+        copies: dict[str, list[Stream]] = {name: [] for name in servers}
+        proses: dict[str, list[Stream]] = {name: [] for name in servers if name.startswith("ours:")}
+        fours: dict[str, list[float]] = {name: [] for name in proses}
+        for name, (_, url) in servers.items():
+            _spec_runs(url, SPEC_COPY, 1, 16)  # warm-up
+        for _ in range(runs):
+            for name, (_, url) in servers.items():
+                copies[name] += _spec_runs(url, SPEC_COPY, 1, max_tokens)
+            for name in proses:
+                url = servers[name][1]
+                proses[name] += _spec_runs(url, SPEC_PROSE, 1, max_tokens)
+                together, _ = run_together(url, [{"model": "bench", "messages": SPEC_COPY, "max_tokens": max_tokens,
+                                                  "temperature": 0.0}] * 4)
+                fours[name].append(decode_throughput(together))
+        drafted, accepted = _drafts(servers["ours:ngram-simple"][1])
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=30)
+    results: dict = {"model": model.name, "runs": runs, "ours": {}, "peer": {}}
+    for name, copy in copies.items():
+        side, label = name.split(":")
+        row = {"copy_decode_tok_s": statistics.median(s.decode_rate for s in copy),
+               "copy_end_to_end_tok_s": statistics.median(s.usage["completion_tokens"] / (s.done - s.sent)
+                                                          for s in copy),
+               "copy_tokens": copy[0].usage["completion_tokens"]}
+        if side == "ours":
+            row.update(prose_decode_tok_s=statistics.median(s.decode_rate for s in proses[name]),
+                       four_streams_decode_tok_s=statistics.median(fours[name]),
+                       acceptance=accepted / drafted if label != "plain" and drafted else None)
+        results[side][label] = row
     return results
 
 
@@ -449,7 +458,7 @@ def speculation_markdown(results: dict) -> str:
     plain, spec = results["ours"]["plain"], results["ours"]["ngram-simple"]
     lines = [f"`{results['model']}` rewriting a {plain['copy_tokens']}-token Python file unchanged (greedy), and "
              "writing a short story (prose). Decode only: tokens after the first / their time; end to end: all "
-             "tokens / request to `[DONE]`. Medians of 3 runs.", "",
+             f"tokens / request to `[DONE]`. Medians of {results['runs']} runs, alternating between the servers.", "",
              "| | copy: decode | copy: end to end | acceptance | prose: decode | 4 copy streams: aggregate decode |",
              "|---|---|---|---|---|---|"]
     for label, row in results["ours"].items():
@@ -462,7 +471,8 @@ def speculation_markdown(results: dict) -> str:
                  f"{spec['prose_decode_tok_s'] / plain['prose_decode_tok_s']:.2f}x | "
                  f"{spec['four_streams_decode_tok_s'] / plain['four_streams_decode_tok_s']:.2f}x |")
     for mode, row in results["peer"].items():
-        lines.append(f"| llama-server, {mode} | {row['copy_decode_tok_s']:.1f} tok/s | | | | |")
+        lines.append(f"| llama-server, {mode} | {row['copy_decode_tok_s']:.1f} tok/s | "
+                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s | | | |")
     return "\n".join(lines) + "\n"
 
 
