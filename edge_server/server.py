@@ -203,7 +203,9 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
                          cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified,
                          rpc_workers=settings.rpc, tensor_split=settings.tensor_split,
                          speculation=None if settings.spec_type == "none" else SpecConfig(
-                             settings.spec_type, settings.spec_draft_n_max, settings.spec_draft_n_min))
+                             settings.spec_type, settings.spec_draft_n_max, settings.spec_draft_n_min,
+                             settings.spec_draft_p_min,
+                             str(settings.spec_draft_model) if settings.spec_draft_model else None))
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
     log.info(
@@ -213,7 +215,8 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
         info.n_ctx_train, info.threads, " (fixed)" if settings.fixed_threads else " (fewer while faster)",
         settings.parallel, served.renderer.template.label,
         " (thinking: reasoning_content)" if served.renderer.thinks and settings.reasoning_format == "separate" else "",
-        f" speculation={engine.speculation.kind} (drafts of up to {engine.speculation.n_max})"
+        f" speculation={engine.speculation.kind} (drafts of up to {engine.speculation.n_max}"
+        f"{', by ' + engine.draft_model.path.name if engine.draft_model else ''})"
         if engine.speculation else "",
     )
     if settings.rpc:

@@ -66,8 +66,13 @@ class Settings(BaseModel):
                                                              "order, then local GPUs (default: by free memory)")
     rpc_timeout: float = Field(120.0, gt=0, description="seconds one decoding step may wait for the RPC workers "
                                                         "before they count as lost")
-    spec_type: Literal["none", "ngram-simple"] = Field("none", description="speculative decoding: ngram-simple "
-                                                                         "proposes continuations found in the prompt and output")
+    spec_type: Literal["none", "ngram-simple", "draft-simple"] = Field(
+        "none", description="speculative decoding: ngram-simple proposes continuations found in the prompt and output, "
+                            "draft-simple what --spec-draft-model writes ahead")
+    spec_draft_model: Path | None = Field(None, description="the draft model of draft-simple: a smaller GGUF with "
+                                                            "the same tokenizer (alone, it turns draft-simple on)")
+    spec_draft_p_min: float = Field(0.75, ge=0.0, le=1.0, description="the draft model writes ahead while its "
+                                                                       "likeliest token is at least this likely")
     spec_draft_n_max: int = Field(16, ge=1, le=256, description="most tokens drafted per step and request")
     spec_draft_n_min: int = Field(0, ge=0, le=256, description="drafts shorter than this are not verified")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
@@ -105,6 +110,17 @@ class Settings(BaseModel):
         if shares and (any(share < 0 for share in shares) or not sum(shares) > 0):
             raise ValueError("shares must be >= 0 with a positive sum")
         return shares
+
+    @model_validator(mode="after")
+    def _draft_model_for_draft_simple(self) -> Settings:
+        if self.spec_draft_model is not None and self.spec_type == "none":
+            object.__setattr__(self, "spec_type", "draft-simple")  # frozen: set once while validating
+        if self.spec_type == "draft-simple" and self.spec_draft_model is None:
+            raise ValueError("--spec-type draft-simple needs --spec-draft-model PATH (a smaller model of the same "
+                             "family)")
+        if self.spec_type == "ngram-simple" and self.spec_draft_model is not None:
+            raise ValueError("--spec-draft-model is for --spec-type draft-simple, not ngram-simple")
+        return self
 
     @model_validator(mode="after")
     def _aliases_match_models(self) -> Settings:

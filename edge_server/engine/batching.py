@@ -3,6 +3,7 @@ then prompt chunks, oldest job first."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from edge_server.engine.prefixcache import PrefixCache
@@ -12,7 +13,11 @@ BATCH_TOKENS = 512  # most tokens one decode step takes (llama.cpp's n_batch)
 PROMPT_CHUNK = 256  # prompt tokens in a step that also decodes running streams: bounds how long they stall
 
 
-def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache) -> tuple[list[tuple[Slot, list[int]]], bool]:
+Propose = Callable[[list[tuple[Slot, int]]], None]  # sets `slot.draft` of each slot, in at most its room of tokens
+
+
+def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache,
+               propose: Propose | None = None) -> tuple[list[tuple[Slot, list[int]]], bool]:
     """Fill `batch` for `active` slots; returns (each slot with the tokens it put in, whether a prompt did).
 
     At most `PROMPT_CHUNK` prompt tokens go in while any sequence generates, up to the whole batch while
@@ -25,11 +30,13 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache) -> tuple[list
     pending = sum(len(slot.pending_prompt) for slot in active)
     spare = BATCH_TOKENS - len(generating) - min(pending, PROMPT_CHUNK if generating else BATCH_TOKENS)
     for slot in active:
-        slot.logits_at = -1
         slot.draft = []
+    drafting = [(slot, spare // len(generating)) for slot in generating if slot.drafter is not None]
+    if propose is not None and drafting and spare >= len(generating):
+        propose(drafting)
+    for slot in active:
+        slot.logits_at = -1
         if slot.next_token is not None:
-            if slot.drafter is not None and spare > 0:
-                slot.draft = slot.drafter.propose(spare // len(generating))
             tokens = [slot.next_token, *slot.draft]
             last = add_to_batch(batch, tokens, cache.length(slot.seq), slot.seq, logits=True,
                                 every_logit=bool(slot.draft))

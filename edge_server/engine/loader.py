@@ -14,6 +14,7 @@ from edge_server.ggufmeta import read_gguf_metadata
 from edge_server.engine import fatal, rpc
 from edge_server.engine.batching import BATCH_TOKENS
 from edge_server.engine.llamalog import captured_log, route_llama_log
+from edge_server.engine.draftmodel import DraftModel
 from edge_server.engine.scheduler import Engine
 from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.threadtuner import ThreadTuner
@@ -109,8 +110,16 @@ def load_engine(
         metadata=metadata,
         devices=tuple(rpc.device_shares("".join(load_log))),
     )
+    draft = None
+    if speculation is not None and speculation.kind == "draft-simple":
+        draft_path = Path(speculation.draft_model)
+        check_gguf_file(draft_path)
+        draft = DraftModel(draft_path, n_ctx=per_request, parallel=parallel, threads=threads,
+                           p_min=speculation.p_min)
+        draft.check_tokenizer(model)
     return Engine(model, context, info, parallel=parallel, max_queue=max_queue, shared_pool=kv_unified,
-                  tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed, speculation=speculation)
+                  tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed, speculation=speculation,
+                  draft_model=draft)
 
 
 def read_n_ctx_train(path: Path) -> int:

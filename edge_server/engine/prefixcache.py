@@ -101,6 +101,10 @@ class PrefixCache:
         """Note that `seq` is about to evaluate `tokens` (a prompt's rest): others may wait for them."""
         self._promised[seq] = list(tokens)
 
+    def tokens(self, seq: int) -> list[int]:
+        """The tokens `seq`'s cells hold (the cache's own list: read, do not change)."""
+        return self._tokens[seq]
+
     def length(self, seq: int) -> int:
         """Tokens `seq`'s cells hold: the position of the next token decoded into it."""
         return len(self._tokens[seq])

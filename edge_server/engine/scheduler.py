@@ -13,11 +13,12 @@ from llama_cpp import _internals as internals
 
 from edge_server.engine import fatal
 from edge_server.engine.admission import Admission
-from edge_server.engine.batching import BATCH_TOKENS, fill_batch
+from edge_server.engine.batching import BATCH_TOKENS, Propose, fill_batch
+from edge_server.engine.draftmodel import DraftModel
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.sampler import CompiledGrammar, compile_grammar
 from edge_server.engine.slots import Slot, Slots
-from edge_server.engine.speculation import SpecConfig
+from edge_server.engine.speculation import SpecConfig, propose_by_lookup
 from edge_server.engine.threadtuner import ThreadTuner
 from edge_server.engine.types import BACKEND_FAILED, SHUTTING_DOWN, Finish, FinishReason, Job, ModelInfo, PromptTooLong, TokenStream
 from edge_server.engine.vocab import Vocabulary
@@ -43,7 +44,8 @@ class Engine:
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, info: ModelInfo, *,
                  parallel: int, max_queue: int, tuner: ThreadTuner, fault_seed: int | None = None,
-                 shared_pool: bool = False, speculation: SpecConfig | None = None):
+                 shared_pool: bool = False, speculation: SpecConfig | None = None,
+                 draft_model: DraftModel | None = None):
         self._ctx = context
         self.model = model  # for a second context on the same weights (engine/embedder.py)
         self._vocab = Vocabulary(model.vocab)
@@ -55,6 +57,12 @@ class Engine:
             log.warning("speculative decoding is off for this model: its recurrent memory cannot drop rejected drafts")
             speculation = None
         self.speculation = speculation
+        self._propose: Propose | None = None
+        if speculation and draft_model is not None:
+            self._propose = functools.partial(draft_model.propose, history=self._history)
+        elif speculation:
+            self._propose = propose_by_lookup
+        self.draft_model = draft_model  # held for as long as the engine
         self._slots = Slots(model, context, self._vocab, self._cache, parallel=parallel, fault_seed=fault_seed,
                             speculation=speculation)
         self._admission = Admission(n_ctx=info.n_ctx, parallel=parallel, max_queue=max_queue,
@@ -133,6 +141,10 @@ class Engine:
 
     # ---- the worker thread -------------------------------------------------------------------
 
+    def _history(self, slot: Slot) -> list[int]:
+        """What a generating slot's sequence is: the tokens its cells hold, then its next token."""
+        return [*self._cache.tokens(slot.seq), slot.next_token]
+
     def _work(self) -> None:
         while not self._admission.closing:
             try:
@@ -177,7 +189,7 @@ class Engine:
         active = [slot for slot in active if slot.job is not None]
         self._slots.resume()
         batch = self._batch.batch
-        decoded, prefilling = fill_batch(batch, active, self._cache)
+        decoded, prefilling = fill_batch(batch, active, self._cache, self._propose)
         if batch.n_tokens == 0:
             return
         threads = self._tuner.next_step_threads()

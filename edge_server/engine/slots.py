@@ -19,7 +19,7 @@ from llama_cpp import _internals as internals
 
 from edge_server.engine.prefixcache import Plan, PrefixCache
 from edge_server.engine.sampler import ConstrainedSampler, make_sampler, token_logprobs
-from edge_server.engine.speculation import PromptLookup, SpecConfig
+from edge_server.engine.speculation import DraftState, PromptLookup, SpecConfig
 from edge_server.engine.types import KV_CACHE_FULL, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
 
@@ -42,7 +42,7 @@ class Slot:
     produced: int = 0
     logits_at: int = -1  # index of this slot's logits in the current batch, -1 if none
     awaits: tuple[Plan, TokenStream | None] | None = None  # waiting for another slot's prompt prefix (and its job)
-    drafter: PromptLookup | None = None  # proposes tokens to verify with the next one (speculative decoding)
+    drafter: DraftState | None = None  # proposes tokens to verify with the next one (speculative decoding)
     draft: list[int] = field(default_factory=list)  # tokens proposed in the current step, after next_token
 
 
@@ -132,8 +132,10 @@ class Slots:
             slot.job, slot.stream, slot.produced, slot.next_token = job, stream, 0, None
             slot.sampler = make_sampler(job.sampling, self._model)
             slot.grammar = job.sampling.grammar.take() if job.sampling.grammar is not None else None
-            slot.drafter = PromptLookup(self._speculation, job.prompt) if self._speculation and job.speculative \
-                else None
+            slot.drafter = None
+            if self._speculation and job.speculative:
+                slot.drafter = PromptLookup(self._speculation, job.prompt) \
+                    if self._speculation.kind == "ngram-simple" else DraftState(self._speculation)
             self._prepare(slot, self._cache.plan(slot.seq, job.prompt))
         except Exception as error:  # e.g. a sampler llama.cpp refuses: only this job fails
             log.exception("starting a job failed")

@@ -162,3 +162,44 @@ def test_seeded_sampling_is_distributed_as_without_speculation(smol_pair):
         b = collections.Counter(item for tokens in observed for item in pick(tokens))
         distance = sum(abs(a[k] / sum(a.values()) - b[k] / sum(b.values())) for k in set(a) | set(b)) / 2
         assert distance < 0.1, distance
+
+
+# ---- a draft model (--spec-type draft-simple) -----------------------------------------------------------
+
+def test_a_draft_model_of_the_same_tokenizer_gives_the_plain_answer(start_server, plain_and_speculating, copier,
+                                                                     qwen_scripted_model):
+    """The copier drafting for itself (every draft right) and a model of the same tokenizer that writes
+    something else (every draft wrong): both answers are exactly the plain one."""
+    plain, _ = plain_and_speculating
+    cases = ({}, {"max_tokens": 23}, {"stop": ["total"]})
+    expected = [ask(plain.base_url, **fields) for fields in cases]
+    stranger = qwen_scripted_model("qwen2.5", "Something else entirely, written with the same tokenizer.")
+    for draft, agrees in ((copier, True), (stranger, False)):
+        server = start_server("--model", str(copier), "--spec-draft-model", str(draft))
+        assert "speculation=draft-simple" in server.log()
+        for fields, plain_answer in zip(cases, expected):
+            answer = ask(server.base_url, **fields)
+            assert answer["choices"][0] == plain_answer["choices"][0], fields
+            assert answer["usage"]["completion_tokens"] == plain_answer["usage"]["completion_tokens"], fields
+        text, finish, _ = ask_streamed(server.base_url)
+        assert (text, finish) == (CODE, "stop")
+        logged = drafts_logged(server)
+        accepted, drafted = sum(a for a, _ in logged), sum(d for _, d in logged)
+        if agrees:  # all but what it wrote past an answer's end (the end of turn, max_tokens, a stop string)
+            assert drafted > 100 and accepted > 0.85 * drafted, (accepted, drafted)
+        else:
+            assert drafted > 0 and accepted < drafted / 4, (accepted, drafted)
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused_at_start(copier, tiny_model):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "edge_server", "--model", str(copier), "--port", "0",
+                           "--spec-draft-model", str(tiny_model)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    assert "does not share the target's tokenizer" in done.stderr

@@ -50,3 +50,18 @@ def test_drafts_shorter_than_n_min_are_not_proposed():
     lookup = PromptLookup(SpecConfig(n_max=16, n_min=6), TEXT + TEXT[:SHORTEST])
     assert lookup.propose(5) == []
     assert len(lookup.propose(16)) >= 6
+
+
+def test_draft_model_settings():
+    import pytest
+    from pydantic import ValidationError
+
+    from edge_server.settings import Settings
+
+    assert Settings(threads=1, spec_draft_model="small.gguf").spec_type == "draft-simple"
+    with pytest.raises(ValidationError, match="needs --spec-draft-model"):
+        Settings(threads=1, spec_type="draft-simple")
+    with pytest.raises(ValidationError, match="not ngram-simple"):
+        Settings(threads=1, spec_type="ngram-simple", spec_draft_model="small.gguf")
+    with pytest.raises(ValidationError):
+        Settings(threads=1, spec_draft_p_min=1.5)
