@@ -453,6 +453,100 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
     return results
 
 
+DRAFT_WRONG_TOKENS = (0.0, 0.05, 0.1, 0.2, 0.4)  # share of the answer's tokens the draft model gets wrong
+# A text without repeated phrases: a scripted model can write a text only in llama.cpp's own split of it where
+# no stretch of a few tokens repeats, and only that split matches what the target writes.
+DRAFT_TASK = [{"role": "user", "content": "Copy these lines exactly, one per line:\n\n" + "\n".join([
+    "The harbour master opened the gates before dawn.",
+    "Fishing boats slipped out past the breakwater in single file.",
+    "A gull followed the last trawler, hoping for scraps.",
+    "On the quay, two children counted crates of ice.",
+    "Their grandmother mended nets under a faded awning.",
+    "By noon the market smelled of salt, tar and oranges.",
+    "Tourists photographed the lighthouse from every angle.",
+    "Clouds gathered over the western hills after lunch.",
+    "The ferry captain sounded his horn twice and waited.",
+    "Rain arrived quietly, darkening the cobblestones.",
+    "Shopkeepers pulled their awnings in without a word.",
+    "Evening found the harbour calm, lamps glowing on the water."])}]
+
+
+def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int = 100) -> dict:
+    """Speed-up against acceptance with a draft model on SmolLM2: draft models scripted on SmolLM2's own
+    tokenizer write SmolLM2's greedy answer to a line-copying task, in the very tokens SmolLM2 writes it,
+    with a share of those tokens replaced. Such drafts cost next to nothing, so this is the target's side:
+    what verifying costs on this machine, and the acceptance rate at which drafting starts to pay."""
+    from edge_server.devtools import synthetic
+    from edge_server.devtools.assets import fetch
+    from edge_server.ggufmeta import read_gguf_metadata
+
+    model = fetch("model:smollm2")
+    template = read_gguf_metadata(model, arrays=False)["tokenizer.chat_template"]
+    vocab = synthetic.read_vocab(model, "none")
+    flags = ["--threads", str(threads), "--parallel", "1", "--flash-attn", "off"]
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    try:
+        port = free_port()
+        servers["plain"] = (start_server(model, port=port, log_path=out / "server-draft-plain.log", flags=flags),
+                            f"http://127.0.0.1:{port}")
+        body = {"model": "bench", "messages": DRAFT_TASK, "max_tokens": max_tokens, "temperature": 0.0,
+                "logprobs": True}
+        answer = requests.post(servers["plain"][1] + "/v1/chat/completions", json=body, timeout=600).json()
+        pieces = [bytes(t["bytes"]) for t in answer["choices"][0]["logprobs"]["content"]]
+        ids = [synthetic.tokenize(vocab, piece.decode("utf-8"), special=False) for piece in pieces]
+        if any(len(token) != 1 for token in ids):
+            raise SystemExit("the draft table needs SmolLM2's answer in whole tokens")
+        wrong_id, = synthetic.tokenize(vocab, " banana", special=False)
+        for share in DRAFT_WRONG_TOKENS:
+            wrong = {round(i / share) for i in range(int(len(ids) * share))} if share else set()
+            split = [wrong_id if i in wrong else token[0] for i, token in enumerate(ids)]
+            text = b"".join(b" banana" if i in wrong else piece for i, piece in enumerate(pieces)).decode("utf-8")
+            draft = synthetic.write_scripted_vocab_model(out / f"draft-{share:.2f}.gguf", model, template, text,
+                                                         added_tokens="none", split=split, order=8)
+            port = free_port()
+            servers[f"{share:.2f}"] = (start_server(model, port=port, log_path=out / f"server-draft-{share:.2f}.log",
+                                                    flags=[*flags, "--spec-draft-model", str(draft)]),
+                                       f"http://127.0.0.1:{port}")
+        rates: dict[str, list[float]] = {name: [] for name in servers}
+        for _ in range(runs):
+            for name, (_, url) in servers.items():
+                rates[name] += [s.decode_rate for s in _spec_runs(url, DRAFT_TASK, 1, max_tokens)]
+        acceptance = {name: _drafts(url) for name, (_, url) in servers.items() if name != "plain"}
+    finally:
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=30)
+    plain = statistics.median(rates["plain"])
+    rows = []
+    for share in DRAFT_WRONG_TOKENS:
+        drafted, accepted = acceptance[f"{share:.2f}"]
+        rows.append({"wrong_tokens": share, "acceptance": accepted / drafted if drafted else 0.0,
+                     "drafted": drafted, "decode_tok_s": statistics.median(rates[f"{share:.2f}"]),
+                     "speed_up": statistics.median(rates[f"{share:.2f}"]) / plain})
+    rows.sort(key=lambda row: row["acceptance"])
+    break_even = None
+    for low, high in zip(rows, rows[1:]):
+        if low["speed_up"] < 1 <= high["speed_up"] and high["acceptance"] > low["acceptance"]:
+            break_even = low["acceptance"] + (1 - low["speed_up"]) * (high["acceptance"] - low["acceptance"]) \
+                / (high["speed_up"] - low["speed_up"])
+    return {"plain_decode_tok_s": plain, "rows": rows, "break_even_acceptance": break_even}
+
+
+def draft_markdown(results: dict) -> str:
+    """The draft-model table."""
+    lines = ["Draft model: scripted on SmolLM2's tokenizer, writing SmolLM2's own greedy answer (copying 12 lines, "
+             "100 tokens) in its own tokens, a share of them replaced (drafting costs next to nothing: this is what "
+             "verifying costs). Decode only, "
+             f"medians of runs alternating with the plain server ({results['plain_decode_tok_s']:.1f} tok/s).", "",
+             "| draft tokens replaced | acceptance | decode | speed-up |", "|---|---|---|---|"]
+    for row in results["rows"]:
+        lines.append(f"| {row['wrong_tokens']:.0%} | {row['acceptance']:.0%} | {row['decode_tok_s']:.1f} tok/s | "
+                     f"{row['speed_up']:.2f}x |")
+    if results["break_even_acceptance"] is not None:
+        lines += ["", f"Break-even acceptance on this machine: {results['break_even_acceptance']:.0%}."]
+    return "\n".join(lines) + "\n"
+
+
 def speculation_markdown(results: dict) -> str:
     """The speculative decoding figures as tables."""
     plain, spec = results["ours"]["plain"], results["ours"]["ngram-simple"]
@@ -473,6 +567,8 @@ def speculation_markdown(results: dict) -> str:
     for mode, row in results["peer"].items():
         lines.append(f"| llama-server, {mode} | {row['copy_decode_tok_s']:.1f} tok/s | "
                      f"{row['copy_end_to_end_tok_s']:.1f} tok/s | | | |")
+    if "draft_model" in results:
+        lines += ["", draft_markdown(results["draft_model"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -878,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (args.out / "results.md").read_text() if (args.out / "results.md").is_file() else ""
     if args.spec_only:
         spec = speculative_decoding(threads=args.threads, out=args.out, peer=peer)
+        spec["draft_model"] = draft_model_table(threads=args.threads, out=args.out)
         (args.out / "results-spec.json").write_text(json.dumps(spec, indent=2) + "\n")
         text = _replace_section(text, SPEC_HEADING, speculation_markdown(spec))
         (args.out / "results.md").write_text(text.lstrip("\n"))

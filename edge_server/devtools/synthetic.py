@@ -837,7 +837,7 @@ def _rope_pairs(context_length: int) -> tuple[int, float]:
 def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, template_text: str, script_text: str, *,
                                after=None, template_kwargs: dict | None = None, messages: Sequence[dict] | None = None,
                                added_tokens: str = "qwen3", order: int | None = None,
-                               context_length: int = 32768) -> Path:
+                               context_length: int = 32768, split: Sequence[int] | None = None) -> Path:
     """Write a qwen2 GGUF with the tokenizer of `vocab_gguf` (plus a released Qwen tokenizer's added tokens)
     and the chat template `template_text`, whose greedy reply to a chat rendered with that template is
     exactly `script_text` followed by <|im_end|>.
@@ -855,7 +855,9 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
     vocab = read_vocab(vocab_gguf, added_tokens)
     end = vocab.special_ids["eos"]
     script = script_text.encode("utf-8")
-    canonical = tokenize(vocab, script_text, special=False)
+    # The split to write the script in: llama.cpp's own tokenization, or `split` (e.g. the tokens a real model
+    # wrote this text in, which need not be the tokenizer's: two "\n" where the tokenizer has one "\n\n").
+    canonical = list(split) if split is not None else tokenize(vocab, script_text, special=False)
     tails = _prompt_tails(vocab, after, template_text, template_kwargs, messages)
     if order is None:
         order, chain = _auto_split(vocab, script, canonical, tails)
