@@ -5,6 +5,7 @@ with stop strings, max_tokens, concurrency and the per-request switch, and the d
 from __future__ import annotations
 
 import collections
+import json
 import concurrent.futures
 import re
 
@@ -206,3 +207,38 @@ def test_a_draft_model_with_another_tokenizer_is_refused_at_start(copier, tiny_m
                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2, done.stderr
     assert "does not share the target's tokenizer" in done.stderr
+
+
+THOUGHT_AND_CALL = ("<think>\nThe user wants the weather in Paris for three days. I will call the tool.\n</think>\n\n"
+                    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}\n</tool_call>')
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
+
+
+def test_thinking_and_tool_calls_come_out_the_same_with_either_draft_source(start_server, qwen_scripted_model):
+    """Qwen3's template and tokenizer: the reasoning split and the tool-call parser see the same tokens."""
+    thinker = qwen_scripted_model("qwen3", THOUGHT_AND_CALL)
+    messages = [{"role": "user", "content": f"Earlier you wrote:\n{THOUGHT_AND_CALL}\nDo it again."}]
+    servers = {"plain": start_server("--model", str(thinker)),
+               "ngram-simple": start_server("--model", str(thinker), *SPECULATE),
+               "draft-simple": start_server("--model", str(thinker), "--spec-draft-model", str(thinker))}
+    answers = {name: ask(server.base_url, messages, tools=[WEATHER]) for name, server in servers.items()}
+    message = answers["plain"]["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris", "days": 3}
+    assert "weather in Paris" in message["reasoning_content"]
+    for name in ("ngram-simple", "draft-simple"):
+        other = answers[name]["choices"][0]
+        assert other["message"]["reasoning_content"] == message["reasoning_content"], name
+        assert [c["function"] for c in other["message"]["tool_calls"]] == [c["function"] for c in message["tool_calls"]]
+        assert other["finish_reason"] == "tool_calls"
+        assert drafts_logged(servers[name])[-1][0] > 10, name
+        body = {"model": "m", "messages": messages, "tools": [WEATHER], "temperature": 0, "stream": True}
+        with requests.post(servers[name].base_url + "/v1/chat/completions", json=body, stream=True,
+                           timeout=120) as response:
+            events = [e for e in sse_events(response) if isinstance(e, dict) and e["choices"]]
+        reasoning = "".join(e["choices"][0]["delta"].get("reasoning_content") or "" for e in events)
+        arguments = "".join(call["function"].get("arguments") or "" for e in events
+                            for call in e["choices"][0]["delta"].get("tool_calls") or [])
+        assert reasoning == message["reasoning_content"], name
+        assert json.loads(arguments) == {"city": "Paris", "days": 3}, name
