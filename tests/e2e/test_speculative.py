@@ -148,18 +148,18 @@ def test_a_real_model_copies_as_it_does_without_speculation(smol_pair):
 
 
 def test_seeded_sampling_is_distributed_as_without_speculation(smol_pair):
-    """Temperature 0.7, 100 seeds: the first tokens' and bigrams' frequencies of the speculating server match
+    """Temperature 0.7, 60 seeds: the first tokens' and bigrams' frequencies of the speculating server match
     the plain server's (each position is sampled from the target's own distribution, with the request's
     sampler and seed, in order)."""
     plain, speculating = smol_pair
 
     def samples(server) -> list[list[str]]:
         return [[t["token"] for t in tokens_of(ask(server.base_url, COPY_TASK, temperature=0.7, seed=seed,
-                                                   max_tokens=16, logprobs=True))] for seed in range(100)]
+                                                   max_tokens=16, logprobs=True))] for seed in range(60)]
 
     before = sum(accepted for accepted, _ in drafts_logged(speculating))
     expected, observed = samples(plain), samples(speculating)
-    assert sum(accepted for accepted, _ in drafts_logged(speculating)) - before > 200  # drafts were verified
+    assert sum(accepted for accepted, _ in drafts_logged(speculating)) - before > 120  # drafts were verified
     assert len({tuple(tokens) for tokens in expected}) > 5  # sampling, not one greedy answer
     for pick in (lambda tokens: tokens[:1], lambda tokens: list(zip(tokens, tokens[1:]))):
         a = collections.Counter(item for tokens in expected for item in pick(tokens))
