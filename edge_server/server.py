@@ -183,6 +183,14 @@ def _watch_steps(registry: ModelRegistry, limit: float, workers: tuple[str, ...]
                            "without an answer")
 
 
+def _speculation(settings: Settings) -> SpecConfig | None:
+    """The speculative decoding a chat model is served with (embedding models generate nothing)."""
+    if settings.spec_type == "none":
+        return None
+    return SpecConfig(settings.spec_type, settings.spec_draft_n_max, settings.spec_draft_n_min,
+                      settings.spec_draft_p_min, str(settings.spec_draft_model) if settings.spec_draft_model else None)
+
+
 def _describe(share) -> str:
     where = f" ({share.endpoint})" if share.endpoint else ""
     return f"{share.name}{where} {share.layers} layers, {share.weights_mib:.1f} MiB weights, {share.kv_mib:.1f} MiB KV"
@@ -202,10 +210,7 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
                          fault_seed=settings.fault_seed, cache_type_k=settings.cache_type_k,
                          cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified,
                          rpc_workers=settings.rpc, tensor_split=settings.tensor_split,
-                         speculation=None if settings.spec_type == "none" else SpecConfig(
-                             settings.spec_type, settings.spec_draft_n_max, settings.spec_draft_n_min,
-                             settings.spec_draft_p_min,
-                             str(settings.spec_draft_model) if settings.spec_draft_model else None))
+                         speculation=_speculation(settings) if spec.role == "chat" else None)
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
     log.info(

@@ -242,3 +242,15 @@ def test_thinking_and_tool_calls_come_out_the_same_with_either_draft_source(star
                             for call in e["choices"][0]["delta"].get("tool_calls") or [])
         assert reasoning == message["reasoning_content"], name
         assert json.loads(arguments) == {"city": "Paris", "days": 3}, name
+
+
+def test_an_embedding_model_beside_a_speculating_chat_model_loads_without_it(start_server, copier, tmp_path):
+    from edge_server.devtools.synthetic import write_embedding_model
+
+    embedder = write_embedding_model(tmp_path / "embed.gguf")
+    server = start_server("--model", str(copier), "--model", str(embedder), "--model-alias", "chat",
+                          "--model-alias", "embed", "--spec-draft-model", str(copier))
+    assert ask(server.base_url, model="chat")["choices"][0]["message"]["content"] == CODE
+    vectors = requests.post(server.base_url + "/v1/embeddings", json={"model": "embed", "input": "hello"}, timeout=60)
+    assert vectors.status_code == 200, vectors.text
+    assert {m["state"] for m in server.health()["models"]} == {"ready"}
