@@ -73,6 +73,14 @@ def cmake() -> str:
     return found
 
 
+def install_copy(source: Path, destination: Path) -> Path:
+    """Copy `source` to `destination` atomically (a half-written binary is never found there)."""
+    partial = destination.with_suffix(".partial")
+    shutil.copy2(source, partial)
+    partial.rename(destination)
+    return destination
+
+
 def build_program(target: str, home: Path, options: Sequence[str], *, version: str = LLAMA_VERSION,
                   sdist: Path | None = None, jobs: int | None = None, nice: int = 0, minutes: str = "a few") -> Path:
     """Build `target` of the vendored llama.cpp once into `home` and return the cached binary."""
@@ -89,9 +97,7 @@ def build_program(target: str, home: Path, options: Sequence[str], *, version: s
     subprocess.run([*prefix, tool, "-S", str(source), "-B", str(build_dir), *OFFLINE_OPTIONS, *options], check=True,
                    stdout=subprocess.DEVNULL)
     subprocess.run([*prefix, tool, "--build", str(build_dir), "--target", target, "-j", str(jobs)], check=True)
-    partial = out.with_suffix(".partial")
-    shutil.copy2(build_dir / "bin" / target, partial)
-    partial.rename(out)
+    install_copy(build_dir / "bin" / target, out)
     shutil.rmtree(build_dir, ignore_errors=True)  # hundreds of MB of objects; the binary is all that is used
     print(f"built {out} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return out

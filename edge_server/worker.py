@@ -7,7 +7,6 @@ llama-cpp-python sdist, for the same backend as the wheel, and installed beside 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import shlex
 import shutil
@@ -16,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_server.settings import EXIT_CONFIG
-from edge_server.vendored import CACHE, LLAMA_VERSION, build_program
+from edge_server.settings import EXIT_CONFIG, is_loopback
+from edge_server.vendored import CACHE, LLAMA_VERSION, build_program, install_copy
 
 BINARY = "ggml-rpc-server"
 DEFAULT_PORT = 50052
@@ -49,21 +48,7 @@ def build(cmake_args: str, key: str, dest: Path, *, version: str = LLAMA_VERSION
     built = build_program(BINARY, CACHE / f"rpc-server-{version}-{key}", [*CMAKE_OPTIONS, *shlex.split(cmake_args)],
                           version=version, minutes="3-5")
     dest.mkdir(parents=True, exist_ok=True)
-    installed = dest / BINARY
-    partial = installed.with_suffix(".partial")
-    shutil.copy2(built, partial)
-    partial.rename(installed)
-    return installed
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is only reachable from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return install_copy(built, dest / BINARY)
 
 
 def _port_free(host: str, port: int) -> str | None:

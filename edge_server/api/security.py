@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 
 from flask import Flask, Response, request
 
 from edge_server.api.errors import APIError
-from edge_server.settings import Settings
+from edge_server.settings import Settings, is_loopback
 
 log = logging.getLogger("edge_server")
 PROTECTED_PREFIX = "/v1/"
@@ -66,12 +65,3 @@ def warn_if_exposed(settings: Settings) -> None:
         log.warning("listening on %s without an API key: anyone who can reach this machine can use the model "
                     "(set --api-key or EDGE_API_KEY, or bind --host 127.0.0.1)", settings.host)
 
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is a loopback address or name."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

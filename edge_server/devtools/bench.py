@@ -16,7 +16,8 @@ from pathlib import Path
 
 import requests
 
-from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server, start_until_healthy, start_worker
+from edge_server.devtools.harness import (ROOT, free_port, memory_mb, start_server, start_until_healthy,
+                                          start_worker, stop)
 from edge_server.settings import available_cores
 
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
@@ -323,11 +324,7 @@ def split_over_workers(model: Path, *, threads: int, max_tokens: int, prompt: st
                     decode.append(stream.decode_rate)
             devices = requests.get(base_url + "/health", timeout=5).json()["devices"]
         finally:
-            server.terminate()
-            server.wait(timeout=30)
-            for worker in workers:
-                worker.kill()
-                worker.wait(timeout=10)
+            stop([server, *workers])
         results[label] = {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
                           "devices": devices}
     return results
@@ -402,7 +399,6 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
     server runs at once (idle but for the one measured) and the runs alternate between them, so the machine's
     drift over minutes falls on all of them alike."""
     from edge_server.devtools.assets import fetch
-    from edge_server.devtools.peer import command as peer_command
 
     model = fetch("model:smollm2")
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
@@ -414,10 +410,9 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
             servers[f"ours:{label}"] = (process, f"http://127.0.0.1:{port}")
         for mode in ("plain", *SPEC_PEER_MODES) if peer is not None else ():
             port = free_port()
-            argv = peer_command(model, port=port, threads=threads, parallel=1, n_ctx=4096,
-                                extra=[] if mode == "plain" else ["--spec-type", mode])
-            argv[0] = str(peer)
-            process = start_until_healthy(argv, port=port, log_path=out / f"peer-spec-{mode}.log", name="llama-server")
+            process = start_peer(peer, model, port=port, threads=threads, parallel=1, n_ctx=4096,
+                                 log_path=out / f"peer-spec-{mode}.log",
+                                 extra=[] if mode == "plain" else ["--spec-type", mode])
             servers[f"peer:{mode}"] = (process, f"http://127.0.0.1:{port}")
         copies: dict[str, list[Stream]] = {name: [] for name in servers}
         proses: dict[str, list[Stream]] = {name: [] for name in servers if name.startswith("ours:")}
@@ -435,9 +430,7 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
                 fours[name].append(decode_throughput(together))
         drafted, accepted = _drafts(servers["ours:ngram-simple"][1])
     finally:
-        for process, _ in servers.values():
-            process.terminate()
-            process.wait(timeout=30)
+        stop([process for process, _ in servers.values()])
     results: dict = {"model": model.name, "runs": runs, "ours": {}, "peer": {}}
     for name, copy in copies.items():
         side, label = name.split(":")
@@ -513,9 +506,7 @@ def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int
                 rates[name] += [s.decode_rate for s in _spec_runs(url, DRAFT_TASK, 1, max_tokens)]
         acceptance = {name: _drafts(url) for name, (_, url) in servers.items() if name != "plain"}
     finally:
-        for process, _ in servers.values():
-            process.terminate()
-            process.wait(timeout=30)
+        stop([process for process, _ in servers.values()])
     plain = statistics.median(rates["plain"])
     rows = []
     for share in DRAFT_WRONG_TOKENS:
@@ -579,12 +570,12 @@ SIDE_BY_SIDE_HEADING = "## Side by side with llama-server"
 
 
 def start_peer(binary: Path, model: Path, *, port: int, threads: int, parallel: int, n_ctx: int,
-               log_path: Path) -> subprocess.Popen:
-    """llama-server with our server's settings (`parallel` slots of `n_ctx` each, flash attention off);
-    returns once its /health is 200 (it answers 503 while loading)."""
+               log_path: Path, extra: list[str] = ()) -> subprocess.Popen:
+    """llama-server with our server's settings (`parallel` slots of `n_ctx` each, flash attention off) and
+    `extra` flags; returns once its /health is 200 (it answers 503 while loading)."""
     from edge_server.devtools.peer import command
 
-    argv = command(model, port=port, threads=threads, parallel=parallel, n_ctx=n_ctx)
+    argv = command(model, port=port, threads=threads, parallel=parallel, n_ctx=n_ctx, extra=extra)
     argv[0] = str(binary)
     return start_until_healthy(argv, port=port, log_path=log_path, name="llama-server")
 

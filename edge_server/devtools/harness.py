@@ -61,6 +61,18 @@ def start_worker(port: int, *, log_path: Path, threads: int | None = None) -> su
     return process
 
 
+def stop(processes: list[subprocess.Popen], timeout: float = 30) -> None:
+    """Terminate every process, then reap each (killing one that outlives `timeout`)."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def memory_mb(pid: int, field: str = "VmRSS") -> float:
     """A memory figure of a process from /proc (VmRSS now, VmHWM peak), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -118,8 +118,8 @@ class DraftModel:
         for seq, tokens in histories.items():
             keep = min(common_prefix(self._held[seq], tokens), len(tokens) - 1)  # the last one's logits are needed
             if keep < len(self._held[seq]):
-                if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq, keep, -1):
-                    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq, 0, -1)
+                if not self._drop(seq, keep):
+                    self._drop(seq, 0)
                     keep = 0
                 del self._held[seq][keep:]
             pending[seq] = tokens[keep:]
@@ -144,9 +144,13 @@ class DraftModel:
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if status != 0:  # start these sequences afresh next time
             for seq in range(len(self._held)):
-                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq, 0, -1)
+                self._drop(seq, 0)
                 self._held[seq].clear()
             raise RuntimeError(f"the draft model's llama_decode returned {status}")
+
+    def _drop(self, seq: int, start: int) -> bool:
+        """Drop sequence `seq`'s cells from position `start` on; False when the memory cannot."""
+        return llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq, start, -1)
 
     def _confident_token(self, index: int) -> int | None:
         """The likeliest token at batch `index`, or None when it is less than `p_min` likely."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from edge_server.engine.scheduler import Engine
 from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.threadtuner import ThreadTuner
 from edge_server.engine.types import ModelInfo, ModelLoadError
+
+log = logging.getLogger("edge_server.engine")
 
 DEFAULT_N_CTX = 4096
 CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
@@ -110,6 +113,9 @@ def load_engine(
         metadata=metadata,
         devices=tuple(rpc.device_shares("".join(load_log))),
     )
+    if speculation and (llama_cpp.llama_model_is_recurrent(model.model) or llama_cpp.llama_model_is_hybrid(model.model)):
+        log.warning("speculative decoding is off for %s: its recurrent memory cannot drop rejected drafts", path.name)
+        speculation = None
     draft = None
     if speculation is not None and speculation.kind == "draft-simple":
         draft_path = Path(speculation.draft_model)
@@ -139,7 +145,7 @@ def offload_backend() -> str:
     for name in ("CUDA", "METAL", "VULKAN", "HIP", "SYCL"):
         if name in info:
             return name.title() if name == "METAL" else name
-    return "CPU"  # the RPC backend alone also makes llama.cpp report GPU offload"
+    return "CPU"  # the RPC backend alone also makes llama.cpp report GPU offload
 
 
 def check_gguf_file(path: Path) -> None:

@@ -53,9 +53,6 @@ class Engine:
         self.parallel = parallel
         self._cache = PrefixCache(parallel, lambda seq, start: context.kv_cache_seq_rm(seq, start, -1),
                                   functools.partial(copy_cells, context.memory))
-        if speculation and (llama_cpp.llama_model_is_recurrent(model.model) or llama_cpp.llama_model_is_hybrid(model.model)):
-            log.warning("speculative decoding is off for this model: its recurrent memory cannot drop rejected drafts")
-            speculation = None
         self.speculation = speculation
         self._propose: Propose | None = None
         if speculation and draft_model is not None:

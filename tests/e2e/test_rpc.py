@@ -181,7 +181,8 @@ def test_worker_command_refuses_a_taken_port_and_warns_off_loopback(workers):
     done = subprocess.run([sys.executable, "-m", "edge_server", "worker", "--port", str(taken.port)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{taken.port}" in done.stderr
-    from edge_server.worker import WARNING, is_loopback
+    from edge_server.settings import is_loopback
+    from edge_server.worker import WARNING
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
