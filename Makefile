@@ -68,7 +68,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PIP) install -q -e .
 	@# `edge-server worker`: llama.cpp's rpc-server from the same vendored source and backend (once, cached).
 	@if [ "$(BACKEND)" = cuda ] && ! command -v nvcc >/dev/null 2>&1; then export PATH=/usr/local/cuda/bin:$$PATH; fi; \
-	$(PY) -m edge_server.worker build --cmake-args "$(CMAKE_ARGS_$(BACKEND)) $(NO_AMX_ARGS)" --key $(BUILD_KEY) \
+	$(PY) -m edge_server.worker build --cmake-args="$(CMAKE_ARGS_$(BACKEND)) $(NO_AMX_ARGS)" --key $(BUILD_KEY) \
 	  --dest $(VENV)/bin >/dev/null
 	@rm -f $(VENV)/.edge-installed-*
 	@touch $@
