@@ -65,3 +65,20 @@ def test_draft_model_settings():
         Settings(threads=1, spec_type="ngram-simple", spec_draft_model="small.gguf")
     with pytest.raises(ValidationError):
         Settings(threads=1, spec_draft_p_min=1.5)
+
+
+def test_the_speculative_field_must_be_a_boolean():
+    from edge_server.api.app import create_app
+    from edge_server.api.state import ServedModel
+    from edge_server.devtools.fake_engine import FakeEngine
+    from edge_server.settings import Settings
+
+    client = create_app(Settings(threads=1), ServedModel.of(FakeEngine(), "fake-model")).test_client()
+    messages = [{"role": "user", "content": "Hi"}]
+    for bad in ("maybe", 2, [], {}):
+        response = client.post("/v1/chat/completions", json={"messages": messages, "speculative": bad})
+        assert response.status_code == 400, bad
+        assert response.get_json()["error"]["param"] == "speculative"
+    refused = client.post("/v1/completions", json={"prompt": "Hi", "speculative": "maybe"})
+    assert refused.status_code == 400
+    assert client.post("/v1/chat/completions", json={"messages": messages, "speculative": False}).status_code == 200
