@@ -21,6 +21,7 @@ from edge_server.devtools.harness import (ROOT, free_port, memory_mb, start_serv
 from edge_server.settings import available_cores
 
 BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen2.5-0.5b-shape-q4_k_m.gguf"
+DRAFT_DIR = ROOT / "models" / "generated" / "bench-drafts"  # scripted draft models: never beside the results
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
 # Single-stream decode runs on each side, alternated raw/server so that the machine's drift (several
 # percent over minutes on shared hosts) hits both alike; the best run of each side is compared.
@@ -476,6 +477,7 @@ def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int
     model = fetch("model:smollm2")
     template = read_gguf_metadata(model, arrays=False)["tokenizer.chat_template"]
     vocab = synthetic.read_vocab(model, "none")
+    DRAFT_DIR.mkdir(parents=True, exist_ok=True)
     flags = ["--threads", str(threads), "--parallel", "1", "--flash-attn", "off"]
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
@@ -494,7 +496,7 @@ def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int
             wrong = {round(i / share) for i in range(int(len(ids) * share))} if share else set()
             split = [wrong_id if i in wrong else token[0] for i, token in enumerate(ids)]
             text = b"".join(b" banana" if i in wrong else piece for i, piece in enumerate(pieces)).decode("utf-8")
-            draft = synthetic.write_scripted_vocab_model(out / f"draft-{share:.2f}.gguf", model, template, text,
+            draft = synthetic.write_scripted_vocab_model(DRAFT_DIR / f"draft-{share:.2f}.gguf", model, template, text,
                                                          added_tokens="none", split=split, order=8)
             port = free_port()
             servers[f"{share:.2f}"] = (start_server(model, port=port, log_path=out / f"server-draft-{share:.2f}.log",
