@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--tensor-split", help="shares of the layers per device, e.g. 3,1: the --rpc workers in order, then local GPUs")
     flag("--rpc-timeout", type=float, help="seconds a decoding step may wait for the workers before they count as "
                                            "lost: running requests end with an error, the server exits 3 (default: 120)")
-    flag("--spec-type", choices=["none", "ngram-simple", "draft-simple"],
+    flag("--spec-type", choices=["none", "ngram-simple", "ngram-mod", "draft-simple"],
          help="speculative decoding (default: none): ngram-simple verifies, with each token, the tokens that followed "
               "the last few ones where they appeared before in the prompt or output (fast on copied or edited text); "
+              "ngram-mod also where they appeared in earlier requests (fast on answers that repeat earlier ones; "
+              "requests' speed then hints at each other's text: for single-user servers); "
               "draft-simple what a small model of the same family (--spec-draft-model) writes ahead")
     flag("--spec-draft-model", "--model-draft", dest="spec_draft_model",
          help="the draft model's GGUF (same tokenizer as the model, e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-7B); "

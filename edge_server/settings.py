@@ -67,9 +67,10 @@ class Settings(BaseModel):
                                                              "order, then local GPUs (default: by free memory)")
     rpc_timeout: float = Field(120.0, gt=0, description="seconds one decoding step may wait for the RPC workers "
                                                         "before they count as lost")
-    spec_type: Literal["none", "ngram-simple", "draft-simple"] = Field(
+    spec_type: Literal["none", "ngram-simple", "ngram-mod", "draft-simple"] = Field(
         "none", description="speculative decoding: ngram-simple proposes continuations found in the prompt and output, "
-                            "draft-simple what --spec-draft-model writes ahead")
+                            "ngram-mod also in earlier requests' prompts and outputs, draft-simple what "
+                            "--spec-draft-model writes ahead")
     spec_draft_model: Path | None = Field(None, description="the draft model of draft-simple: a smaller GGUF with "
                                                             "the same tokenizer (alone, it turns draft-simple on)")
     spec_draft_p_min: float = Field(0.75, ge=0.0, le=1.0, description="the draft model writes ahead while its "
@@ -119,8 +120,8 @@ class Settings(BaseModel):
         if self.spec_type == "draft-simple" and self.spec_draft_model is None:
             raise ValueError("--spec-type draft-simple needs --spec-draft-model PATH (a smaller model of the same "
                              "family)")
-        if self.spec_type == "ngram-simple" and self.spec_draft_model is not None:
-            raise ValueError("--spec-draft-model is for --spec-type draft-simple, not ngram-simple")
+        if self.spec_type in ("ngram-simple", "ngram-mod") and self.spec_draft_model is not None:
+            raise ValueError(f"--spec-draft-model is for --spec-type draft-simple, not {self.spec_type}")
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ from llama_cpp import _internals as internals
 
 from edge_server.engine.prefixcache import Plan, PrefixCache
 from edge_server.engine.sampler import ConstrainedSampler, make_sampler, token_logprobs
-from edge_server.engine.speculation import DraftState, PromptLookup, SpecConfig
+from edge_server.engine.speculation import SHARED_INDEX_ENTRIES, DraftState, NgramIndex, PromptLookup, SpecConfig
 from edge_server.engine.types import KV_CACHE_FULL, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
 
@@ -81,6 +81,9 @@ class Slots:
         self._outbox: list[tuple[TokenStream, Token | Finish]] = []
         self._pick: PickToken = self._pick_token if fault_seed is None else inject_faults(self._pick_token, fault_seed)
         self._speculation = speculation
+        # ngram-mod: one n-gram index for every request of this model, so earlier answers are proposed too
+        self._shared_ngrams = NgramIndex(SHARED_INDEX_ENTRIES) \
+            if speculation is not None and speculation.kind == "ngram-mod" else None
 
     @property
     def running(self) -> int:
@@ -134,8 +137,8 @@ class Slots:
             slot.grammar = job.sampling.grammar.take() if job.sampling.grammar is not None else None
             slot.drafter = None
             if self._speculation and job.speculative:
-                slot.drafter = PromptLookup(self._speculation, job.prompt) \
-                    if self._speculation.kind == "ngram-simple" else DraftState(self._speculation)
+                slot.drafter = DraftState(self._speculation) if self._speculation.kind == "draft-simple" \
+                    else PromptLookup(self._speculation, job.prompt, self._shared_ngrams)
             self._prepare(slot, self._cache.plan(slot.seq, job.prompt))
         except Exception as error:  # e.g. a sampler llama.cpp refuses: only this job fails
             log.exception("starting a job failed")

@@ -1,12 +1,15 @@
 """Speculative decoding's draft side: what a slot proposes to verify in the same step as its next token.
 
-Two sources: a draft model (`--spec-type draft-simple`, engine/draftmodel.py: a small model of the same
-tokenizer writes ahead, greedily, while it is confident) and prompt lookup (`--spec-type ngram-simple`): the tokens that followed the most recent earlier occurrence of
-the sequence's last few tokens (longest match first), from the prompt and the text generated so far, so
-text being copied or rewritten is proposed for free. The target model verifies every proposed token in one
-batch, sampling each position in turn with the request's own sampler: the output is what plain decoding
-gives. How many tokens a slot proposes adapts to how many it had accepted, and a slot whose proposals keep
-failing pauses, so prose does not pay for them. Pure Python; the engine owns the batch.
+Three sources: a draft model (`--spec-type draft-simple`, engine/draftmodel.py: a small model of the same
+tokenizer writes ahead, greedily, while it is confident); prompt lookup (`--spec-type ngram-simple`): the
+tokens that followed the most recent earlier occurrence of the sequence's last few tokens (longest match
+first), in the prompt and the text generated so far, so text being copied or rewritten is proposed for free;
+and the same lookup over one index shared by every request of the model (`--spec-type ngram-mod`, after
+llama-server's mode of that name): what earlier answers went on with is proposed too, so answers that repeat
+earlier ones (a regenerated answer, the same boilerplate again) are proposed whole. The target model verifies
+every proposed token in one batch, sampling each position in turn with the request's own sampler: the output
+is what plain decoding gives. How many tokens a slot proposes adapts to how many it had accepted, and a slot
+whose proposals keep failing pauses, so prose does not pay for them. Pure Python; the engine owns the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 NGRAM_SIZES = (12, 8, 5)  # lookup n-grams, longest (most reliable) first
 START_LENGTH = 8  # a fresh slot's first proposals: grown on success, shrunk on failure
 MAX_PAUSE = 32  # steps a slot whose proposals keep failing waits before it proposes again
+# ngram-mod's shared index: about 24 MB of Python objects (3 entries per token, ~60,000 tokens of prompts and
+# answers); past it the index starts again empty, as llama-server's does at a quarter full.
+SHARED_INDEX_ENTRIES = 180_000
 
 
 @dataclass(frozen=True)
@@ -69,14 +75,37 @@ class DraftState:
             self._pause = min(MAX_PAUSE, 2 ** self._failures // 2)
 
 
-class PromptLookup(DraftState):
-    """One sequence's draft source: token history with an index of where each n-gram last ended."""
+Occurrence = tuple[list[int], int]  # a token history and the position of an n-gram's last token in it
 
-    def __init__(self, config: SpecConfig, history: list[int]):
+
+class NgramIndex:
+    """Where each n-gram (by its hash) last ended: one request's own (ngram-simple), or one for all the requests
+    of a model (ngram-mod), bounded by `limit` entries."""
+
+    def __init__(self, limit: int | None = None):
+        self._last: dict[int, Occurrence] = {}
+        self._limit = limit
+
+    def note(self, key: int, occurrence: Occurrence) -> Occurrence | None:
+        """Record `occurrence` as the latest of the n-gram `key`; return the one before it, if any."""
+        before = self._last.get(key)
+        self._last[key] = occurrence
+        if self._limit is not None and len(self._last) > self._limit:
+            self._last.clear()
+        return before
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+
+class PromptLookup(DraftState):
+    """One sequence's draft source: its token history, noted in an n-gram index (its own unless `shared`)."""
+
+    def __init__(self, config: SpecConfig, history: list[int], shared: NgramIndex | None = None):
         super().__init__(config)
         self._tokens: list[int] = []
-        self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> position of its last token, latest occurrence
-        self._earlier: dict[int, int] = {}  # n -> where the current last n tokens ended before (no entry: never)
+        self._index = shared if shared is not None else NgramIndex()
+        self._earlier: dict[int, Occurrence] = {}  # n -> where the current last n tokens ended before (none: never)
         self.extend(history)
 
     def extend(self, tokens: list[int]) -> None:
@@ -88,13 +117,13 @@ class PromptLookup(DraftState):
                 if end + 1 < n:
                     self._earlier.pop(n, None)
                     continue
-                key = tuple(self._tokens[end + 1 - n:])
-                before = self._last_end.get(key)
+                # A hash for a key: a tuple of n ints costs ~10x its hash's memory; a rare collision only
+                # costs a rejected draft.
+                before = self._index.note(hash((n, *self._tokens[end + 1 - n:])), (self._tokens, end))
                 if before is None:
                     self._earlier.pop(n, None)
                 else:
                     self._earlier[n] = before
-                self._last_end[key] = end
 
     def propose(self, room: int) -> list[int]:
         """Up to `room` tokens likely to follow the history (none while paused or when nothing matches)."""
@@ -104,7 +133,8 @@ class PromptLookup(DraftState):
         for n in NGRAM_SIZES:
             before = self._earlier.get(n)
             if before is not None:
-                draft = self._tokens[before + 1:before + 1 + limit]
+                tokens, end = before
+                draft = tokens[end + 1:end + 1 + limit]
                 if len(draft) >= max(1, self._config.n_min):
                     return draft
         return []

@@ -113,6 +113,28 @@ def test_a_request_can_turn_speculation_off(plain_and_speculating):
     assert "drafts=" not in speculating.log().strip().splitlines()[-1]
 
 
+REMEMBERED = ("The harbour master logs every ship that enters after dark: its name, its flag, the hour, "
+              "the berth it takes, and who signed for its cargo.")
+
+
+def test_ngram_mod_proposes_an_earlier_answer_again_and_still_answers_exactly(start_server, qwen_scripted_model):
+    """ngram-mod shares its n-gram index across requests: a second request whose answer repeats the first one's
+    has it proposed from memory (the first request, with nothing to copy, had little to propose)."""
+    model = qwen_scripted_model("qwen2.5", REMEMBERED)
+    server = start_server("--model", str(model), "--spec-type", "ngram-mod")
+    assert "speculation=ngram-mod" in server.log()
+    question = [{"role": "user", "content": "What does the harbour master do?"}]
+    first = ask(server.base_url, question)
+    (first_accepted, _), = drafts_logged(server) or [(0, 0)]
+    second = ask(server.base_url, [{"role": "user", "content": "Tell me again, please."}])
+    assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"] == REMEMBERED
+    accepted, drafted = drafts_logged(server)[-1]
+    tokens = second["usage"]["completion_tokens"]
+    assert first_accepted < tokens / 4 and accepted > tokens * 0.7, (first_accepted, accepted, drafted, tokens)
+    text, finish, _ = ask_streamed(server.base_url)  # another request, streamed: its own answer, exactly
+    assert (text, finish) == (REMEMBERED, "stop")
+
+
 COPY_TASK = [{"role": "user", "content": "Repeat this paragraph exactly, word for word:\n\nThe old lighthouse keeper "
                                          "climbed the stairs every evening at six, lit the lamp, wound the clock, and "
                                          "wrote the weather in a leather book that his father had kept before him."}]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_server.engine.speculation import MAX_PAUSE, NGRAM_SIZES, START_LENGTH, PromptLookup, SpecConfig
+from edge_server.engine.speculation import MAX_PAUSE, NGRAM_SIZES, START_LENGTH, NgramIndex, PromptLookup, SpecConfig
 
 SHORTEST = min(NGRAM_SIZES)
 TEXT = list(range(100, 140))  # 40 distinct tokens
@@ -25,6 +25,29 @@ def test_the_longest_match_wins_over_a_more_recent_shorter_one():
     decoy = [7] + tail[-SHORTEST:] + [8, 8, 8]  # a later occurrence of only the last few tokens
     lookup = PromptLookup(SpecConfig(), tail + [1, 2, 3] + decoy + tail)
     assert lookup.propose(3) == [1, 2, 3]
+
+
+def test_a_shared_index_proposes_what_an_earlier_request_went_on_with():
+    shared = NgramIndex()
+    question, answer = [1, 2, 3], TEXT[:30]
+    first = PromptLookup(SpecConfig(n_max=16), question, shared)
+    assert first.propose(16) == []
+    first.extend(answer)
+    again = PromptLookup(SpecConfig(n_max=16), question + answer[:SHORTEST], shared)
+    assert again.propose(16) == answer[SHORTEST:SHORTEST + START_LENGTH]
+    alone = PromptLookup(SpecConfig(n_max=16), question + answer[:SHORTEST])  # ngram-simple: its own index only
+    assert alone.propose(16) == []
+
+
+def test_the_shared_index_starts_again_empty_past_its_limit():
+    shared = NgramIndex(limit=10)
+    PromptLookup(SpecConfig(), TEXT[:8], shared)  # four 5-grams and one 8-gram
+    assert len(shared) == 5
+    assert PromptLookup(SpecConfig(), TEXT[:SHORTEST], NgramIndex()).propose(16) == []
+    assert PromptLookup(SpecConfig(), TEXT[:SHORTEST], shared).propose(16) == TEXT[SHORTEST:8]
+    PromptLookup(SpecConfig(), TEXT[10:40], shared)  # more n-grams than the limit: emptied on the way
+    assert len(shared) <= 10
+    assert PromptLookup(SpecConfig(), TEXT[:SHORTEST], shared).propose(16) == []  # the first request's are gone
 
 
 def test_drafts_grow_after_successes_shrink_after_misses_and_pause_after_failures():
@@ -61,8 +84,9 @@ def test_draft_model_settings():
     assert Settings(threads=1, spec_draft_model="small.gguf").spec_type == "draft-simple"
     with pytest.raises(ValidationError, match="needs --spec-draft-model"):
         Settings(threads=1, spec_type="draft-simple")
-    with pytest.raises(ValidationError, match="not ngram-simple"):
-        Settings(threads=1, spec_type="ngram-simple", spec_draft_model="small.gguf")
+    for kind in ("ngram-simple", "ngram-mod"):
+        with pytest.raises(ValidationError, match=f"not {kind}"):
+            Settings(threads=1, spec_type=kind, spec_draft_model="small.gguf")
     with pytest.raises(ValidationError):
         Settings(threads=1, spec_draft_p_min=1.5)
 
