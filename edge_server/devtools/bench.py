@@ -153,6 +153,7 @@ class Stream:
         self.base_url, self.body = base_url, body
         self.sent = self.first = self.last = self.done = 0.0
         self.deltas = 0
+        self.text = ""
         self.usage: dict = {}
         self.finish: str | None = None
 
@@ -169,6 +170,7 @@ class Stream:
                     self.usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
                     if (choice.get("delta") or {}).get("content"):
+                        self.text += choice["delta"]["content"]
                         now = time.perf_counter()
                         self.first = self.first or now
                         self.last = now
@@ -352,38 +354,55 @@ def split_markdown(results: dict) -> str:
 # ---- speculative decoding ------------------------------------------------------------------------
 
 SPEC_HEADING = "## Speculative decoding (prompt lookup)"
-SPEC_CODE = '''import csv
-from collections import defaultdict
+SPEC_CODE = """class Stack:
+    \"\"\"A simple last-in, first-out stack.\"\"\"
 
+    def __init__(self):
+        self.items = []
 
-def summarize_sales(path):
-    """Total and average sale per region from a CSV file with region and amount columns."""
-    totals = defaultdict(float)
-    counts = defaultdict(int)
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            region = row["region"].strip()
-            totals[region] += float(row["amount"])
-            counts[region] += 1
-    summary = {}
-    for region, total in sorted(totals.items()):
-        summary[region] = {"total": round(total, 2), "average": round(total / counts[region], 2)}
-    return summary
+    def push(self, item):
+        self.items.append(item)
 
+    def pop(self):
+        if not self.items:
+            raise IndexError("pop from an empty stack")
+        return self.items.pop()
 
-if __name__ == "__main__":
-    for region, figures in summarize_sales("sales.csv").items():
-        print(f"{region}: {figures['total']} total, {figures['average']} on average")
-'''
+    def peek(self):
+        return self.items[-1]
+
+    def __len__(self):
+        return len(self.items)
+
+    def is_empty(self):
+        return not self.items
+
+    def clear(self):
+        self.items.clear()
+"""
+# SmolLM2-135M copies this block faithfully (greedy); longer blocks tried drift after ~150 tokens, and a
+# copy that drifts measures the model's inventions, not speculation.
 SPEC_COPY = [{"role": "user", "content": f"Write this Python code again, unchanged:\n\n```python\n{SPEC_CODE}```"}]
-SPEC_PROSE = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a "
-                                          "bottle."}]
-SPEC_PEER_MODES = ("ngram-simple", "ngram-mod")
+SPEC_PROSE_SUBJECTS = ("a lighthouse keeper who finds a message in a bottle", "a baker who wakes before the town",
+                       "a cartographer lost in her own city", "two ferry captains on one river",
+                       "a clockmaker's last commission", "a child who trains a crow", "a night train through snow")
+SPEC_OURS_MODES = ("plain", "ngram-simple", "ngram-mod")
+SPEC_PEER_MODES = ("plain", "ngram-simple", "ngram-mod")
 
 
 def _spec_runs(base_url: str, messages_: list[dict], runs: int, max_tokens: int) -> list[Stream]:
     body = {"model": "bench", "messages": messages_, "max_tokens": max_tokens, "temperature": 0.0}
     return [Stream(base_url, body).run() for _ in range(runs)]
+
+
+def _prose(run: int) -> list[dict]:
+    """A story request of its own per run (same for every server): nothing in it is a repeat of earlier runs."""
+    subject = SPEC_PROSE_SUBJECTS[run % len(SPEC_PROSE_SUBJECTS)]
+    return [{"role": "user", "content": f"Write a short story about {subject}."}]
+
+
+def _faithful(stream: Stream) -> bool:
+    return stream.text.split("```python\n", 1)[-1].split("```", 1)[0] == SPEC_CODE
 
 
 def _drafts(base_url: str) -> tuple[float, float]:
@@ -393,23 +412,25 @@ def _drafts(base_url: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, runs: int = 3,
+def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, runs: int = 5,
                          max_tokens: int = 320) -> dict:
-    """SmolLM2-135M-Instruct (a real model) rewriting a ~320-token Python file unchanged, and writing prose:
-    decode rates with and without prompt lookup, one stream and four, and llama-server's n-gram modes. Every
-    server runs at once (idle but for the one measured) and the runs alternate between them, so the machine's
-    drift over minutes falls on all of them alike."""
+    """SmolLM2-135M-Instruct (a real model) writing a ~140-token Python class again, unchanged (the same request
+    every run: the ngram-mod modes of both servers remember it), and writing a story (a new one every run):
+    decode rates with and without speculation, one stream and four, and llama-server's modes. Every server
+    runs at once (idle but for the one measured) and the runs alternate between them, so the machine's drift
+    over minutes falls on all of them alike."""
     from edge_server.devtools.assets import fetch
 
     model = fetch("model:smollm2")
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        for label, flags in (("plain", []), ("ngram-simple", ["--spec-type", "ngram-simple"])):
+        for mode in SPEC_OURS_MODES:
             port = free_port()
-            process = start_server(model, port=port, log_path=out / f"server-spec-{label}.log",
-                                   flags=["--threads", str(threads), "--parallel", "4", "--flash-attn", "off", *flags])
-            servers[f"ours:{label}"] = (process, f"http://127.0.0.1:{port}")
-        for mode in ("plain", *SPEC_PEER_MODES) if peer is not None else ():
+            process = start_server(model, port=port, log_path=out / f"server-spec-{mode}.log",
+                                   flags=["--threads", str(threads), "--parallel", "4", "--flash-attn", "off",
+                                          *([] if mode == "plain" else ["--spec-type", mode])])
+            servers[f"ours:{mode}"] = (process, f"http://127.0.0.1:{port}")
+        for mode in SPEC_PEER_MODES if peer is not None else ():
             port = free_port()
             process = start_peer(peer, model, port=port, threads=threads, parallel=1, n_ctx=4096,
                                  log_path=out / f"peer-spec-{mode}.log",
@@ -420,16 +441,17 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
         fours: dict[str, list[float]] = {name: [] for name in proses}
         for name, (_, url) in servers.items():
             _spec_runs(url, SPEC_COPY, 1, 16)  # warm-up
-        for _ in range(runs):
+        for run in range(runs):
             for name, (_, url) in servers.items():
                 copies[name] += _spec_runs(url, SPEC_COPY, 1, max_tokens)
             for name in proses:
                 url = servers[name][1]
-                proses[name] += _spec_runs(url, SPEC_PROSE, 1, max_tokens)
+                proses[name] += _spec_runs(url, _prose(run), 1, max_tokens)
                 together, _ = run_together(url, [{"model": "bench", "messages": SPEC_COPY, "max_tokens": max_tokens,
                                                   "temperature": 0.0}] * 4)
                 fours[name].append(decode_throughput(together))
-        drafted, accepted = _drafts(servers["ours:ngram-simple"][1])
+        drafts = {name: _drafts(url) for name, (_, url) in servers.items() if name.startswith("ours:")
+                  and not name.endswith(":plain")}
     finally:
         stop([process for process, _ in servers.values()])
     results: dict = {"model": model.name, "runs": runs, "ours": {}, "peer": {}}
@@ -438,38 +460,27 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
         row = {"copy_decode_tok_s": statistics.median(s.decode_rate for s in copy),
                "copy_end_to_end_tok_s": statistics.median(s.usage["completion_tokens"] / (s.done - s.sent)
                                                           for s in copy),
-               "copy_tokens": copy[0].usage["completion_tokens"]}
+               "copy_tokens": copy[0].usage["completion_tokens"],
+               "copy_faithful": all(_faithful(s) for s in copy)}
         if side == "ours":
+            drafted, accepted = drafts.get(name, (0.0, 0.0))
             row.update(prose_decode_tok_s=statistics.median(s.decode_rate for s in proses[name]),
                        four_streams_decode_tok_s=statistics.median(fours[name]),
-                       acceptance=accepted / drafted if label != "plain" and drafted else None)
+                       acceptance=accepted / drafted if drafted else None)
         results[side][label] = row
     return results
 
 
-DRAFT_WRONG_TOKENS = (0.0, 0.05, 0.1, 0.2, 0.4)  # share of the answer's tokens the draft model gets wrong
+DRAFT_WRONG_TOKENS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7)  # share of the answer's tokens the draft model gets wrong
 # A text without repeated phrases: a scripted model can write a text only in llama.cpp's own split of it where
 # no stretch of a few tokens repeats, and only that split matches what the target writes.
-DRAFT_TASK = [{"role": "user", "content": "Copy these lines exactly, one per line:\n\n" + "\n".join([
-    "The harbour master opened the gates before dawn.",
-    "Fishing boats slipped out past the breakwater in single file.",
-    "A gull followed the last trawler, hoping for scraps.",
-    "On the quay, two children counted crates of ice.",
-    "Their grandmother mended nets under a faded awning.",
-    "By noon the market smelled of salt, tar and oranges.",
-    "Tourists photographed the lighthouse from every angle.",
-    "Clouds gathered over the western hills after lunch.",
-    "The ferry captain sounded his horn twice and waited.",
-    "Rain arrived quietly, darkening the cobblestones.",
-    "Shopkeepers pulled their awnings in without a word.",
-    "Evening found the harbour calm, lamps glowing on the water."])}]
-
-
-def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int = 100) -> dict:
+def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int = 160) -> dict:
     """Speed-up against acceptance with a draft model on SmolLM2: draft models scripted on SmolLM2's own
-    tokenizer write SmolLM2's greedy answer to a line-copying task, in the very tokens SmolLM2 writes it,
-    with a share of those tokens replaced. Such drafts cost next to nothing, so this is the target's side:
-    what verifying costs on this machine, and the acceptance rate at which drafting starts to pay."""
+    tokenizer write SmolLM2's greedy answer to the copy task, in the very tokens SmolLM2 writes it, with a
+    share of those tokens wrong (told the right one, each goes on with the answer). Such drafts cost next to
+    nothing, so this is the target's side: what verifying costs on this machine, and the acceptance rate at
+    which drafting starts to pay. (The copy task, because SmolLM2's answer to it has wide margins: on prose,
+    near-ties flip with the batch shape and the target leaves any script within a few tokens.)"""
     from edge_server.devtools import synthetic
     from edge_server.devtools.assets import fetch
     from edge_server.ggufmeta import read_gguf_metadata
@@ -484,7 +495,7 @@ def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int
         port = free_port()
         servers["plain"] = (start_server(model, port=port, log_path=out / "server-draft-plain.log", flags=flags),
                             f"http://127.0.0.1:{port}")
-        body = {"model": "bench", "messages": DRAFT_TASK, "max_tokens": max_tokens, "temperature": 0.0,
+        body = {"model": "bench", "messages": SPEC_COPY, "max_tokens": max_tokens, "temperature": 0.0,
                 "logprobs": True}
         answer = requests.post(servers["plain"][1] + "/v1/chat/completions", json=body, timeout=600).json()
         pieces = [bytes(t["bytes"]) for t in answer["choices"][0]["logprobs"]["content"]]
@@ -492,12 +503,11 @@ def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int
         if any(len(token) != 1 for token in ids):
             raise SystemExit("the draft table needs SmolLM2's answer in whole tokens")
         wrong_id, = synthetic.tokenize(vocab, " banana", special=False)
+        text, split = b"".join(pieces).decode("utf-8"), [token[0] for token in ids]
         for share in DRAFT_WRONG_TOKENS:
-            wrong = {round(i / share) for i in range(int(len(ids) * share))} if share else set()
-            split = [wrong_id if i in wrong else token[0] for i, token in enumerate(ids)]
-            text = b"".join(b" banana" if i in wrong else piece for i, piece in enumerate(pieces)).decode("utf-8")
+            wrong = {round(i / share): wrong_id for i in range(int(len(ids) * share))} if share else {}
             draft = synthetic.write_scripted_vocab_model(DRAFT_DIR / f"draft-{share:.2f}.gguf", model, template, text,
-                                                         added_tokens="none", split=split, order=8)
+                                                         added_tokens="none", split=split, order=8, replace=wrong)
             port = free_port()
             servers[f"{share:.2f}"] = (start_server(model, port=port, log_path=out / f"server-draft-{share:.2f}.log",
                                                     flags=[*flags, "--spec-draft-model", str(draft)]),
@@ -505,7 +515,7 @@ def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int
         rates: dict[str, list[float]] = {name: [] for name in servers}
         for _ in range(runs):
             for name, (_, url) in servers.items():
-                rates[name] += [s.decode_rate for s in _spec_runs(url, DRAFT_TASK, 1, max_tokens)]
+                rates[name] += [s.decode_rate for s in _spec_runs(url, SPEC_COPY, 1, max_tokens)]
         acceptance = {name: _drafts(url) for name, (_, url) in servers.items() if name != "plain"}
     finally:
         stop([process for process, _ in servers.values()])
@@ -527,9 +537,9 @@ def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int
 
 def draft_markdown(results: dict) -> str:
     """The draft-model table."""
-    lines = ["Draft model: scripted on SmolLM2's tokenizer, writing SmolLM2's own greedy answer (copying 12 lines, "
-             "100 tokens) in its own tokens, a share of them replaced (drafting costs next to nothing: this is what "
-             "verifying costs). Decode only, "
+    lines = ["Draft model: scripted on SmolLM2's tokenizer, writing SmolLM2's own greedy answer to the copy task "
+             "in its own tokens, a share of them wrong (drafting costs next to nothing: this is what verifying "
+             "costs). Decode only, "
              f"medians of runs alternating with the plain server ({results['plain_decode_tok_s']:.1f} tok/s).", "",
              "| draft tokens replaced | acceptance | decode | speed-up |", "|---|---|---|---|"]
     for row in results["rows"]:
@@ -542,24 +552,30 @@ def draft_markdown(results: dict) -> str:
 
 def speculation_markdown(results: dict) -> str:
     """The speculative decoding figures as tables."""
-    plain, spec = results["ours"]["plain"], results["ours"]["ngram-simple"]
-    lines = [f"`{results['model']}` rewriting a {plain['copy_tokens']}-token Python file unchanged (greedy), and "
-             "writing a short story (prose). Decode only: tokens after the first / their time; end to end: all "
-             f"tokens / request to `[DONE]`. Medians of {results['runs']} runs, alternating between the servers.", "",
-             "| | copy: decode | copy: end to end | acceptance | prose: decode | 4 copy streams: aggregate decode |",
-             "|---|---|---|---|---|---|"]
-    for label, row in results["ours"].items():
+    ours, plain = results["ours"], results["ours"]["plain"]
+    lines = [f"`{results['model']}` writing a {plain['copy_tokens']}-token Python class again, unchanged (greedy; "
+             "the same request every run), and writing a story (a new subject every run). Decode only: tokens after "
+             "the first / their time; end to end: all tokens / request to `[DONE]`. Medians of "
+             f"{results['runs']} runs, alternating between the servers.", "",
+             "| | copy: decode | copy: end to end | copy faithful | acceptance | prose: decode | "
+             "4 copy streams: aggregate decode |",
+             "|---|---|---|---|---|---|---|"]
+
+    def ratio(row: dict, key: str) -> str:
+        return f" ({row[key] / plain[key]:.2f}x)" if row is not plain else ""
+
+    for label, row in ours.items():
         acceptance = f"{row['acceptance']:.0%}" if row["acceptance"] is not None else "-"
-        lines.append(f"| edge-server, {label} | {row['copy_decode_tok_s']:.1f} tok/s | "
-                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s | {acceptance} | {row['prose_decode_tok_s']:.1f} tok/s | "
-                     f"{row['four_streams_decode_tok_s']:.1f} tok/s |")
-    lines.append(f"| ngram-simple / plain | {spec['copy_decode_tok_s'] / plain['copy_decode_tok_s']:.2f}x | "
-                 f"{spec['copy_end_to_end_tok_s'] / plain['copy_end_to_end_tok_s']:.2f}x | | "
-                 f"{spec['prose_decode_tok_s'] / plain['prose_decode_tok_s']:.2f}x | "
-                 f"{spec['four_streams_decode_tok_s'] / plain['four_streams_decode_tok_s']:.2f}x |")
+        lines.append(f"| edge-server, {label} | {row['copy_decode_tok_s']:.1f} tok/s{ratio(row, 'copy_decode_tok_s')} | "
+                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s{ratio(row, 'copy_end_to_end_tok_s')} | "
+                     f"{'yes' if row['copy_faithful'] else 'NO'} | {acceptance} | "
+                     f"{row['prose_decode_tok_s']:.1f} tok/s{ratio(row, 'prose_decode_tok_s')} | "
+                     f"{row['four_streams_decode_tok_s']:.1f} tok/s{ratio(row, 'four_streams_decode_tok_s')} |")
+    peer_plain = results["peer"].get("plain")
     for mode, row in results["peer"].items():
-        lines.append(f"| llama-server, {mode} | {row['copy_decode_tok_s']:.1f} tok/s | "
-                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s | | | |")
+        versus = f" ({row['copy_decode_tok_s'] / peer_plain['copy_decode_tok_s']:.2f}x)" if row is not peer_plain else ""
+        lines.append(f"| llama-server, {mode} | {row['copy_decode_tok_s']:.1f} tok/s{versus} | "
+                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s | {'yes' if row['copy_faithful'] else 'NO'} | | | |")
     if "draft_model" in results:
         lines += ["", draft_markdown(results["draft_model"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ import functools
 import heapq
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import gguf
@@ -837,7 +837,8 @@ def _rope_pairs(context_length: int) -> tuple[int, float]:
 def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, template_text: str, script_text: str, *,
                                after=None, template_kwargs: dict | None = None, messages: Sequence[dict] | None = None,
                                added_tokens: str = "qwen3", order: int | None = None,
-                               context_length: int = 32768, split: Sequence[int] | None = None) -> Path:
+                               context_length: int = 32768, split: Sequence[int] | None = None,
+                               replace: Mapping[int, int] | None = None) -> Path:
     """Write a qwen2 GGUF with the tokenizer of `vocab_gguf` (plus a released Qwen tokenizer's added tokens)
     and the chat template `template_text`, whose greedy reply to a chat rendered with that template is
     exactly `script_text` followed by <|im_end|>.
@@ -851,7 +852,11 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
     the script is split into tokens whose `order`-token contexts never repeat. By default the order is the
     smallest under which llama.cpp's own split of the script works (the tokens a real model would emit),
     else the smallest under which some other split does. Size: ~6 MB of tokenizer plus ~0.085 MB per
-    residual dimension (1 + order x distinct tokens, in 32s): 9-30 MB for short replies."""
+    residual dimension (1 + order x distinct tokens, in 32s): 9-30 MB for short replies.
+
+    `replace` (with `split`) maps positions of the split to tokens written there instead, while the contexts
+    stay the script's: a draft model that is wrong at those positions and, once told the right token, goes on
+    with the script (the bench's draft-model table)."""
     vocab = read_vocab(vocab_gguf, added_tokens)
     end = vocab.special_ids["eos"]
     script = script_text.encode("utf-8")
@@ -868,10 +873,11 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
     tails = [tail[-order:] for tail in tails]
     # Transitions: the contexts after each tail (last `order` tokens) -> the next token.
     transitions: dict[tuple[int, ...], int] = {}
+    replace = replace or {}
     for tail in tails:
         sequence = list(tail) + chain + [end]
         for j in range(len(tail) - 1, len(sequence) - 1):
-            transitions[tuple(sequence[max(0, j + 1 - order):j + 1])] = sequence[j + 1]
+            transitions[tuple(sequence[max(0, j + 1 - order):j + 1])] = replace.get(j + 1 - len(tail), sequence[j + 1])
 
     relevant = sorted({t for key in transitions for t in key} | set(transitions.values()))
     index = {token: i for i, token in enumerate(relevant)}

@@ -16,13 +16,16 @@ PROMPT_CHUNK = 256  # prompt tokens in a step that also decodes running streams:
 Propose = Callable[[list[tuple[Slot, int]]], None]  # sets `slot.draft` of each slot, in at most its room of tokens
 
 
-def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache,
-               propose: Propose | None = None) -> tuple[list[tuple[Slot, list[int]]], bool]:
+def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Propose | None = None,
+               ends_generation: Callable[[int], bool] = lambda token: False
+               ) -> tuple[list[tuple[Slot, list[int]]], bool]:
     """Fill `batch` for `active` slots; returns (each slot with the tokens it put in, whether a prompt did).
 
     At most `PROMPT_CHUNK` prompt tokens go in while any sequence generates, up to the whole batch while
     none does (batched, chunked prefill). Drafted tokens get what real tokens leave, shared evenly; every
     position of a slot's draft gets logits (`slot.logits_at` is its next token's, the draft's follow).
+    A draft never runs past what its job can use: its `max_tokens`, or an end-of-generation token (the
+    position before one already predicts it).
     """
     batch.n_tokens = 0
     decoded: list[tuple[Slot, list[int]]] = []
@@ -31,9 +34,14 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache,
     spare = BATCH_TOKENS - len(generating) - min(pending, PROMPT_CHUNK if generating else BATCH_TOKENS)
     for slot in active:
         slot.draft = []
-    drafting = [(slot, spare // len(generating)) for slot in generating if slot.drafter is not None]
+    drafting = [(slot, min(spare // len(generating), slot.job.max_tokens - slot.produced - 1))
+                for slot in generating if slot.drafter is not None]
+    drafting = [(slot, room) for slot, room in drafting if room > 0]
     if propose is not None and drafting and spare >= len(generating):
         propose(drafting)
+        for slot, _ in drafting:
+            slot.draft = next((slot.draft[:i] for i, token in enumerate(slot.draft) if ends_generation(token)),
+                              slot.draft)
     for slot in active:
         slot.logits_at = -1
         if slot.next_token is not None:

@@ -186,7 +186,7 @@ class Engine:
         active = [slot for slot in active if slot.job is not None]
         self._slots.resume()
         batch = self._batch.batch
-        decoded, prefilling = fill_batch(batch, active, self._cache, self._propose)
+        decoded, prefilling = fill_batch(batch, active, self._cache, self._propose, self._vocab.ends_generation)
         if batch.n_tokens == 0:
             return
         threads = self._tuner.next_step_threads()
