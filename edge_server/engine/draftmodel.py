@@ -3,8 +3,8 @@
 It has a context of its own with one sequence per slot of the target, kept in step with what each slot's
 sequence holds (the prompt and accepted tokens; what the target rejected is rolled back by dropping cells
 past the common prefix). Each step it writes ahead for every drafting slot together, one batched decode per
-token, greedily, while its likeliest token is at least `p_min` likely, up to the slot's room. Engine thread
-only, but for `check_tokenizer` at load.
+token, greedily, while its likeliest token is at least `p_min` likely, up to the slot's room or the end of
+the answer. Engine thread only, but for `check_tokenizer` at load.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class DraftModel:
             next_round = []
             for seq in writing:
                 token = self._confident_token(logits_at[seq])
-                if token is None:
-                    continue
+                if token is None or llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+                    continue  # unsure, or the answer ends: the target's logits before it already predict that
                 drafts[seq].append(token)
                 if len(drafts[seq]) < rooms[seq]:
                     logits_at[seq] = add_to_batch(batch, [token], len(self._held[seq]), seq, logits=True)

@@ -106,3 +106,36 @@ def test_the_speculative_field_must_be_a_boolean():
     refused = client.post("/v1/completions", json={"prompt": "Hi", "speculative": "maybe"})
     assert refused.status_code == 400
     assert client.post("/v1/chat/completions", json={"messages": messages, "speculative": False}).status_code == 200
+
+
+def test_a_draft_stops_before_the_end_of_generation_and_at_the_jobs_max_tokens():
+    """fill_batch cuts what the drafter proposes to what the job can use: the position before an end token
+    already predicts it, and tokens past max_tokens would never be sent."""
+    from types import SimpleNamespace
+
+    from llama_cpp import _internals as internals
+
+    from edge_server.engine.batching import fill_batch
+    from edge_server.engine.prefixcache import PrefixCache
+    from edge_server.engine.slots import Slot
+
+    END = 2
+    batch = internals.LlamaBatch(n_tokens=64, embd=0, n_seq_max=1, verbose=False)
+    cache = PrefixCache(1, lambda seq, start: True, lambda source, target, length: None)
+    rooms = []
+
+    def propose(entries):
+        for slot, room in entries:
+            rooms.append(room)
+            slot.draft = [10, 11, END, 12, 13][:room]
+
+    for max_tokens, produced, draft, room in ((100, 3, [10, 11], 100 - 3 - 1), (6, 3, [10, 11], 2), (5, 3, [10], 1)):
+        slot = Slot(0, job=SimpleNamespace(max_tokens=max_tokens), stream=SimpleNamespace(submitted_at=0.0),
+                    next_token=7, produced=produced, drafter=object())
+        fill_batch(batch.batch, [slot], cache, propose, lambda token: token == END)
+        assert (slot.draft, rooms[-1]) == (draft, room)
+        assert batch.batch.n_tokens == 1 + len(draft)
+    slot = Slot(0, job=SimpleNamespace(max_tokens=4), stream=SimpleNamespace(submitted_at=0.0), next_token=7,
+                produced=3, drafter=object())
+    fill_batch(batch.batch, [slot], cache, propose, lambda token: token == END)
+    assert slot.draft == [] and len(rooms) == 3  # its next token is its last: nothing to propose
