@@ -178,6 +178,8 @@ class Generation:
         finally:
             # Whatever ended us early (stop string, disconnect, closed generator), the engine must let go.
             self._stream.cancel()
+            self.outcome.draft_tokens = self._stream.draft_tokens  # counted however it ended (a client that left too)
+            self.outcome.draft_accepted = self._stream.draft_accepted
 
     def cancel(self) -> None:
         """Let the engine drop this job (another choice of the request failed, or its client left)."""
@@ -237,7 +239,6 @@ class Generation:
 
     def _finish(self, finish: Finish) -> None:
         self.outcome.cached_tokens = self._stream.reused_tokens
-        self.outcome.draft_tokens, self.outcome.draft_accepted = self._stream.draft_tokens, self._stream.draft_accepted
         self.outcome.stop_sequence = self._stops.matched
         if finish.reason is FinishReason.ERROR:
             self.outcome.error = finish.error or "generation failed"

@@ -169,6 +169,23 @@ def test_a_real_model_copies_as_it_does_without_speculation(smol_pair):
         assert abs(top[0]["logprob"] - top[1]["logprob"]) < 0.3, (first, top, want[first], got[first])
 
 
+def test_a_cancelled_speculating_stream_stops_at_once(smol_pair):
+    """SmolLM2 asked to write one word 500 times (it loops: prompt lookup drafts nearly every step): the client
+    leaves after some tokens, and the engine is idle within a step or two."""
+    _, speculating = smol_pair
+    body = {"model": "m", "messages": [{"role": "user", "content": "Write the word lighthouse 500 times."}],
+            "stream": True, "max_tokens": 3000, "temperature": 0}
+    with requests.post(speculating.base_url + "/v1/chat/completions", json=body, stream=True, timeout=60) as doomed:
+        for received, _ in enumerate(doomed.iter_lines()):
+            if received > 200:
+                break
+    assert speculating.wait_idle(timeout=5) < 1.0
+    line = next(line for line in reversed(speculating.log().splitlines()) if "POST /v1/chat/completions" in line)
+    completion = int(re.search(r"completion=(\d+)", line).group(1))
+    accepted, _ = drafts_logged(speculating)[-1]
+    assert "finish=cancelled" in line and completion < 400 and accepted > 20, line
+
+
 SAMPLING_CHOICES = 4  # choices per request (`n`), each its own slot, sampler and seed: the seeds go 2x faster
 # Asked again: prompt lookup proposes the earlier answer from the first token on, so a few tokens per seed are
 # enough to have drafts verified at every position the frequencies count.
