@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -112,6 +113,55 @@ def raw_worker(model: Path, *, threads: int, n_ctx: int, max_tokens: int, bias: 
                           "ttft_s": stamps[0] - started,
                           "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
                           "peak_rss_mb": peak_rss_mb(os.getpid())}), flush=True)
+
+
+def raw_batched_worker(model: Path, *, threads: int, n_ctx: int, parallel: int, context_tokens: int = 700,
+                       steps: int = 6) -> None:
+    """Raw llama-cpp-python, no server, no sampling: `parallel` sequences holding `context_tokens` each, then
+    one `llama_decode` per step with a token of 1, 2, ... `parallel` of them (median of `steps`): the most
+    batching can give on this machine and model. Prints {sequences: tok/s} as JSON."""
+    import llama_cpp
+
+    model_ptr = llama_cpp.llama_model_load_from_file(str(model).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_seq_max = n_ctx * parallel, parallel
+    params.n_batch = params.n_ubatch = 512
+    params.n_threads = params.n_threads_batch = threads
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the side-by-side servers
+    ctx = llama_cpp.llama_init_from_model(model_ptr, params)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+
+    def decode(items: list[tuple[int, int, int]], logits: bool) -> float:
+        batch.n_tokens = len(items)
+        for i, (seq, position, token) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, position, 1, logits
+            batch.seq_id[i][0] = seq
+        started = time.perf_counter()
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit("raw llama_decode failed")
+        return time.perf_counter() - started
+
+    for seq in range(parallel):
+        for start in range(0, context_tokens, 350):
+            decode([(seq, position, 100 + (position * 7 + seq) % 5000)
+                    for position in range(start, min(start + 350, context_tokens))], False)
+    memory, rates = llama_cpp.llama_get_memory(ctx), {}
+    for n in sorted({1, 2, parallel}):
+        times = []
+        for _ in range(steps):
+            for seq in range(parallel):
+                llama_cpp.llama_memory_seq_rm(memory, seq, context_tokens, -1)
+            times.append(decode([(seq, context_tokens, 200 + seq) for seq in range(n)], True))
+        rates[n] = n / statistics.median(times)
+    print(json.dumps(rates), flush=True)
+
+
+def raw_batched_decode(model: Path, *, threads: int, n_ctx: int, parallel: int) -> dict[int, float]:
+    """`raw_batched_worker`'s figures, from a process of its own."""
+    output = subprocess.run([sys.executable, "-m", "edge_server.devtools.bench", "--raw-batch-worker", str(model),
+                             "--threads", str(threads), "--n-ctx", str(n_ctx), "--parallel", str(parallel)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    return {int(n): rate for n, rate in json.loads(output.strip().splitlines()[-1]).items()}
 
 
 class RawRunner:
@@ -584,6 +634,11 @@ def speculation_markdown(results: dict) -> str:
 # ---- side by side with a peer (llama-server) ---------------------------------------------------
 
 PEER_SCENARIOS = ("single", "cold4", "shared", "decode")
+
+
+def decode_streams(parallel: int) -> list[int]:
+    """Stream counts of the decode scenario."""
+    return sorted({1, 2, parallel, 2 * parallel})
 SIDE_BY_SIDE_HEADING = "## Side by side with llama-server"
 
 
@@ -644,16 +699,18 @@ def side_scenarios(base_url: str, pid: int, prompt: str, bias: dict[str, float],
     if "shared" in scenarios:
         result["shared"] = shared_system_prompt(base_url, prompt, bias, clients=parallel)
     if "decode" in scenarios:
-        # Every slot holds the prompt first; then aggregate decode-only and end-to-end rates at 1, 2, `parallel`.
+        # Every slot holds the prompt first; then aggregate decode-only and end-to-end rates at 1, 2, `parallel`
+        # and twice `parallel` streams (half of them wait for a slot: their TTFT counts the wait).
         system = fresh()
         run_together(base_url, [body(f"Warm-up {i}.", system, 4) for i in range(parallel)])
         rows = {}
-        for n in sorted({1, 2, parallel}):
+        for n in decode_streams(parallel):
             streams, wall = run_together(base_url, [body(f"Question {i} of {n}.", system) for i in range(n)])
             ttfts = sorted(s.ttft for s in streams)
             rows[n] = {"decode_tok_s": decode_throughput(streams), "end_to_end_tok_s": tokens(streams) / wall,
-                       "ttft_p50_s": statistics.median(ttfts), "ttft_max_s": ttfts[-1]}
+                       "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[math.ceil(0.99 * n) - 1]}
         result["decode"] = rows
+        result["decode_ratio"] = rows[parallel]["decode_tok_s"] / rows[1]["decode_tok_s"]
     result["rss_mb"] = {"now": memory_mb(pid), "peak": peak_rss_mb(pid)}
     return result
 
@@ -683,8 +740,10 @@ def side_by_side(model: Path, peer: Path, *, threads: int, parallel: int, max_to
             finally:
                 server.terminate()
                 server.wait(timeout=30)
+    raw = raw_batched_decode(model, threads=threads, n_ctx=n_ctx, parallel=parallel) if "decode" in scenarios else {}
     return {"model": str(model), "peer": str(peer), "threads": threads, "parallel": parallel, "n_ctx": n_ctx,
-            "max_tokens": max_tokens, "repetitions": repetitions, "scenarios": list(scenarios), "runs": runs}
+            "max_tokens": max_tokens, "repetitions": repetitions, "scenarios": list(scenarios), "runs": runs,
+            "raw_batched": raw}
 
 
 def side_by_side_markdown(results: dict) -> str:
@@ -738,15 +797,22 @@ def side_by_side_markdown(results: dict) -> str:
                   row(f"shared fresh system prompt: {p} clients median TTFT (s)", "shared", "together_median_ttft_s"),
                   row(f"shared fresh system prompt: {p} clients / 1 client TTFT", "shared", "ratio")]
     if "decode" in scen:
-        for n in sorted({1, 2, p}):
+        for n in decode_streams(p):
             lines += [row(f"{n} stream(s), cached prompt: aggregate decode only (tok/s)", "decode", n, "decode_tok_s"),
                       row(f"{n} stream(s), cached prompt: aggregate end to end (tok/s)", "decode", n,
                           "end_to_end_tok_s"),
-                      f"| {n} stream(s), cached prompt: TTFT p50 / max (s) | "
-                      + " | ".join(f"{span(side, 'decode', n, 'ttft_p50_s')} / {span(side, 'decode', n, 'ttft_max_s')}"
+                      f"| {n} stream(s), cached prompt: TTFT p50 / p99 (s) | "
+                      + " | ".join(f"{span(side, 'decode', n, 'ttft_p50_s')} / {span(side, 'decode', n, 'ttft_p99_s')}"
                                    for side in ("ours", "llama-server")) + " |"]
+        lines.append(row(f"{p} streams / 1 stream, aggregate decode only", "decode_ratio"))
     lines += [row("resident memory at the end (MB)", "rss_mb", "now", fmt="{:.0f}"),
               row("peak resident memory (MB)", "rss_mb", "peak", fmt="{:.0f}")]
+    if raw := results.get("raw_batched"):
+        rates = " / ".join(f"{raw[n]:.1f}" for n in sorted(raw))
+        lines += ["", f"Raw llama-cpp-python on the same model, no server and no sampling, one `llama_decode` per step "
+                      f"with a token of {' / '.join(str(n) for n in sorted(raw))} sequence(s) holding 700 tokens each: "
+                      f"{rates} tok/s ({max(raw)} / 1: {raw[max(raw)] / raw[1]:.2f}x). That is what batching gives on "
+                      "this machine and model at most; a server's streams share it."]
     return "\n".join(lines) + "\n"
 
 
@@ -954,10 +1020,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the split-over-two-loopback-workers measurement (updates its section of results.md)")
     parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-batch-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n-ctx", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--bias", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--system", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.raw_batch_worker:
+        raw_batched_worker(args.raw_batch_worker, threads=args.threads, n_ctx=args.n_ctx, parallel=args.parallel)
+        return 0
     if args.raw_worker:
         raw_worker(args.raw_worker, threads=args.threads, n_ctx=args.n_ctx, max_tokens=args.max_tokens,
                    bias=json.loads(args.bias), system=args.system)
