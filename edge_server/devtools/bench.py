@@ -897,6 +897,8 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
         "beside_a_busy_core": busy,
         "kv_rss_mb": kv_rss,
         "split_over_workers": split,
+        # What batching gives at most here: raw llama.cpp's own 4-sequence step against a 1-sequence one.
+        "raw_batched_decode_tok_s": raw_batched_decode(model, threads=threads, n_ctx=n_ctx, parallel=parallel),
     }
     results["checks"] = {
         "decode_ratio": max(s.decode_rate for s in singles) / raw["decode_tok_s"],
@@ -913,6 +915,7 @@ def bench(model: Path, *, threads: int, parallel: int, max_tokens: int, out: Pat
 def markdown(results: dict) -> str:
     """The results as a markdown table."""
     raw, single, checks = results["raw"], results["server_single"], results["checks"]
+    batched, parallel = results["raw_batched_decode_tok_s"], results["parallel"]
     lines = [
         f"Model `{Path(results['model']).name}`, {results['prompt_tokens']}-token prompt, "
         f"{results['max_tokens']} tokens per stream, {results['threads']} threads, --parallel {results['parallel']}.",
@@ -930,6 +933,8 @@ def markdown(results: dict) -> str:
                      f"(end to end {row['end_to_end_tok_s']:.2f}) | |")
     lines += [
         f"| 4 streams / 1 stream | {checks['aggregate_4_over_1']:.2f} | >= {TARGETS['aggregate_4_over_1_min']} |",
+        f"| raw llama-cpp-python, {parallel} sequences per `llama_decode` / 1 (what batching gives here at most) | "
+        f"{batched[parallel] / batched[1]:.2f} ({batched[1]:.1f} / {batched[parallel]:.1f} tok/s) | |",
         f"| cold / warm prefix TTFT | {results['prefix_cache']['cold_ttft_s']:.2f} s / "
         f"{results['prefix_cache']['warm_ttft_s']:.3f} s | |",
         f"| warm / cold TTFT | {checks['warm_over_cold_ttft']:.3f} | <= {TARGETS['warm_over_cold_ttft_max']} |",
