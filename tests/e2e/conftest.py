@@ -144,6 +144,31 @@ def streamed_text(events: list[dict | str]) -> str:
     )
 
 
+# llama.cpp computes slightly different logits for the same tokens in other batch shapes (several streams in
+# one step, prompt chunks): a greedy answer may take the other of two tokens whose log-probabilities are this
+# close. Measured: a 0.002 gap flipped on the random test models; SmolLM2 Q4_1 moves by up to 0.2.
+RANDOM_MODEL_NOISE = 0.05
+
+
+def streamed_tokens(events: list[dict | str]) -> list[dict]:
+    """The logprobs entries (token, logprob, top_logprobs) of parsed chat chunks, in order."""
+    return [entry for e in events if isinstance(e, dict) and e.get("choices")
+            for entry in ((e["choices"][0].get("logprobs") or {}).get("content") or [])]
+
+
+def assert_same_greedy_answer(alone: list[dict], other: list[dict], noise: float = RANDOM_MODEL_NOISE) -> None:
+    """Two greedy answers to one request (logprobs entries, `alone` with top_logprobs >= 2) are the same tokens,
+    or differ first where `alone`'s two likeliest tokens are within batch-shape noise (after that they may
+    part ways)."""
+    tokens, others = [t["token"] for t in alone], [t["token"] for t in other]
+    if tokens == others:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(tokens, others)) if a != b), min(len(tokens), len(others)))
+    assert first < min(len(tokens), len(others)), f"one answer is a prefix of the other: {tokens} / {others}"
+    top = alone[first]["top_logprobs"]
+    assert top[0]["logprob"] - top[1]["logprob"] < noise, (first, top, tokens[first], others[first])
+
+
 def write_unloadable_gguf(path: Path) -> Path:
     """A well-formed GGUF of an architecture llama.cpp does not know ("alien"): it passes the file checks
     and fails in llama.cpp's loader."""

@@ -8,15 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from tests.e2e.conftest import chat, stream_chat, streamed_text
+from tests.e2e.conftest import assert_same_greedy_answer, chat, stream_chat, streamed_tokens
 
 FAULT_SEED = 666
 
 
 def test_a_failing_request_gets_an_error_while_its_neighbours_complete(start_server, slow_model):
     server = start_server("--model", str(slow_model), "--parallel", "4", env={"EDGE_FAULT_SEED": str(FAULT_SEED)})
-    neighbours = [dict(content=f"Neighbour {i}", max_tokens=40, temperature=0) for i in range(3)]
-    alone = [streamed_text(stream_chat(server.base_url, **fields)) for fields in neighbours]
+    neighbours = [dict(content=f"Neighbour {i}", max_tokens=40, temperature=0, logprobs=True, top_logprobs=2)
+                  for i in range(3)]
+    alone = [streamed_tokens(stream_chat(server.base_url, **fields)) for fields in neighbours]
     barrier = threading.Barrier(4)
 
     def failing_stream() -> list:
@@ -26,15 +27,17 @@ def test_a_failing_request_gets_an_error_while_its_neighbours_complete(start_ser
         with requests.post(server.base_url + "/v1/chat/completions", json=body, stream=True, timeout=60) as response:
             return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith(b"data: {")]
 
-    def neighbour(fields: dict) -> str:
+    def neighbour(fields: dict) -> list[dict]:
         barrier.wait()
-        return streamed_text(stream_chat(server.base_url, **fields))
+        return streamed_tokens(stream_chat(server.base_url, **fields))
 
     with ThreadPoolExecutor(4) as pool:
         failing = pool.submit(failing_stream)
         together = list(pool.map(neighbour, neighbours))
         events = failing.result(timeout=60)
-    assert together == alone
+    assert len(together) == len(alone) == 3 and all(len(tokens) == 40 for tokens in alone)
+    for solo, concurrent in zip(alone, together):
+        assert_same_greedy_answer(solo, concurrent)
     assert events[-1]["error"]["code"] == "generation_failed" and "injected fault" in events[-1]["error"]["message"]
     whole = chat(server.base_url, "Doomed", max_tokens=40, temperature=0.5, seed=FAULT_SEED)
     assert whole.status_code == 500 and whole.json()["error"]["code"] == "generation_failed"

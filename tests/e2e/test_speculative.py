@@ -12,7 +12,7 @@ import re
 import pytest
 import requests
 
-from tests.e2e.conftest import sse_events
+from tests.e2e.conftest import assert_same_greedy_answer, sse_events
 
 CODE = '''def moving_average(values, window):
     """Mean of each run of `window` values."""
@@ -27,6 +27,7 @@ CODE = '''def moving_average(values, window):
 '''
 REWRITE = [{"role": "user", "content": f"Rewrite this code unchanged:\n\n{CODE}"}]
 SPECULATE = ("--spec-type", "ngram-simple")
+SMOLLM2_NOISE = 0.3  # batch-shape noise in SmolLM2 Q4_1's log-probabilities on this CPU: up to ~0.2 measured
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +160,10 @@ def test_a_real_model_copies_as_it_does_without_speculation(smol_pair):
     answer = ask(speculating.base_url, COPY_TASK, max_tokens=80, logprobs=True)
     accepted, drafted = drafts_logged(speculating)[-1]
     assert accepted > 20, (accepted, drafted)
-    want, got = [t["token"] for t in tokens_of(expected)], [t["token"] for t in tokens_of(answer)]
-    if got != want:
-        first = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
-        top = tokens_of(expected)[first]["top_logprobs"]
-        # llama.cpp itself, evaluating the same tokens one at a time or in chunks, moves SmolLM2's (Q4_1, CPU)
-        # log-probabilities by up to ~0.2 (measured with raw llama-cpp-python on the bench's copy task, where it
-        # flips a 0.29 tie exactly as verification does): a first difference is only allowed inside that.
-        assert abs(top[0]["logprob"] - top[1]["logprob"]) < 0.3, (first, top, want[first], got[first])
+    # llama.cpp itself, evaluating the same tokens one at a time or in chunks, moves SmolLM2's (Q4_1, CPU)
+    # log-probabilities by up to ~0.2 (measured with raw llama-cpp-python on a copy task, where it flips a 0.29
+    # tie exactly as verification does): a first difference is only allowed inside that.
+    assert_same_greedy_answer(tokens_of(expected), tokens_of(answer), noise=SMOLLM2_NOISE)
 
 
 def test_a_cancelled_speculating_stream_stops_at_once(smol_pair):
