@@ -205,7 +205,7 @@ def test_seeded_sampling_is_distributed_as_without_speculation(smol_sampling_pai
     plain, speculating = smol_sampling_pair
 
     def samples(server) -> list[list[str]]:
-        answers = [ask(server.base_url, AGAIN, temperature=1.0, seed=seed, n=SAMPLING_CHOICES, max_tokens=6,
+        answers = [ask(server.base_url, AGAIN, temperature=1.0, seed=seed, n=SAMPLING_CHOICES, max_tokens=4,
                        logprobs=True) for seed in range(0, 240, SAMPLING_CHOICES)]
         return [[t["token"] for t in choice["logprobs"]["content"]] for answer in answers
                 for choice in answer["choices"]]
@@ -214,7 +214,7 @@ def test_seeded_sampling_is_distributed_as_without_speculation(smol_sampling_pai
     expected, observed = samples(plain), samples(speculating)
     assert len(expected) == len(observed) == 240
     accepted = sum(accepted for accepted, _ in drafts_logged(speculating)) - before
-    assert accepted > 200  # drafts were verified
+    assert accepted > 100  # drafts were verified
     assert len({tuple(tokens) for tokens in expected}) > 60  # sampling, not one greedy answer
     # Stronger still: each position is sampled with the request's own seeded sampler, so most seeds give the
     # very same tokens (llama.cpp's batch-shape noise can move a draw that falls near a boundary).
