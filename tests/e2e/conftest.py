@@ -146,7 +146,8 @@ def streamed_text(events: list[dict | str]) -> str:
 
 # llama.cpp computes slightly different logits for the same tokens in other batch shapes (several streams in
 # one step, prompt chunks): a greedy answer may take the other of two tokens whose log-probabilities are this
-# close. Measured: a 0.002 gap flipped on the random test models; SmolLM2 Q4_1 moves by up to 0.2.
+# close. Measured: the wider random test model's log-probabilities move by up to 0.012 between a solo request
+# and four concurrent ones (so a top-two gap by up to ~0.024; a 0.002 gap flipped); SmolLM2 Q4_1's by up to 0.2.
 RANDOM_MODEL_NOISE = 0.05
 
 
