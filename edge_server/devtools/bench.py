@@ -129,13 +129,15 @@ def raw_batched_worker(model: Path, *, threads: int, n_ctx: int, parallel: int, 
     params.n_threads = params.n_threads_batch = threads
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the side-by-side servers
     ctx = llama_cpp.llama_init_from_model(model_ptr, params)
+    from edge_server.engine.batching import add_to_batch
+
     batch = llama_cpp.llama_batch_init(512, 0, 1)
 
-    def decode(items: list[tuple[int, int, int]], logits: bool) -> float:
-        batch.n_tokens = len(items)
-        for i, (seq, position, token) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, position, 1, logits
-            batch.seq_id[i][0] = seq
+    def decode(runs: list[tuple[int, int, list[int]]], logits: bool) -> float:
+        """One llama_decode of (sequence, first position, tokens) runs; its seconds."""
+        batch.n_tokens = 0
+        for seq, position, tokens in runs:
+            add_to_batch(batch, tokens, position, seq, logits=logits)
         started = time.perf_counter()
         if llama_cpp.llama_decode(ctx, batch) != 0:
             raise SystemExit("raw llama_decode failed")
@@ -143,15 +145,15 @@ def raw_batched_worker(model: Path, *, threads: int, n_ctx: int, parallel: int, 
 
     for seq in range(parallel):
         for start in range(0, context_tokens, 350):
-            decode([(seq, position, 100 + (position * 7 + seq) % 5000)
-                    for position in range(start, min(start + 350, context_tokens))], False)
+            positions = range(start, min(start + 350, context_tokens))
+            decode([(seq, start, [100 + (position * 7 + seq) % 5000 for position in positions])], False)
     memory, rates = llama_cpp.llama_get_memory(ctx), {}
     for n in sorted({1, 2, parallel}):
         times = []
         for _ in range(steps):
             for seq in range(parallel):
                 llama_cpp.llama_memory_seq_rm(memory, seq, context_tokens, -1)
-            times.append(decode([(seq, context_tokens, 200 + seq) for seq in range(n)], True))
+            times.append(decode([(seq, context_tokens, [200 + seq]) for seq in range(n)], True))
         rates[n] = n / statistics.median(times)
     print(json.dumps(rates), flush=True)
 
@@ -436,8 +438,7 @@ SPEC_COPY = [{"role": "user", "content": f"Write this Python code again, unchang
 SPEC_PROSE_SUBJECTS = ("a lighthouse keeper who finds a message in a bottle", "a baker who wakes before the town",
                        "a cartographer lost in her own city", "two ferry captains on one river",
                        "a clockmaker's last commission", "a child who trains a crow", "a night train through snow")
-SPEC_OURS_MODES = ("plain", "ngram-simple", "ngram-mod")
-SPEC_PEER_MODES = ("plain", "ngram-simple", "ngram-mod")
+SPEC_MODES = ("plain", "ngram-simple", "ngram-mod")  # on both servers
 
 
 def _spec_runs(base_url: str, messages_: list[dict], runs: int, max_tokens: int) -> list[Stream]:
@@ -474,13 +475,13 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
     model = fetch("model:smollm2")
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        for mode in SPEC_OURS_MODES:
+        for mode in SPEC_MODES:
             port = free_port()
             process = start_server(model, port=port, log_path=out / f"server-spec-{mode}.log",
                                    flags=["--threads", str(threads), "--parallel", "4", "--flash-attn", "off",
                                           *([] if mode == "plain" else ["--spec-type", mode])])
             servers[f"ours:{mode}"] = (process, f"http://127.0.0.1:{port}")
-        for mode in SPEC_PEER_MODES if peer is not None else ():
+        for mode in SPEC_MODES if peer is not None else ():
             port = free_port()
             process = start_peer(peer, model, port=port, threads=threads, parallel=1, n_ctx=4096,
                                  log_path=out / f"peer-spec-{mode}.log",
@@ -522,14 +523,12 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
 
 
 DRAFT_WRONG_TOKENS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7)  # share of the answer's tokens the draft model gets wrong
-# A text without repeated phrases: a scripted model can write a text only in llama.cpp's own split of it where
-# no stretch of a few tokens repeats, and only that split matches what the target writes.
 def draft_model_table(*, threads: int, out: Path, runs: int = 3, max_tokens: int = 160) -> dict:
     """Speed-up against acceptance with a draft model on SmolLM2: draft models scripted on SmolLM2's own
     tokenizer write SmolLM2's greedy answer to the copy task, in the very tokens SmolLM2 writes it, with a
-    share of those tokens wrong (told the right one, each goes on with the answer). Such drafts cost next to
-    nothing, so this is the target's side: what verifying costs on this machine, and the acceptance rate at
-    which drafting starts to pay. (The copy task, because SmolLM2's answer to it has wide margins: on prose,
+    share of those tokens wrong (told the right one, each goes on with the answer). Such drafts are tiny (what
+    they cost is mostly a pass over the output layer per drafted token), so this is mostly the target's side:
+    what verifying costs on this machine, and the acceptance rate at which drafting starts to pay. (The copy task, because SmolLM2's answer to it has wide margins: on prose,
     near-ties flip with the batch shape and the target leaves any script within a few tokens.)"""
     from edge_server.devtools import synthetic
     from edge_server.devtools.assets import fetch

@@ -40,8 +40,7 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     if propose is not None and drafting and spare >= len(generating):
         propose(drafting)
         for slot, _ in drafting:
-            slot.draft = next((slot.draft[:i] for i, token in enumerate(slot.draft) if ends_generation(token)),
-                              slot.draft)
+            slot.draft = until_end(slot.draft, ends_generation)
     for slot in active:
         slot.logits_at = -1
         if slot.next_token is not None:
@@ -61,6 +60,14 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
             budget -= len(chunk)
             prefilling = True
     return decoded, prefilling
+
+
+def until_end(tokens: list[int], ends_generation: Callable[[int], bool]) -> list[int]:
+    """`tokens` up to (not including) the first end-of-generation token."""
+    for i, token in enumerate(tokens):
+        if ends_generation(token):
+            return tokens[:i]
+    return tokens
 
 
 def add_to_batch(batch: Any, tokens: list[int], position: int, seq: int, *, logits: bool,
