@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--kv-unified", action="store_const", const=True,
          help="one KV pool of --n-ctx cells shared by all slots instead of --parallel x --n-ctx; when it is full the "
               "newest request ends (shortened: finish_reason length; before its first token: error kv_cache_full)")
+    flag("--ctx-checkpoints", "--swa-checkpoints", dest="ctx_checkpoints", type=int,
+         help="snapshots per slot of the memory a recurrent or hybrid model (Qwen3.5) or a small sliding window "
+              "cannot roll back, taken near each prompt's end, so the next chat turn resumes from one instead of "
+              "evaluating the whole conversation again (default: 8; 0: off)")
+    flag("--ctx-checkpoint-mib", type=int, help="most MiB the context checkpoints of one model hold, oldest dropped "
+                                                "first (default: 512)")
+    flag("--swa-full", choices=["on", "off"],
+         help="sliding-window layers (Gemma 3) keep the whole context (on) or only their window, with context "
+              "checkpoints for reuse (off) (default: off: at 32k tokens Gemma 3 270M needs 486 MB instead of "
+              "952, with the same reuse)")
     flag("--threads", type=int, help="most CPU threads decoding uses (default: all available cores); fewer while "
                                      "fewer decode faster, e.g. beside another busy process")
     flag("--fixed-threads", action="store_const", const=True, help="always use --threads threads, never fewer")
@@ -114,17 +124,19 @@ def configure_logging(level: str) -> None:
 
 
 def pull(argv: Sequence[str]) -> int:
-    """`edge-server pull [OWNER/REPO/FILE.gguf]`: download a GGUF into models/ (default: Qwen2.5)."""
+    """`edge-server pull [OWNER/REPO/FILE.gguf]`: download a GGUF into models/ (default: Qwen3.5 sized for this
+    machine's memory)."""
     from edge_server.engine.types import ModelLoadError
-    from edge_server.modelstore import DEFAULT_FILE, DEFAULT_REPO, download, split_hub_spec
+    from edge_server.modelstore import default_model, download, split_hub_spec
 
     parser = argparse.ArgumentParser(prog="edge-server pull", description=pull.__doc__)
-    parser.add_argument("spec", nargs="?", help=f"default: {DEFAULT_REPO}/{DEFAULT_FILE}")
+    parser.add_argument("spec", nargs="?", help="default: Qwen3.5 0.8B, 2B or 4B Q4_K_M by memory, e.g. "
+                                                "unsloth/Qwen3.5-2B-GGUF/Qwen3.5-2B-Q4_K_M.gguf")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     args = parser.parse_args(argv)
     configure_logging("info")
     try:
-        repo, filename = split_hub_spec(args.spec) if args.spec else (DEFAULT_REPO, DEFAULT_FILE)
+        repo, filename = split_hub_spec(args.spec) if args.spec else default_model()
         print(download(repo, filename, args.models_dir))
     except ModelLoadError as error:
         print(f"edge-server pull: {error}", file=sys.stderr)

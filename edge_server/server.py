@@ -210,7 +210,9 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
                          fault_seed=settings.fault_seed, cache_type_k=settings.cache_type_k,
                          cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified,
                          rpc_workers=settings.rpc, tensor_split=settings.tensor_split,
-                         speculation=_speculation(settings) if spec.role == "chat" else None)
+                         speculation=_speculation(settings) if spec.role == "chat" else None,
+                         ctx_checkpoints=settings.ctx_checkpoints, ctx_checkpoint_mib=settings.ctx_checkpoint_mib,
+                         swa_full=settings.swa_full)
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
     log.info(

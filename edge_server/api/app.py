@@ -34,7 +34,8 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
         state.attach(served)
     attach_state(app, state)
     register_observability(app, Metrics(running=state.running, queued=state.queued,
-                                        loaded=lambda: len(state.registry.loaded()) if state.registry else 0))
+                                        loaded=lambda: len(state.registry.loaded()) if state.registry else 0,
+                                        checkpoints=state.checkpoint_stats))
     register_security(app, settings)
     app.register_blueprint(api)
     app.register_blueprint(embeddings_api)

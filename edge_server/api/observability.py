@@ -31,7 +31,8 @@ def log_safe(text: str) -> str:
 class Metrics:
     """The metrics of one app, in its own registry (no module-level state)."""
 
-    def __init__(self, running: Callable[[], int], queued: Callable[[], int], loaded: Callable[[], int] = lambda: 0):
+    def __init__(self, running: Callable[[], int], queued: Callable[[], int], loaded: Callable[[], int] = lambda: 0,
+                 checkpoints: Callable[[], dict[str, int]] = lambda: {}):
         self.registry = CollectorRegistry()
         self.requests = Counter("edge_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -50,6 +51,13 @@ class Metrics:
                                     registry=self.registry)
         self.draft_accepted = Counter("edge_draft_accepted", "Drafted tokens the model agreed with",
                                       registry=self.registry)
+        for name, key, text in (
+                ("edge_ctx_checkpoints", "count", "Context checkpoints held (recurrent, hybrid and small-window models)"),
+                ("edge_ctx_checkpoint_bytes", "bytes", "Bytes the context checkpoints hold"),
+                ("edge_ctx_checkpoints_saved", "saved", "Context checkpoints taken since start"),
+                ("edge_ctx_checkpoints_restored", "restored", "Prompts resumed from a context checkpoint since start"),
+                ("edge_ctx_checkpoint_misses", "misses", "Prompts evaluated from the start for want of a checkpoint")):
+            Gauge(name, text, registry=self.registry).set_function(lambda key=key: checkpoints().get(key, 0))
         self.model_events = Counter("edge_model_events", "Model loads, failed loads and unloads", ["model", "event"],
                                     registry=self.registry)
 

@@ -58,6 +58,17 @@ class DeviceShare(BaseModel):
     kv_cache_mib: float
 
 
+class CheckpointFigures(BaseModel):
+    """Context checkpoints over the models in memory."""
+
+    count: int = Field(description="checkpoints held")
+    bytes: int = Field(description="bytes they hold")
+    saved: int = Field(description="checkpoints taken since start")
+    restored: int = Field(description="prompts resumed from a checkpoint since start")
+    misses: int = Field(description="prompts evaluated from the start although a slot held part of them: no "
+                                    "checkpoint at or before where they diverged")
+
+
 class Health(BaseModel):
     """GET /health once the server has started (the figures are the default model's, or of another model in
     memory while the default is unloaded; null when none is)."""
@@ -77,6 +88,9 @@ class Health(BaseModel):
     running: int = Field(description="requests being decoded now, over every model")
     queued: int = Field(description="requests waiting for a slot, over every model")
     prefix_cache_tokens: int = Field(description="prompt tokens reused from slots' prefix caches so far")
+    ctx_checkpoints: CheckpointFigures = Field(description="context checkpoints of the models in memory (models whose "
+                                                           "memory cannot drop a suffix: recurrent, hybrid, small "
+                                                           "sliding window)")
     models: list[ModelStatus] = Field(description="every configured model, the default first")
 
 

@@ -55,6 +55,7 @@ def health():
         "running": state.running(),
         "queued": state.queued(),
         "prefix_cache_tokens": sum(s.engine.reused_tokens for s in loaded),
+        "ctx_checkpoints": state.checkpoint_stats(),
         "models": registry.status(),
     })
 

@@ -106,6 +106,18 @@ class ServerState:
         """Requests waiting for a slot, over every loaded model."""
         return self.registry.queued() if self.registry else 0
 
+    def checkpoint_stats(self) -> dict[str, int]:
+        """Context checkpoints over every loaded model: held (count, bytes), saved, restored and missed."""
+        totals = {"count": 0, "bytes": 0, "saved": 0, "restored": 0, "misses": 0}
+        for served in self.registry.loaded() if self.registry else []:
+            store = getattr(served.engine, "checkpoints", None)
+            if store is not None:
+                stats = store.stats
+                for key, value in (("count", store.count), ("bytes", store.bytes), ("saved", stats.saved),
+                                   ("restored", stats.restored), ("misses", stats.misses)):
+                    totals[key] += value
+        return totals
+
     def attach(self, served: ServedModel) -> None:
         """Answer with one model that is already loaded."""
         from edge_server.api.registry import ModelRegistry

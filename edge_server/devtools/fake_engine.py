@@ -53,6 +53,7 @@ class FakeEngine:
     queued = 0
     reused_tokens = 0
     threads_in_use = 1
+    checkpoints = None  # its memory drops any suffix
 
     def tokenize(self, text: bytes, add_bos: bool, special: bool, max_tokens: int | None = None) -> list[int]:
         """One token per byte."""

@@ -25,7 +25,7 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     none does (batched, chunked prefill). Drafted tokens get what real tokens leave, shared evenly; every
     position of a slot's draft gets logits (`slot.logits_at` is its next token's, the draft's follow).
     A draft never runs past what its job can use: its `max_tokens`, or an end-of-generation token (the
-    position before one already predicts it).
+    position before one already predicts it). A prompt chunk ends where its slot takes a context checkpoint.
     """
     batch.n_tokens = 0
     decoded: list[tuple[Slot, list[int]]] = []
@@ -53,7 +53,8 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     prefilling = False
     for slot in sorted(active, key=lambda s: s.stream.submitted_at):
         if slot.pending_prompt and budget > 0:
-            chunk, slot.pending_prompt = slot.pending_prompt[:budget], slot.pending_prompt[budget:]
+            size = min(budget, cache.until_checkpoint(slot.seq) or budget)  # a checkpoint is taken where it ends
+            chunk, slot.pending_prompt = slot.pending_prompt[:size], slot.pending_prompt[size:]
             last = add_to_batch(batch, chunk, cache.length(slot.seq), slot.seq, logits=not slot.pending_prompt)
             slot.logits_at = -1 if slot.pending_prompt else last
             decoded.append((slot, chunk))

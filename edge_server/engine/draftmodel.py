@@ -4,7 +4,8 @@ It has a context of its own with one sequence per slot of the target, kept in st
 sequence holds (the prompt and accepted tokens; what the target rejected is rolled back by dropping cells
 past the common prefix). Each step it writes ahead for every drafting slot together, one batched decode per
 token, greedily, while its likeliest token is at least `p_min` likely, up to the slot's room or the end of
-the answer. Engine thread only, but for `check_tokenizer` at load.
+the answer. A recurrent or hybrid draft model (Qwen3.5) cannot drop cells: its state before writing ahead is
+kept and restored instead. Engine thread only, but for `check_tokenizer` at load.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from edge_server.engine.batching import BATCH_TOKENS, add_to_batch
+from edge_server.engine.partialmemory import PartialMemory, memory_kind
 from edge_server.engine.prefixcache import common_prefix
 from edge_server.engine.types import ModelLoadError
 
@@ -50,6 +52,9 @@ class DraftModel:
         self._n_vocab = self.model.n_vocab()
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._held: list[list[int]] = [[] for _ in range(parallel)]  # the tokens each sequence's cells hold
+        kind = memory_kind(self.model.model, swa_full=True)
+        self._partial = PartialMemory(self._ctx, kind, 0) if kind == "recurrent" else None
+        self._before_drafts: dict[int, tuple[int, Any]] = {}  # seq -> (tokens held, partial state) of recurrent ones
         self.limit = self._n_vocab  # token ids it may propose: those the target has too (set by check_tokenizer)
 
     def check_tokenizer(self, target: Any) -> None:
@@ -90,6 +95,9 @@ class DraftModel:
 
     def _write_ahead(self, slots: list[Any], rooms: dict[int, int], history: Callable[[Any], list[int]]) -> None:
         logits_at = self._catch_up({slot.seq: history(slot) for slot in slots})
+        if self._partial is not None:
+            for slot in slots:
+                self._before_drafts[slot.seq] = (len(self._held[slot.seq]), self._partial.save(slot.seq))
         drafts: dict[int, list[int]] = {slot.seq: [] for slot in slots}
         writing = [slot.seq for slot in slots]
         while writing:
@@ -118,9 +126,7 @@ class DraftModel:
         for seq, tokens in histories.items():
             keep = min(common_prefix(self._held[seq], tokens), len(tokens) - 1)  # the last one's logits are needed
             if keep < len(self._held[seq]):
-                if not self._drop(seq, keep):
-                    self._drop(seq, 0)
-                    keep = 0
+                keep = self._go_back(seq, keep)
                 del self._held[seq][keep:]
             pending[seq] = tokens[keep:]
         logits_at: dict[int, int] = {}
@@ -147,6 +153,18 @@ class DraftModel:
                 self._drop(seq, 0)
                 self._held[seq].clear()
             raise RuntimeError(f"the draft model's llama_decode returned {status}")
+
+    def _go_back(self, seq: int, keep: int) -> int:
+        """Drop sequence `seq`'s cells past `keep`; returns how many it holds then (a recurrent state goes back to
+        where it was before the last drafts, or to nothing)."""
+        if self._drop(seq, keep):
+            return keep
+        before = self._before_drafts.pop(seq, None)
+        if before is not None and before[0] <= keep and self._partial.load(seq, before[1]) \
+                and self._drop(seq, before[0]):
+            return before[0]
+        self._drop(seq, 0)
+        return 0
 
     def _drop(self, seq: int, start: int) -> bool:
         """Drop sequence `seq`'s cells from position `start` on; False when the memory cannot."""

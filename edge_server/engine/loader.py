@@ -16,6 +16,7 @@ from edge_server.engine import fatal, rpc
 from edge_server.engine.batching import BATCH_TOKENS
 from edge_server.engine.llamalog import captured_log, route_llama_log
 from edge_server.engine.draftmodel import DraftModel
+from edge_server.engine.partialmemory import PartialMemory, memory_kind
 from edge_server.engine.scheduler import Engine
 from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.threadtuner import ThreadTuner
@@ -44,6 +45,9 @@ def load_engine(
     rpc_workers: tuple[str, ...] = (),
     tensor_split: tuple[float, ...] = (),
     speculation: SpecConfig | None = None,
+    ctx_checkpoints: int = 8,
+    ctx_checkpoint_mib: int = 512,
+    swa_full: bool = False,
 ) -> Engine:
     """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
 
@@ -53,6 +57,9 @@ def load_engine(
     `rpc_workers` (`host:port` of `edge-server worker`s) become devices first (`WorkerUnavailable` when one
     cannot be used); with them "auto" offloads every layer, spread by free memory or by `tensor_split`
     (one share per device: the workers in order, then local GPUs).
+    A memory that cannot drop a suffix (recurrent, hybrid, or sliding-window layers without `swa_full`) gets
+    `ctx_checkpoints` context checkpoints per slot, `ctx_checkpoint_mib` in all; speculation on a recurrent
+    model rolls rejected drafts back through llama.cpp's per-token state snapshots (`n_rs_seq`).
     """
     path = Path(path)
     check_gguf_file(path)
@@ -74,6 +81,7 @@ def load_engine(
     context_params.n_ctx = per_request if kv_unified else per_request * parallel
     context_params.n_seq_max = parallel
     context_params.kv_unified = kv_unified
+    context_params.swa_full = swa_full
     context_params.type_k, context_params.type_v = CACHE_TYPES[cache_type_k], CACHE_TYPES[cache_type_v]
     context_params.n_batch = context_params.n_ubatch = BATCH_TOKENS
     context_params.n_threads = context_params.n_threads_batch = threads
@@ -86,6 +94,9 @@ def load_engine(
     try:
         with captured_log() as load_log:
             model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+            kind = memory_kind(model.model, swa_full=swa_full)
+            if speculation and kind == "recurrent":
+                context_params.n_rs_seq = speculation.n_max  # rejected drafts are rolled back from these
             context = internals.LlamaContext(model=model, params=context_params, verbose=False)
     except (ValueError, RuntimeError) as error:
         hint = ""
@@ -113,9 +124,16 @@ def load_engine(
         metadata=metadata,
         devices=tuple(rpc.device_shares("".join(load_log))),
     )
-    if speculation and (llama_cpp.llama_model_is_recurrent(model.model) or llama_cpp.llama_model_is_hybrid(model.model)):
-        log.warning("speculative decoding is off for %s: its recurrent memory cannot drop rejected drafts", path.name)
+    if speculation and kind == "recurrent" and llama_cpp.llama_n_rs_seq(context.ctx) < speculation.n_max:
+        log.warning("speculative decoding is off for %s: llama.cpp cannot roll its recurrent memory back over "
+                    "rejected drafts for this architecture", path.name)
         speculation = None
+    partial = None
+    if kind != "full":
+        partial = PartialMemory(context, kind, llama_cpp.llama_model_n_swa(model.model))
+        log.info("%s: %s memory cannot drop a suffix: up to %d context checkpoints per slot, %d MiB in all",
+                 path.name, "recurrent" if kind == "recurrent" else "sliding-window", ctx_checkpoints,
+                 ctx_checkpoint_mib)
     draft = None
     if speculation is not None and speculation.kind == "draft-simple":
         draft_path = Path(speculation.draft_model)
@@ -125,7 +143,8 @@ def load_engine(
         draft.check_tokenizer(model)
     return Engine(model, context, info, parallel=parallel, max_queue=max_queue, shared_pool=kv_unified,
                   tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed, speculation=speculation,
-                  draft_model=draft)
+                  draft_model=draft, partial_memory=partial, checkpoints_per_slot=ctx_checkpoints,
+                  checkpoint_bytes=ctx_checkpoint_mib << 20)
 
 
 def read_n_ctx_train(path: Path) -> int:

@@ -3,19 +3,31 @@
 A new prompt reuses the longest prefix held by any sequence: its own in place, another's by copying
 those cells, or, when another sequence is evaluating that prefix right now, by waiting for it and
 copying then (so several jobs arriving together evaluate their common prefix once). The cells live
-in llama.cpp's memory; this class keeps the record of them and is handed the two memory operations
+in llama.cpp's memory; this class keeps the record of them and is handed the memory operations
 it needs, so it is tested without a model.
+
+A memory that cannot drop a suffix (recurrent state, a small sliding window: `kept_in_place` says when)
+goes back to a context checkpoint at or before the shared prefix instead (`checkpoints.py`); a prefix no
+checkpoint reaches is evaluated again, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from edge_server.engine.checkpoints import Checkpoints
+
 RemoveCells = Callable[[int, int], bool]  # (sequence, from position) -> whether the memory dropped them
 CopyCells = Callable[[int, int], None]  # (source, destination): the destination holds the source's cells
+# (sequence, tokens to keep, tokens held) -> whether dropping the rest in place leaves a usable state
+KeptInPlace = Callable[[int, int, int], bool]
+
+log = logging.getLogger("edge_server.engine")
 
 MIN_SHARED = 16  # fewest more tokens another sequence must hold to be copied from (or waited for)
+WORTH_A_WARNING = 64  # shared tokens evaluated again for want of a checkpoint that are worth a warning line
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -40,13 +52,23 @@ class Plan:
 class PrefixCache:
     """Per-sequence token records of one llama.cpp context with `n_seq` sequences."""
 
-    def __init__(self, n_seq: int, remove_cells: RemoveCells, copy_cells: CopyCells):
+    def __init__(self, n_seq: int, remove_cells: RemoveCells, copy_cells: CopyCells, *,
+                 checkpoints: Checkpoints | None = None, kept_in_place: KeptInPlace | None = None):
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
         self._promised: list[list[int]] = [[] for _ in range(n_seq)]  # prompt tokens being evaluated
         self._last_used = [0.0] * n_seq
         self._remove_cells = remove_cells
         self._copy_cells = copy_cells
+        self.checkpoints = checkpoints  # None: the memory drops any suffix in place
+        self._kept_in_place = kept_in_place or (lambda seq, keep, held: True)
         self.reused_tokens = 0  # prompt tokens spared since start
+
+    def reachable(self, seq: int, tokens: int) -> int:
+        """How many of the first `tokens` that `seq` holds a new prompt can keep: all of them where the memory
+        drops the rest in place, else as many as the newest checkpoint at or before them holds."""
+        if self.checkpoints is None or self._kept_in_place(seq, tokens, len(self._tokens[seq])):
+            return tokens
+        return self.checkpoints.reach(seq, tokens)
 
     def choose(self, free: Sequence[int], prompt: Sequence[int]) -> int:
         """The free sequence sharing the longest prefix with `prompt`; the least recently used on ties."""
@@ -61,12 +83,12 @@ class PrefixCache:
         fresh logits.
         """
         limit = len(prompt) - 1
-        held = Plan(seq, min(common_prefix(self._tokens[seq], prompt), limit), True)
+        held = Plan(seq, self.reachable(seq, min(common_prefix(self._tokens[seq], prompt), limit)), True)
         later = held
         for other, tokens in enumerate(self._tokens):
             if other == seq:
                 continue
-            now = min(common_prefix(tokens, prompt), limit)
+            now = self.reachable(other, min(common_prefix(tokens, prompt), limit))
             if now >= held.tokens + MIN_SHARED:
                 held = Plan(other, now, True)
             promised = self._promised[other]
@@ -79,17 +101,43 @@ class PrefixCache:
     def take(self, seq: int, prompt: Sequence[int], plan: Plan) -> int:
         """Give `seq` the cells of a ready `plan` and drop the rest; returns how many prompt tokens they spare.
 
-        A memory that cannot drop part of a sequence (some recurrent models) loses the whole sequence instead.
+        A memory that cannot drop part of a sequence goes back to its newest checkpoint at or before the shared
+        prefix; without one (or without checkpoints) it loses the whole sequence, and a warning says so.
         """
         if plan.source != seq:
             self._copy_cells(plan.source, seq)
             self._tokens[seq] = self._tokens[plan.source][:]
-        keep = min(plan.tokens, common_prefix(self._tokens[seq], prompt))
+            if self.checkpoints is not None:
+                self.checkpoints.copy(plan.source, seq)
+        shared = min(plan.tokens, common_prefix(self._tokens[seq], prompt))
+        keep = self._rewind(seq, shared)
+        if keep == 0 and shared >= WORTH_A_WARNING:
+            # Worth a line: a whole conversation evaluated again is what makes a turn slow.
+            log.warning("sequence %d: no context checkpoint at or before token %d of the %d it holds; evaluating "
+                        "the prompt's first %d tokens again (--ctx-checkpoints)", seq, shared,
+                        len(self._tokens[seq]), shared - keep)
+            if self.checkpoints is not None:
+                self.checkpoints.record_miss(shared - keep)
+        del self._tokens[seq][keep:]
+        self.reused_tokens += keep
+        return keep
+
+    def _rewind(self, seq: int, keep: int) -> int:
+        """Drop `seq`'s cells past its first `keep` tokens; returns how many it still holds."""
+        held = len(self._tokens[seq])
+        if self.checkpoints is not None and not self._kept_in_place(seq, keep, held):
+            restored = self.checkpoints.restore(seq, keep)
+            # After a restore the unrollable part already stands at `restored`: this drops attention cells only.
+            if restored and self._remove_cells(seq, restored):
+                return restored
+            self._remove_cells(seq, 0)
+            self.checkpoints.invalidate(seq, 0)
+            return 0
         if not self._remove_cells(seq, keep):
             self._remove_cells(seq, 0)
             keep = 0
-        del self._tokens[seq][keep:]
-        self.reused_tokens += keep
+        if self.checkpoints is not None:
+            self.checkpoints.invalidate(seq, keep)
         return keep
 
     def reuse(self, seq: int, prompt: Sequence[int]) -> int:
@@ -100,6 +148,17 @@ class PrefixCache:
     def promise(self, seq: int, tokens: Sequence[int]) -> None:
         """Note that `seq` is about to evaluate `tokens` (a prompt's rest): others may wait for them."""
         self._promised[seq] = list(tokens)
+        if self.checkpoints is not None:
+            held = len(self._tokens[seq])
+            self.checkpoints.plan_prompt(seq, held, held + len(tokens))
+
+    def until_checkpoint(self, seq: int) -> int | None:
+        """Prompt tokens `seq` may evaluate before it reaches a position to checkpoint (None: no limit)."""
+        if self.checkpoints is None:
+            return None
+        length = len(self._tokens[seq])
+        target = self.checkpoints.next_target(seq, length)
+        return None if target is None else target - length
 
     def tokens(self, seq: int) -> list[int]:
         """The tokens `seq`'s cells hold (the cache's own list: read, do not change)."""
@@ -113,6 +172,8 @@ class PrefixCache:
         """Record tokens just decoded into `seq` (a promised prompt chunk or a generated token)."""
         self._tokens[seq].extend(tokens)
         del self._promised[seq][:len(tokens)]
+        if self.checkpoints is not None:
+            self.checkpoints.after_decode(seq, len(self._tokens[seq]))
 
     def truncate(self, seq: int, length: int) -> bool:
         """Drop `seq`'s cells from position `length` on (drafted tokens the model rejected); False when the
@@ -127,6 +188,8 @@ class PrefixCache:
         self._remove_cells(seq, 0)
         self._tokens[seq].clear()
         self._promised[seq].clear()
+        if self.checkpoints is not None:
+            self.checkpoints.clear(seq)
 
     def release(self, seq: int, now: float) -> None:
         """Note that `seq`'s job ended at `now` (for least-recently-used ties); it promises nothing more."""

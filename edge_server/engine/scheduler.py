@@ -14,7 +14,9 @@ from llama_cpp import _internals as internals
 from edge_server.engine import fatal
 from edge_server.engine.admission import Admission
 from edge_server.engine.batching import BATCH_TOKENS, Propose, fill_batch
+from edge_server.engine.checkpoints import Checkpoints
 from edge_server.engine.draftmodel import DraftModel
+from edge_server.engine.partialmemory import PartialMemory
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.sampler import CompiledGrammar, compile_grammar
 from edge_server.engine.slots import Slot, Slots
@@ -40,19 +42,28 @@ class Engine:
     jobs can fill. A step that finds no room first drops the cells idle slots keep for reuse; if
     that is not enough, the newest job ends: shortened (LENGTH) when it has answered, with the
     `kv_cache_full` error before its first token. The step is then tried again with the rest.
+
+    With `partial_memory` (recurrent and hybrid models, a small sliding window) the prefix cache goes back to
+    context checkpoints, at most `checkpoints_per_slot` per slot and `checkpoint_bytes` in all.
     """
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, info: ModelInfo, *,
                  parallel: int, max_queue: int, tuner: ThreadTuner, fault_seed: int | None = None,
                  shared_pool: bool = False, speculation: SpecConfig | None = None,
-                 draft_model: DraftModel | None = None):
+                 draft_model: DraftModel | None = None, partial_memory: PartialMemory | None = None,
+                 checkpoints_per_slot: int = 8, checkpoint_bytes: int = 512 << 20):
         self._ctx = context
         self.model = model  # for a second context on the same weights (engine/embedder.py)
         self._vocab = Vocabulary(model.vocab)
         self.info = info
         self.parallel = parallel
+        self.partial_memory = partial_memory
+        checkpoints = None if partial_memory is None else Checkpoints(
+            parallel, partial_memory.save, partial_memory.load, per_sequence=checkpoints_per_slot,
+            max_bytes=checkpoint_bytes)
         self._cache = PrefixCache(parallel, lambda seq, start: context.kv_cache_seq_rm(seq, start, -1),
-                                  functools.partial(copy_cells, context.memory))
+                                  functools.partial(copy_cells, context.memory), checkpoints=checkpoints,
+                                  kept_in_place=partial_memory.kept_in_place if partial_memory else None)
         self.speculation = speculation
         self._propose: Propose | None = None
         if speculation and draft_model is not None:
@@ -100,6 +111,11 @@ class Engine:
     def reused_tokens(self) -> int:
         """Prompt tokens served from the prefix cache since start."""
         return self._cache.reused_tokens
+
+    @property
+    def checkpoints(self) -> Checkpoints | None:
+        """The context checkpoints (None: the memory drops any suffix in place and needs none)."""
+        return self._cache.checkpoints
 
     @property
     def running(self) -> int:

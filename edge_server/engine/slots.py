@@ -161,6 +161,8 @@ class Slots:
     def _prepare(self, slot: Slot, plan: Plan) -> None:
         if not plan.ready:
             slot.awaits = (plan, self.all[plan.source].stream)
+            if self._cache.checkpoints is not None:  # the shared prefix is copied from a checkpoint there
+                self._cache.checkpoints.want(plan.source, plan.tokens)
             return
         slot.awaits = None
         reuse = self._cache.take(slot.seq, slot.job.prompt, plan)
