@@ -93,7 +93,7 @@ test: install-test tiny-model test-assets
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 model: install
-	$(PY) -c "from pathlib import Path; from edge_server.modelstore import DEFAULT_REPO, DEFAULT_FILE, download; print(download(DEFAULT_REPO, DEFAULT_FILE, Path('models')))"
+	$(PY) -m edge_server pull
 
 bench: install
 	$(PIP) install -q -e '.[bench]'

@@ -17,8 +17,13 @@ from edge_server.engine.types import ModelLoadError
 
 log = logging.getLogger("edge_server.models")
 
-DEFAULT_REPO = "Qwen/Qwen2.5-1.5B-Instruct-GGUF"
-DEFAULT_FILE = "qwen2.5-1.5b-instruct-q4_k_m.gguf"
+# Qwen3.5 (hybrid Gated DeltaNet + attention, thinking, XML tools), Q4_K_M, sized by the machine's memory: Qwen
+# publishes no GGUF of it, Unsloth's are the ones llama.cpp's own guides point to. (smallest RAM, repo, file)
+DEFAULT_CHOICES = (
+    (12 << 30, "unsloth/Qwen3.5-4B-GGUF", "Qwen3.5-4B-Q4_K_M.gguf"),  # 2.7 GB of weights
+    (6 << 30, "unsloth/Qwen3.5-2B-GGUF", "Qwen3.5-2B-Q4_K_M.gguf"),  # 1.3 GB
+    (0, "unsloth/Qwen3.5-0.8B-GGUF", "Qwen3.5-0.8B-Q4_K_M.gguf"),  # 0.5 GB
+)
 HUB_HOST = "huggingface.co"
 GENERATED_DIR = "generated"  # under models/: demo and test models, never picked as "the newest GGUF"
 DEMO_FILE = "edge-demo.gguf"
@@ -26,7 +31,7 @@ DEMO_MODEL_ID = "edge-server-demo"
 DEMO_WARNING = (
     "OFFLINE DEMO MODEL: no real model was found or downloadable, so edge-server is serving a tiny "
     "generated model that can only say one sentence. Run `make model` (or `edge-server --model PATH.gguf`) "
-    "when online to serve Qwen2.5."
+    "when online to serve Qwen3.5."
 )
 
 
@@ -47,12 +52,33 @@ def resolve_model(spec: str | None, models_dir: Path, *, alias: str | None = Non
     local = newest_gguf(models_dir)
     if local is not None:
         return ResolvedModel(local, alias or local.stem)
+    repo, filename = default_model()
     try:
-        path = download(DEFAULT_REPO, DEFAULT_FILE, models_dir, timeout=timeout)
+        path = download(repo, filename, models_dir, timeout=timeout)
         return ResolvedModel(path, alias or path.stem)
     except ModelLoadError as error:
         log.warning("could not download the default model: %s", error)
     return ResolvedModel(demo_model(models_dir), alias or DEMO_MODEL_ID, DEMO_WARNING)
+
+
+def total_memory() -> int:
+    """Bytes of physical memory (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_model(memory: int | None = None) -> tuple[str, str]:
+    """(repo, file) of the Qwen3.5 GGUF for a machine with `memory` bytes (default: this one's): the largest
+    whose weights, context and the system fit comfortably."""
+    memory = total_memory() if memory is None else memory
+    for smallest, repo, filename in DEFAULT_CHOICES:
+        if memory >= smallest:
+            log.info("default model for %.1f GiB of memory: %s/%s (pick another with --model OWNER/REPO/FILE.gguf)",
+                     memory / (1 << 30), repo, filename)
+            return repo, filename
+    return DEFAULT_CHOICES[-1][1:]
 
 
 def newest_gguf(models_dir: Path) -> Path | None:

@@ -44,3 +44,29 @@ def test_offline_is_refused_before_any_hub_call(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("hub was called"))
     with pytest.raises(ModelLoadError, match="offline"):
         modelstore.download("a/b", "c.gguf", tmp_path)
+
+
+def test_the_default_model_is_qwen35_sized_by_memory():
+    from edge_server.modelstore import default_model
+
+    gib = 1 << 30
+    assert default_model(4 * gib) == ("unsloth/Qwen3.5-0.8B-GGUF", "Qwen3.5-0.8B-Q4_K_M.gguf")
+    assert default_model(8 * gib) == ("unsloth/Qwen3.5-2B-GGUF", "Qwen3.5-2B-Q4_K_M.gguf")
+    assert default_model(24 * gib) == ("unsloth/Qwen3.5-4B-GGUF", "Qwen3.5-4B-Q4_K_M.gguf")
+    assert default_model(0) == ("unsloth/Qwen3.5-0.8B-GGUF", "Qwen3.5-0.8B-Q4_K_M.gguf")  # memory unknown
+
+
+def test_with_nothing_configured_or_local_the_default_qwen35_is_downloaded(monkeypatch, tmp_path):
+    asked = []
+
+    def fake_download(repo, filename, models_dir, *, timeout=10.0):
+        asked.append((repo, filename))
+        target = models_dir / filename
+        target.write_bytes(b"GGUF")
+        return target
+
+    monkeypatch.setattr(modelstore, "download", fake_download)
+    monkeypatch.setattr(modelstore, "total_memory", lambda: 8 << 30)
+    resolved = modelstore.resolve_model(None, tmp_path)
+    assert asked == [("unsloth/Qwen3.5-2B-GGUF", "Qwen3.5-2B-Q4_K_M.gguf")]
+    assert resolved.model_id == "Qwen3.5-2B-Q4_K_M" and resolved.demo_warning is None
