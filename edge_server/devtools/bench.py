@@ -1020,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(resident memory is always reported)")
     parser.add_argument("--spec-only", action="store_true",
                         help="only the speculative decoding measurement (with --peer: llama-server's n-gram modes too)")
+    parser.add_argument("--multiturn-only", action="store_true",
+                        help="only the multi-turn chats (context checkpoints) and speculation on the hybrid model")
     parser.add_argument("--rpc-only", action="store_true",
                         help="only the split-over-two-loopback-workers measurement (updates its section of results.md)")
     parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
@@ -1062,6 +1064,15 @@ def main(argv: list[str] | None = None) -> int:
         text = _replace_section(text, SPEC_HEADING, speculation_markdown(spec))
         (args.out / "results.md").write_text(text.lstrip("\n"))
         print(speculation_markdown(spec))
+        return 0
+    if args.multiturn_only:
+        from edge_server.devtools import bench_multiturn
+
+        turns = bench_multiturn.multiturn(threads=args.threads, out=args.out, peer=peer)
+        (args.out / "results-multiturn.json").write_text(json.dumps(turns, indent=2) + "\n")
+        text = _replace_section(text, bench_multiturn.MULTITURN_HEADING, bench_multiturn.markdown(turns))
+        (args.out / "results.md").write_text(text.lstrip("\n"))
+        print(bench_multiturn.markdown(turns))
         return 0
     if args.rpc_only:
         vocab = load_vocab(model)
