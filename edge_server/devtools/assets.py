@@ -4,7 +4,8 @@
   (its `vendor/llama.cpp/models/`);
 - two small real trained models published as wheels: SmolLM2-135M-Instruct (Q4_1, ChatML template) and
   Gemma 3 270M base (Q4_K_M, no chat template, shipped in four parts that are joined here);
-- scripted models built from them (`scripted_qwen_model`), cached per (vocab, template, script, writer).
+- scripted models built from them (`scripted_qwen_model`), cached per (vocab, template, script, writer), and a
+  random-weight Qwen3.5-architecture model on Qwen3.5's tokenizer and template (`qwen35_model`).
 
 The cache is `$EDGE_SERVER_ASSETS`, else `$XDG_CACHE_HOME/edge-server/assets` (`~/.cache/...`). Every file is
 written under a lock (parallel test runs fetch once) and renamed into place only once complete and checked
@@ -41,6 +42,7 @@ __all__ = [
     "assets_dir",
     "fetch",
     "main",
+    "qwen35_model",
     "qwen_template",
     "qwen_vocab",
     "scripted_qwen_model",
@@ -281,6 +283,29 @@ def scripted_qwen_model(template: str, script_text: str, *, template_kwargs: dic
         synthetic.write_scripted_vocab_model(out, vocab, template_text, script_text, after=after,
                                              template_kwargs=template_kwargs, messages=messages,
                                              added_tokens=added, order=order)
+
+    if target.is_file():
+        os.utime(target)  # its mtime is when it was last used: what _prune goes by
+    return cached(target, make)
+
+
+def qwen35_model(*, seed: int = 0) -> Path:
+    """A cached `synthetic.write_qwen35_model`: random weights in llama.cpp's hybrid qwen35 architecture (Gated
+    DeltaNet layers, full attention every 4th) on the Qwen3.5 vocabulary and template; built once per seed and
+    writer."""
+    from edge_server.devtools import synthetic
+
+    template_text = qwen_template("qwen3.5")
+    vocab, added = qwen_vocab("qwen3.5")
+    key = json.dumps({
+        "writer": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest(),
+        "vocab": vocab.name, "added": added, "template": template_text, "seed": seed,
+    }, sort_keys=True)
+    target = assets_dir() / "synthetic" / f"qwen35-{hashlib.sha256(key.encode()).hexdigest()[:20]}.gguf"
+
+    def make(out: Path) -> None:
+        _prune(target.parent, keep_days=_SCRIPTED_KEEP_DAYS)  # earlier writers' models
+        synthetic.write_qwen35_model(out, vocab, template_text, added_tokens=added, seed=seed)
 
     if target.is_file():
         os.utime(target)  # its mtime is when it was last used: what _prune goes by

