@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="snapshots per slot of the memory a recurrent or hybrid model (Qwen3.5) or a small sliding window "
               "cannot roll back, taken near each prompt's end, so the next chat turn resumes from one instead of "
               "evaluating the whole conversation again (default: 8; 0: off)")
-    flag("--ctx-checkpoint-mib", type=int, help="most MiB the context checkpoints of one model hold, oldest dropped "
+    flag("--ctx-checkpoint-mib", type=float, help="most MiB the context checkpoints of one model hold, oldest dropped "
                                                 "first (default: 512)")
     flag("--swa-full", choices=["on", "off"],
          help="sliding-window layers (Gemma 3) keep the whole context (on) or only their window, with context "

@@ -40,7 +40,7 @@ class Settings(BaseModel):
     kv_unified: bool = Field(False, description="one KV pool of --n-ctx cells shared by all slots (not --parallel x --n-ctx)")
     ctx_checkpoints: int = Field(8, ge=0, le=256, description="context checkpoints per slot for models whose memory "
                                                              "cannot drop a suffix (recurrent, hybrid, small SWA)")
-    ctx_checkpoint_mib: int = Field(512, ge=0, description="most MiB all context checkpoints of a model hold")
+    ctx_checkpoint_mib: float = Field(512, ge=0, description="most MiB all context checkpoints of a model hold")
     swa_full: bool = Field(False, description="sliding-window layers keep the whole context (more memory, no "
                                               "checkpoints needed) instead of only their window")
     threads: int = Field(default_factory=available_cores, ge=1)

@@ -46,7 +46,7 @@ def load_engine(
     tensor_split: tuple[float, ...] = (),
     speculation: SpecConfig | None = None,
     ctx_checkpoints: int = 8,
-    ctx_checkpoint_mib: int = 512,
+    ctx_checkpoint_mib: float = 512,
     swa_full: bool = False,
 ) -> Engine:
     """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
@@ -131,7 +131,7 @@ def load_engine(
     partial = None
     if kind != "full":
         partial = PartialMemory(context, kind, llama_cpp.llama_model_n_swa(model.model))
-        log.info("%s: %s memory cannot drop a suffix: up to %d context checkpoints per slot, %d MiB in all",
+        log.info("%s: %s memory cannot drop a suffix: up to %d context checkpoints per slot, %g MiB in all",
                  path.name, "recurrent" if kind == "recurrent" else "sliding-window", ctx_checkpoints,
                  ctx_checkpoint_mib)
     draft = None
@@ -144,7 +144,7 @@ def load_engine(
     return Engine(model, context, info, parallel=parallel, max_queue=max_queue, shared_pool=kv_unified,
                   tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed, speculation=speculation,
                   draft_model=draft, partial_memory=partial, checkpoints_per_slot=ctx_checkpoints,
-                  checkpoint_bytes=ctx_checkpoint_mib << 20)
+                  checkpoint_bytes=int(ctx_checkpoint_mib * (1 << 20)))
 
 
 def read_n_ctx_train(path: Path) -> int:

@@ -104,6 +104,7 @@ class PrefixCache:
         A memory that cannot drop part of a sequence goes back to its newest checkpoint at or before the shared
         prefix; without one (or without checkpoints) it loses the whole sequence, and a warning says so.
         """
+        held = min(common_prefix(self._tokens[seq], prompt), len(prompt) - 1)  # what `seq` itself shares
         if plan.source != seq:
             self._copy_cells(plan.source, seq)
             self._tokens[seq] = self._tokens[plan.source][:]
@@ -111,13 +112,13 @@ class PrefixCache:
                 self.checkpoints.copy(plan.source, seq)
         shared = min(plan.tokens, common_prefix(self._tokens[seq], prompt))
         keep = self._rewind(seq, shared)
-        if keep == 0 and shared >= WORTH_A_WARNING:
+        if keep == 0 and held >= WORTH_A_WARNING:
             # Worth a line: a whole conversation evaluated again is what makes a turn slow.
             log.warning("sequence %d: no context checkpoint at or before token %d of the %d it holds; evaluating "
-                        "the prompt's first %d tokens again (--ctx-checkpoints)", seq, shared,
-                        len(self._tokens[seq]), shared - keep)
+                        "the prompt's first %d tokens again (--ctx-checkpoints)", seq, held,
+                        len(self._tokens[seq]), held)
             if self.checkpoints is not None:
-                self.checkpoints.record_miss(shared - keep)
+                self.checkpoints.record_miss(held)
         del self._tokens[seq][keep:]
         self.reused_tokens += keep
         return keep

@@ -1,0 +1,169 @@
+"""Qwen3.5's hybrid memory (Gated DeltaNet + attention) through the real server: context checkpoints keep
+multi-turn chats cached, answers equal those without checkpoints, checkpoints stay bounded, two slots and a
+cancelled prompt keep working, and speculation on the hybrid model gives the plain answers."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import requests
+
+from edge_server.devtools import assets
+from tests.conftest import or_fail
+from tests.e2e.conftest import assert_same_greedy_answer
+
+WORDS = ("river stone lantern orchard copper meadow violet harbor signal canvas ember thistle quartz "
+         "falcon mosaic juniper cobalt prairie velvet summit").split()
+
+
+@pytest.fixture(scope="session")
+def qwen35_model():
+    """The random-weight qwen35 model with the real Qwen3.5 tokenizer and template."""
+    return or_fail(assets.qwen35_model)
+
+
+def system_prompt(words: int = 1200, seed: int = 0) -> str:
+    """About 1,500 tokens of a system prompt (ordinary words)."""
+    rng = random.Random(seed)
+    return "You are a careful assistant. " + " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def chat_turn(base_url: str, messages: list[dict], **fields) -> dict:
+    """One greedy chat completion (the answer's logprobs with the two likeliest), parsed."""
+    body = {"model": "m", "messages": messages, "max_tokens": 12, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2, **fields}
+    response = requests.post(base_url + "/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def conversation(base_url: str, turns: int, *, seed: int = 0, **fields) -> list[dict]:
+    """A `turns`-turn chat as a client keeps it: each turn sends the history back as the server returned it."""
+    messages = [{"role": "system", "content": system_prompt(seed=seed)}]
+    replies = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Question {turn + 1} of conversation {seed}: what next?"})
+        reply = chat_turn(base_url, messages, **fields)
+        replies.append(reply)
+        message = reply["choices"][0]["message"]
+        messages.append({key: message[key] for key in ("role", "content", "reasoning_content") if message.get(key)})
+    return replies
+
+
+def cached_share(reply: dict) -> float:
+    usage = reply["usage"]
+    return usage["prompt_tokens_details"]["cached_tokens"] / usage["prompt_tokens"]
+
+
+def answer_tokens(reply: dict) -> list[dict]:
+    return reply["choices"][0]["logprobs"]["content"]
+
+
+def checkpoint_figures(base_url: str) -> dict:
+    return requests.get(base_url + "/health", timeout=5).json()["ctx_checkpoints"]
+
+
+def test_a_six_turn_chat_reuses_the_conversation_every_turn(start_server, qwen35_model):
+    server = start_server("--model", str(qwen35_model), "--parallel", "1")
+    replies = conversation(server.base_url, 6)
+    assert replies[0]["usage"]["prompt_tokens"] > 1400
+    shares = [cached_share(reply) for reply in replies[1:]]
+    assert min(shares) >= 0.95, shares
+    figures = checkpoint_figures(server.base_url)
+    assert figures["restored"] >= 5 and figures["misses"] == 0, figures
+    assert "no context checkpoint" not in server.log()
+    metrics = requests.get(server.base_url + "/metrics", timeout=5).text
+    assert "edge_ctx_checkpoints_restored 5.0" in metrics or f"edge_ctx_checkpoints_restored {figures['restored']}" \
+        in metrics
+
+
+def test_greedy_answers_are_the_same_with_checkpoints_on_and_off(start_server, qwen35_model):
+    on = start_server("--model", str(qwen35_model), "--parallel", "1")
+    off = start_server("--model", str(qwen35_model), "--parallel", "1", "--ctx-checkpoints", "0")
+    with_checkpoints = conversation(on.base_url, 3, seed=1)
+    without = conversation(off.base_url, 3, seed=1)
+    for turn, (a, b) in enumerate(zip(without, with_checkpoints)):
+        assert_same_greedy_answer(answer_tokens(a), answer_tokens(b))
+        if turn:
+            assert cached_share(b) >= 0.95 and cached_share(a) == 0.0  # off: the whole conversation again
+    assert "no context checkpoint" in off.log()  # ... and the log says so
+
+
+def test_checkpoints_are_bounded_in_count_and_bytes(start_server, qwen35_model):
+    # The first turn takes two checkpoints (516 and 4 tokens before its prompt's end), each later one a third
+    # (4 before its end: it evaluates fewer than 516 tokens), and the earlier ones stay.
+    many = start_server("--model", str(qwen35_model), "--parallel", "1", "--ctx-checkpoints", "64")
+    by_count = start_server("--model", str(qwen35_model), "--parallel", "1", "--ctx-checkpoints", "2")
+    bound = 0.05  # MiB: three of this model's ~17 KB checkpoints
+    by_bytes = start_server("--model", str(qwen35_model), "--parallel", "1", "--ctx-checkpoint-mib", str(bound))
+    figures = {}
+    for name, server in (("many", many), ("count", by_count), ("bytes", by_bytes)):
+        conversation(server.base_url, 5, seed=10)
+        figures[name] = checkpoint_figures(server.base_url)
+    assert figures["many"]["count"] == 6, figures
+    assert figures["count"]["count"] == 2, figures
+    assert 0 < figures["bytes"]["bytes"] <= bound * (1 << 20) < figures["many"]["bytes"], figures
+    for name in ("many", "count", "bytes"):  # bounded, and every turn still resumes from one
+        assert figures[name]["restored"] == 4 and figures[name]["misses"] == 0, figures
+
+
+def test_two_slots_keep_two_conversations_cached(start_server, qwen35_model):
+    import concurrent.futures
+
+    server = start_server("--model", str(qwen35_model), "--parallel", "2")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda seed: conversation(server.base_url, 4, seed=seed), (31, 32)))
+    for replies in runs:
+        shares = [cached_share(reply) for reply in replies[1:]]
+        assert min(shares) >= 0.95, shares
+
+
+def test_a_prompt_cancelled_mid_evaluation_leaves_the_next_request_right(start_server, qwen35_model):
+    server = start_server("--model", str(qwen35_model), "--parallel", "1")
+    reference = start_server("--model", str(qwen35_model), "--parallel", "1")
+    messages = [{"role": "system", "content": system_prompt(words=3000, seed=41)},
+                {"role": "user", "content": "Summarise."}]
+    body = {"model": "m", "messages": messages, "max_tokens": 12, "stream": True}
+    with requests.post(server.base_url + "/v1/chat/completions", json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        time.sleep(0.3)  # the prompt is still being evaluated: leave
+    server.wait_idle(30)
+    fresh = chat_turn(reference.base_url, messages)
+    after = chat_turn(server.base_url, messages)
+    assert_same_greedy_answer(answer_tokens(fresh), answer_tokens(after))
+    again = conversation(server.base_url, 2, seed=41)
+    assert cached_share(again[1]) >= 0.95
+
+
+def draft_figures(base_url: str) -> tuple[float, float]:
+    """(drafted, accepted) tokens since start, from /metrics."""
+    text = requests.get(base_url + "/metrics", timeout=5).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("edge_draft_tokens_total ", "edge_draft_accepted_total "))}
+    return values["edge_draft_tokens_total"], values["edge_draft_accepted_total"]
+
+
+@pytest.mark.parametrize("drafts", ["ngram-mod", "itself", "another"])
+def test_speculation_on_the_hybrid_model_gives_the_plain_answers(start_server, qwen35_model, drafts):
+    """Drafts accepted (an earlier answer proposed again; the model drafting for itself) and rejected (another
+    random model drafting: rolled back in the target's recurrent state and in the hybrid draft model's)."""
+    flags = {"ngram-mod": ["--spec-type", "ngram-mod"],
+             "itself": ["--spec-draft-model", str(qwen35_model), "--spec-draft-p-min", "0"],
+             "another": ["--spec-draft-model", str(or_fail(assets.qwen35_model, seed=1)), "--spec-draft-p-min", "0"],
+             }[drafts]
+    plain = start_server("--model", str(qwen35_model), "--parallel", "1")
+    speculating = start_server("--model", str(qwen35_model), "--parallel", "1", *flags)
+    assert "speculative decoding is off" not in speculating.log()
+    messages = [{"role": "user", "content": "Tell me about " + " ".join(WORDS[:6])}]
+    for max_tokens in (40, 80):  # the second time, ngram-mod proposes the first answer again
+        a = chat_turn(plain.base_url, messages, max_tokens=max_tokens)
+        b = chat_turn(speculating.base_url, messages, max_tokens=max_tokens)
+        assert_same_greedy_answer(answer_tokens(a), answer_tokens(b))
+    drafted, accepted = draft_figures(speculating.base_url)
+    assert drafted >= 20, (drafted, accepted)
+    if drafts == "another":
+        assert accepted < drafted / 2, (drafted, accepted)  # mostly rejected: rolled back every step
+    else:
+        assert accepted >= drafted * 0.8, (drafted, accepted)
