@@ -39,9 +39,9 @@ def chat_turn(base_url: str, messages: list[dict], **fields) -> dict:
     return response.json()
 
 
-def conversation(base_url: str, turns: int, *, seed: int = 0, **fields) -> list[dict]:
+def conversation(base_url: str, turns: int, *, seed: int = 0, words: int = 1200, **fields) -> list[dict]:
     """A `turns`-turn chat as a client keeps it: each turn sends the history back as the server returned it."""
-    messages = [{"role": "system", "content": system_prompt(seed=seed)}]
+    messages = [{"role": "system", "content": system_prompt(words, seed=seed)}]
     replies = []
     for turn in range(turns):
         messages.append({"role": "user", "content": f"Question {turn + 1} of conversation {seed}: what next?"})
@@ -167,3 +167,20 @@ def test_speculation_on_the_hybrid_model_gives_the_plain_answers(start_server, q
         assert accepted < drafted / 2, (drafted, accepted)  # mostly rejected: rolled back every step
     else:
         assert accepted >= drafted * 0.8, (drafted, accepted)
+
+
+@pytest.mark.parametrize("pool", [(), ("--kv-unified",)], ids=["own-cells", "kv-unified"])
+def test_clients_arriving_together_with_one_system_prompt_evaluate_it_once(start_server, qwen35_model, pool):
+    """Three of four slots wait for the one evaluating the shared prefix, which checkpoints it where they
+    copy it from (its recurrent state goes on past it)."""
+    import concurrent.futures
+
+    server = start_server("--model", str(qwen35_model), "--parallel", "4", *pool)
+    system = {"role": "system", "content": system_prompt(seed=51)}
+    questions = [[system, {"role": "user", "content": f"Question {i}: which word comes {i}th?"}] for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as clients:
+        replies = list(clients.map(lambda messages: chat_turn(server.base_url, messages), questions))
+    shares = sorted(cached_share(reply) for reply in replies)
+    assert shares[0] < 0.5 and shares[1] >= 0.9, shares  # one evaluated the system prompt, the others copied it
+    again = conversation(server.base_url, 2, seed=51)  # and a chat on it goes on from the cache too
+    assert cached_share(again[1]) >= 0.95

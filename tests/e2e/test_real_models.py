@@ -229,3 +229,21 @@ def test_gemma_prompt_is_rendered_with_llama_cpp_builtin_gemma_template(gemma, g
     assert response.json()["usage"]["prompt_tokens"] == expected
     meta = requests.get(gemma.base_url + "/v1/models", timeout=10).json()["data"][0]["meta"]
     assert "gemma" in json.dumps(meta.get("chat_template")), meta  # says which template is in use
+
+
+def test_gemma_with_the_small_sliding_window_keeps_a_conversation_cached(start_server, gemma3_base_model):
+    """Gemma 3's sliding-window layers keep only their 512-token window by default (--swa-full off): a chat's
+    later turns still reuse the conversation (context checkpoints where the window cannot go back), and the
+    greedy answers are those of the full-size window."""
+    from tests.e2e.conftest import assert_same_greedy_answer
+    from tests.e2e.test_hybrid_checkpoints import answer_tokens, cached_share, conversation
+    from tests.e2e.test_speculative import SMOLLM2_NOISE
+
+    small = start_server("--model", str(gemma3_base_model), "--parallel", "1")
+    full = start_server("--model", str(gemma3_base_model), "--parallel", "1", "--swa-full", "on")
+    replies = conversation(small.base_url, 3, seed=5, words=800)
+    assert replies[0]["usage"]["prompt_tokens"] > 700  # beyond the window
+    assert min(cached_share(reply) for reply in replies[1:]) >= 0.95
+    for a, b in zip(conversation(full.base_url, 3, seed=5, words=800), replies):
+        assert_same_greedy_answer(answer_tokens(a), answer_tokens(b), noise=SMOLLM2_NOISE)
+    assert requests.get(small.base_url + "/health", timeout=5).json()["ctx_checkpoints"]["saved"] > 0
