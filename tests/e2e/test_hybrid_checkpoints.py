@@ -184,3 +184,19 @@ def test_clients_arriving_together_with_one_system_prompt_evaluate_it_once(start
     assert shares[0] < 0.5 and shares[1] >= 0.9, shares  # one evaluated the system prompt, the others copied it
     again = conversation(server.base_url, 2, seed=51)  # and a chat on it goes on from the cache too
     assert cached_share(again[1]) >= 0.95
+
+
+def test_a_hybrid_model_unloaded_and_loaded_again_serves_and_caches_afresh(start_server, qwen35_model, tiny_model):
+    """--max-loaded 1: the hybrid model's engine (and its checkpoints) goes with it, and comes back whole."""
+    server = start_server("--model", str(qwen35_model), "--model", str(tiny_model), "--model-alias", "hybrid",
+                          "--model-alias", "tiny", "--max-loaded", "1", "--parallel", "1")
+    first = conversation(server.base_url, 2, seed=61, model="hybrid")
+    assert cached_share(first[1]) >= 0.95
+    time.sleep(2.5)  # a model just used counts as in use for 2 s (the registry's grace before evicting it)
+    tiny = requests.post(server.base_url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert tiny.status_code == 200, tiny.text
+    time.sleep(2.5)
+    again = conversation(server.base_url, 2, seed=61, model="hybrid")
+    assert_same_greedy_answer(answer_tokens(first[0]), answer_tokens(again[0]))
+    assert again[0]["usage"]["prompt_tokens_details"]["cached_tokens"] == 0 and cached_share(again[1]) >= 0.95
