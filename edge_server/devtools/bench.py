@@ -435,6 +435,9 @@ SPEC_CODE = """class Stack:
 # SmolLM2-135M copies this block faithfully (greedy); longer blocks tried drift after ~150 tokens, and a
 # copy that drifts measures the model's inventions, not speculation.
 SPEC_COPY = [{"role": "user", "content": f"Write this Python code again, unchanged:\n\n```python\n{SPEC_CODE}```"}]
+# Copy, then prose about it: what a coding assistant answers; drafts pay in the copy and cost in the explanation.
+SPEC_MIXED = [{"role": "user", "content": "Rewrite this Python code unchanged, then explain in a few sentences what "
+                                          f"it does:\n\n```python\n{SPEC_CODE}```"}]
 SPEC_PROSE_SUBJECTS = ("a lighthouse keeper who finds a message in a bottle", "a baker who wakes before the town",
                        "a cartographer lost in her own city", "two ferry captains on one river",
                        "a clockmaker's last commission", "a child who trains a crow", "a night train through snow")
@@ -488,6 +491,7 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
                                  extra=[] if mode == "plain" else ["--spec-type", mode])
             servers[f"peer:{mode}"] = (process, f"http://127.0.0.1:{port}")
         copies: dict[str, list[Stream]] = {name: [] for name in servers}
+        mixed: dict[str, list[Stream]] = {name: [] for name in servers}
         proses: dict[str, list[Stream]] = {name: [] for name in servers if name.startswith("ours:")}
         fours: dict[str, list[float]] = {name: [] for name in proses}
         for name, (_, url) in servers.items():
@@ -495,6 +499,7 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
         for run in range(runs):
             for name, (_, url) in servers.items():
                 copies[name] += _spec_runs(url, SPEC_COPY, 1, max_tokens)
+                mixed[name] += _spec_runs(url, SPEC_MIXED, 1, 200)
             for name in proses:
                 url = servers[name][1]
                 proses[name] += _spec_runs(url, _prose(run), 1, max_tokens)
@@ -512,6 +517,7 @@ def speculative_decoding(*, threads: int, out: Path, peer: Path | None = None, r
                "copy_end_to_end_tok_s": statistics.median(s.usage["completion_tokens"] / (s.done - s.sent)
                                                           for s in copy),
                "copy_tokens": copy[0].usage["completion_tokens"],
+               "mixed_decode_tok_s": statistics.median(s.decode_rate for s in mixed[name]),
                "copy_faithful": all(_faithful(s) for s in copy)}
         if side == "ours":
             drafted, accepted = drafts.get(name, (0.0, 0.0))
@@ -607,8 +613,8 @@ def speculation_markdown(results: dict) -> str:
              "the first / their time; end to end: all tokens / request to `[DONE]`. Medians of "
              f"{results['runs']} runs, alternating between the servers.", "",
              "| | copy: decode | copy: end to end | copy faithful | acceptance | prose: decode | "
-             "4 copy streams: aggregate decode |",
-             "|---|---|---|---|---|---|---|"]
+             "4 copy streams: aggregate decode | copy then explain (200 tokens): decode |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def ratio(row: dict, key: str) -> str:
         return f" ({row[key] / plain[key]:.2f}x)" if row is not plain else ""
@@ -619,12 +625,16 @@ def speculation_markdown(results: dict) -> str:
                      f"{row['copy_end_to_end_tok_s']:.1f} tok/s{ratio(row, 'copy_end_to_end_tok_s')} | "
                      f"{'yes' if row['copy_faithful'] else 'NO'} | {acceptance} | "
                      f"{row['prose_decode_tok_s']:.1f} tok/s{ratio(row, 'prose_decode_tok_s')} | "
-                     f"{row['four_streams_decode_tok_s']:.1f} tok/s{ratio(row, 'four_streams_decode_tok_s')} |")
+                     f"{row['four_streams_decode_tok_s']:.1f} tok/s{ratio(row, 'four_streams_decode_tok_s')} | "
+                     f"{row['mixed_decode_tok_s']:.1f} tok/s{ratio(row, 'mixed_decode_tok_s')} |")
     peer_plain = results["peer"].get("plain")
     for mode, row in results["peer"].items():
         versus = f" ({row['copy_decode_tok_s'] / peer_plain['copy_decode_tok_s']:.2f}x)" if row is not peer_plain else ""
+        mixed_versus = f" ({row['mixed_decode_tok_s'] / peer_plain['mixed_decode_tok_s']:.2f}x)" \
+            if row is not peer_plain else ""
         lines.append(f"| llama-server, {mode} | {row['copy_decode_tok_s']:.1f} tok/s{versus} | "
-                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s | {'yes' if row['copy_faithful'] else 'NO'} | | | |")
+                     f"{row['copy_end_to_end_tok_s']:.1f} tok/s | {'yes' if row['copy_faithful'] else 'NO'} | | | | "
+                     f"{row['mixed_decode_tok_s']:.1f} tok/s{mixed_versus} |")
     if "draft_model" in results:
         lines += ["", draft_markdown(results["draft_model"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
