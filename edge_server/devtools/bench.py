@@ -40,22 +40,27 @@ TARGETS = {
 
 def ensure_bench_model(path: Path = BENCH_MODEL) -> Path:
     """The random-weight Qwen2.5-0.5B-shaped Q4_K_M model, generated and quantized once."""
+    from edge_server.devtools.synthetic import QWEN25_05B_SHAPE, write_shaped_model
+
+    return ensure_quantized(path, lambda f16: write_shaped_model(f16, **QWEN25_05B_SHAPE), "Qwen2.5-0.5B shape")
+
+
+def ensure_quantized(path: Path, write_f16, shape: str) -> Path:
+    """`path`, a Q4_K_M GGUF quantized from what `write_f16(f16_path)` writes (once; kept in models/generated)."""
     if path.is_file():
         return path
     import llama_cpp
 
-    from edge_server.devtools.synthetic import QWEN25_05B_SHAPE, write_shaped_model
-
     path.parent.mkdir(parents=True, exist_ok=True)
     f16 = path.with_suffix(".f16.tmp")
-    print(f"generating {path.name} (random weights, Qwen2.5-0.5B shape) ...", flush=True)
-    write_shaped_model(f16, **QWEN25_05B_SHAPE)
+    print(f"generating {path.name} (random weights, {shape}) ...", flush=True)
+    write_f16(f16)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = os.cpu_count() or 1
     partial = path.with_suffix(".partial")
     if llama_cpp.llama_model_quantize(str(f16).encode(), str(partial).encode(), params) != 0:
-        raise SystemExit("quantizing the bench model failed")
+        raise SystemExit(f"quantizing {path.name} failed")
     f16.unlink()
     partial.rename(path)
     return path

@@ -2,8 +2,9 @@
 
 A 6-turn chat with a ~1,500-token system prompt, one slot; each turn sends the history back as the server returned
 it. Per model and server: turn 1's time to first token (reasoning or content), the median of turns 2-6, their
-ratio, the share of turns 2-6's prompt tokens served from cache, and peak RSS. Models: the random-weight `qwen35`
-model (hybrid Gated DeltaNet + attention, the real Qwen3.5 tokenizer and template), Gemma 3 270M (sliding-window
+ratio, the share of turns 2-6's prompt tokens served from cache, and peak RSS. Models: a random-weight `qwen35`
+model of Qwen3.5-0.8B's shape, Q4_K_M (hybrid Gated DeltaNet + attention, the real Qwen3.5 tokenizer and template;
+generated once into models/generated), Gemma 3 270M (sliding-window
 attention; ours with the full-size and the small window) and SmolLM2 (plain attention, for reference). Then
 speculation on the hybrid model: decode rates plain, with prompt lookup and with a draft model (itself: every
 draft accepted, the mechanics' cost alone; its weights are random, so n-grams rarely match).
@@ -20,9 +21,14 @@ from pathlib import Path
 
 import requests
 
-from edge_server.devtools.harness import free_port, memory_mb, start_server, stop
+from edge_server.devtools.harness import ROOT, free_port, memory_mb, start_server, stop
 
 MULTITURN_HEADING = "## Multi-turn chats (context checkpoints)"
+HYBRID_BENCH_MODEL = ROOT / "models" / "generated" / "bench-qwen3.5-0.8b-shape-q4_k_m.gguf"
+# Qwen3.5-0.8B's shape (its config.json): 24 layers, every 4th full attention, embeddings tied (the vocab-only
+# GGUF llama.cpp ships for qwen35 holds 151,936 tokens, not the released 248,320: a smaller output layer).
+QWEN35_08B_SHAPE = {"n_layer": 24, "n_embd": 1024, "n_ff": 3584, "n_head": 8, "n_head_kv": 2, "head_dim": 256,
+                    "ssm_state": 128, "ssm_groups": 16, "ssm_heads": 16, "conv_kernel": 4}
 WORDS = ("river stone lantern orchard copper meadow violet harbor signal canvas ember thistle quartz falcon "
          "mosaic juniper cobalt prairie velvet summit").split()
 
@@ -62,9 +68,9 @@ def streamed_turn(base_url: str, messages: list[dict], max_tokens: int) -> dict:
             "prompt_tokens": usage.get("prompt_tokens") or timings.get("prompt_n", 0) + cached}
 
 
-def conversation(base_url: str, *, turns: int = 6, max_tokens: int = 16) -> list[dict]:
-    """A `turns`-turn chat as a client keeps it; returns each turn's figures."""
-    messages = [{"role": "system", "content": system_prompt()}]
+def conversation(base_url: str, *, turns: int = 6, max_tokens: int = 16, seed: int = 0) -> list[dict]:
+    """A `turns`-turn chat as a client keeps it (its system prompt drawn with `seed`); returns each turn's figures."""
+    messages = [{"role": "system", "content": system_prompt(seed=seed)}]
     figures = []
     for turn in range(turns):
         messages.append({"role": "user", "content": f"Question {turn + 1}: what comes next, and why?"})
@@ -85,17 +91,31 @@ def summary(turns: list[dict], rss_mb: float) -> dict:
             "peak_rss_mb": rss_mb, "turns": turns}
 
 
+def ensure_hybrid_bench_model() -> Path:
+    """The random-weight qwen35 model of Qwen3.5-0.8B's shape, Q4_K_M, on the real tokenizer and template (once)."""
+    from edge_server.devtools import assets
+    from edge_server.devtools.bench import ensure_quantized
+    from edge_server.devtools.synthetic import write_qwen35_model
+
+    def write(f16: Path) -> Path:
+        vocab, added = assets.qwen_vocab("qwen3.5")
+        return write_qwen35_model(f16, vocab, assets.qwen_template("qwen3.5"), added_tokens=added,
+                                  **QWEN35_08B_SHAPE)
+
+    return ensure_quantized(HYBRID_BENCH_MODEL, write, "Qwen3.5-0.8B shape, hybrid")
+
+
 def _measure(process: subprocess.Popen, url: str) -> dict:
-    conversation(url, turns=1, max_tokens=2)  # warm-up on another conversation's first turn
+    conversation(url, turns=1, max_tokens=2, seed=1)  # warm-up on another system prompt: nothing of it is reused
     return summary(conversation(url), memory_mb(process.pid, "VmHWM"))
 
 
 def multiturn(*, threads: int, out: Path, peer: Path | None = None) -> dict:
     """The multi-turn table and speculation on the hybrid model (see the module's docstring)."""
-    from edge_server.devtools.assets import fetch, qwen35_model
+    from edge_server.devtools.assets import fetch
     from edge_server.devtools.bench import start_peer
 
-    models = {"qwen35 (synthetic, hybrid)": (qwen35_model(), [["--swa-full", "on"]]),
+    models = {"qwen35, Qwen3.5-0.8B shape (random weights)": (ensure_hybrid_bench_model(), [["--swa-full", "on"]]),
               "Gemma 3 270M (sliding window)": (fetch("model:gemma3-270m"), [["--swa-full", "on"],
                                                                              ["--swa-full", "off"]]),
               "SmolLM2-135M (attention)": (fetch("model:smollm2"), [["--swa-full", "on"]])}
@@ -119,7 +139,7 @@ def multiturn(*, threads: int, out: Path, peer: Path | None = None) -> dict:
             finally:
                 stop([process])
             results["rows"].append({"model": name, "server": "llama-server", **row})
-    results["speculation"] = hybrid_speculation(qwen35_model(), threads=threads, out=out)
+    results["speculation"] = hybrid_speculation(ensure_hybrid_bench_model(), threads=threads, out=out)
     return results
 
 
