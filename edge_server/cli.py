@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
          help="the draft model writes ahead while its likeliest token is at least this likely (default: 0.75)")
     flag("--spec-draft-n-max", type=int, help="most tokens drafted per step and request (default: 16)")
     flag("--spec-draft-n-min", type=int, help="drafts shorter than this are not verified (default: 0)")
+    # Output limits, as llama-server's --n-predict.
+    flag("--n-predict", "-n", type=int, help="tokens a generation may write when the request sets no limit "
+                                              "(default: -1, until the context is full)")
+    flag("--n-predict-max", type=int, help="most tokens any generation may write; larger requests are clamped and "
+                                           "end with finish_reason length (default: -1, only the context limits)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
     return parser
 

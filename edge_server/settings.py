@@ -77,6 +77,11 @@ class Settings(BaseModel):
                                                                        "likeliest token is at least this likely")
     spec_draft_n_max: int = Field(16, ge=1, le=256, description="most tokens drafted per step and request")
     spec_draft_n_min: int = Field(0, ge=0, le=256, description="drafts shorter than this are not verified")
+    # Output limits (coding agents send max_tokens of 32,000-64,000, or none).
+    n_predict: int = Field(-1, ge=-1, description="tokens a generation may write when the request sets no limit "
+                                                  "(-1: until the context is full)")
+    n_predict_max: int = Field(-1, ge=-1, description="most tokens any generation may write, whatever the request "
+                                                      "asks (-1: no ceiling but the context)")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
 
     @field_validator("model", "model_alias", mode="before")
