@@ -886,17 +886,25 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
         others.append((reply_tails, reply_chain))
         if reply_order > order:  # a split that replays at some order replays at every higher one
             order = reply_order
-    # Transitions: the contexts after each tail (last `order` tokens) -> the next token.
-    transitions: dict[tuple[int, ...], int] = {}
+    # Transitions: the contexts after each tail (last `order` tokens) -> the next token. Replies whose contexts
+    # collide (two prompt endings alike in their last tokens) are told apart by reading further back.
     replace = replace or {}
-    for reply, (reply_tails, reply_chain) in enumerate([(tails, chain), *others]):
-        for tail in (tail[-order:] for tail in reply_tails):
-            sequence = list(tail) + reply_chain + [end]
-            for j in range(len(tail) - 1, len(sequence) - 1):
-                key = tuple(sequence[max(0, j + 1 - order):j + 1])
-                target = replace.get(j + 1 - len(tail), sequence[j + 1]) if reply == 0 else sequence[j + 1]
-                if transitions.setdefault(key, target) != target:
-                    raise ValueError(f"two replies continue the context {list(key)} differently: raise `order`")
+    while True:
+        transitions: dict[tuple[int, ...], int] = {}
+        collision = None
+        for reply, (reply_tails, reply_chain) in enumerate([(tails, chain), *others]):
+            for tail in (tail[-order:] for tail in reply_tails):
+                sequence = list(tail) + reply_chain + [end]
+                for j in range(len(tail) - 1, len(sequence) - 1):
+                    key = tuple(sequence[max(0, j + 1 - order):j + 1])
+                    target = replace.get(j + 1 - len(tail), sequence[j + 1]) if reply == 0 else sequence[j + 1]
+                    if transitions.setdefault(key, target) != target:
+                        collision = key
+        if collision is None:
+            break
+        if order == _MAX_ORDER:
+            raise ValueError(f"two replies continue the context {list(collision)} differently at order {order}")
+        order += 1
     # A unit whose context ends with other units' (shorter) contexts fires together with them: it outweighs them.
     weight = {key: 1 + sum(1 for other, target in transitions.items() if len(other) < len(key)
                            and key[len(key) - len(other):] == other and target != transitions[key])
