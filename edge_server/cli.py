@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--models-dir", help="where models are found and downloaded (default: models)")
     flag("--host", help="address to bind (default: 127.0.0.1, loopback only)")
     flag("--port", type=int, help="port (default: 8000)")
-    flag("--n-ctx", type=int, help="tokens per request, prompt + completion (default: min(4096, model's training context))")
+    flag("--n-ctx", type=int, help="tokens per request, prompt + completion (default: the model's training context, "
+                                   "as far as half the free memory holds its KV cache for --parallel requests; at "
+                                   "least min(4096, trained))")
     flag("--n-gpu-layers", help="layers to offload: auto (all when the build can), or a number (default: auto)")
     flag("--flash-attn", choices=["auto", "on", "off"],
          help="flash attention: auto lets llama.cpp decide (on GPUs; on CPUs it speeds prompts, slows decoding ~1%%)")

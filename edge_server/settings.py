@@ -32,7 +32,8 @@ class Settings(BaseModel):
     models_dir: Path = Field(Path("models"), description="where downloaded and generated models live")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default min(4096, trained)")
+    n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default: as trained, "
+                                                       "as far as memory holds the KV cache (engine/contextsize.py)")
     n_gpu_layers: int | Literal["auto"] = "auto"
     flash_attn: Literal["auto", "on", "off"] = "auto"
     cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type of keys")

@@ -19,21 +19,24 @@ HELLO = f'print("Hello from hello.py")  # {MARKER}\n'
 ANSWER = "hello.py prints: Hello from hello.py"
 AFTER_A_TURN = "<|im_end|>\n<|im_start|>assistant\n"  # Qwen2.5's generation prompt after any message
 AFTER_A_RESULT = "</tool_response><|im_end|>\n<|im_start|>assistant\n"  # ... after a tool result
-# agent -> (its file-reading tool, that tool's path argument)
-READERS = {"claude-code": ("Read", "file_path"), "opencode": ("read", "filePath"),
-           "qwen-code": ("read_file", "file_path"), "continue": ("Read", "filepath")}
+# agent -> its tool that reads a file, and that tool's arguments for a path
+READERS = {"claude-code": ("Read", lambda path: {"file_path": path}),
+           "opencode": ("read", lambda path: {"filePath": path}),
+           "qwen-code": ("read_file", lambda path: {"file_path": path}),
+           "continue": ("Read", lambda path: {"filepath": path}),
+           "codex": ("exec_command", lambda path: {"cmd": f"cat {path}"})}
 
 
 @pytest.mark.parametrize("name", list(READERS))
 def test_the_model_reads_a_file_with_the_agents_tool_and_answers(name, start_server, qwen_scripted_model,
                                                                   recorder_for, tmp_path):
     agent = installed(name)
-    tool, argument = READERS[name]
+    tool, arguments = READERS[name]
     work = WORK / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "hello.py").write_text(HELLO)
-    call = json.dumps({"name": tool, "arguments": {argument: str(work / "hello.py")}})
+    call = json.dumps({"name": tool, "arguments": arguments(str(work / "hello.py"))})
     model = qwen_scripted_model("qwen2.5", f"<tool_call>\n{call}\n</tool_call>", after=AFTER_A_TURN,
                                 replies=((AFTER_A_RESULT, ANSWER),))
     recorder = recorder_for(serve(start_server, model))
