@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import ctypes
-import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_server.ggufmeta import read_gguf_metadata
-
-log = logging.getLogger("edge_server.engine")
 
 FLOOR = 4096  # the default before this estimate: never less (but never more than the model was trained for)
 STEP = 256  # contexts are whole multiples of this
@@ -82,13 +80,16 @@ def choose_context(path: Path, n_ctx_train: int, *, parallel: int, kv_unified: b
     n_ctx = default_context(n_ctx_train, per_token, slots=slots, free_bytes=free, weights_bytes=weights)
     if free is None:
         return ContextChoice(n_ctx, f"free {where} unknown: min({FLOOR}, trained)")
-    total = per_token * slots * n_ctx
-    limit = "the trained context" if n_ctx == n_ctx_train else (
-        f"the floor of {n_ctx}" if n_ctx == min(FLOOR, n_ctx_train) else "memory")
-    return ContextChoice(n_ctx, (
-        f"KV cache {per_token / 1024:.1f} KiB/token x {slots} slot{'s' if slots > 1 else ''} x {n_ctx} = "
-        f"{total / 2**30:.2f} GiB; {free / 2**30:.1f} GiB {where} free, {weights / 2**30:.2f} GiB weights; "
-        f"limited by {limit}{'' if n_ctx == n_ctx_train or slots == 1 else '; --kv-unified or a lower --parallel gives longer contexts'}"))
+    if n_ctx == n_ctx_train:
+        limit = "the trained context"
+    elif n_ctx == min(FLOOR, n_ctx_train):
+        limit = f"the floor of {n_ctx}"
+    else:
+        limit = "memory" + ("; --kv-unified or a lower --parallel gives longer contexts" if slots > 1 else "")
+    plural = "s" if slots > 1 else ""
+    return ContextChoice(n_ctx, f"KV cache {per_token / 1024:.1f} KiB/token x {slots} slot{plural} x {n_ctx} = "
+                                f"{per_token * slots * n_ctx / 2**30:.2f} GiB; {free / 2**30:.1f} GiB {where} free, "
+                                f"{weights / 2**30:.2f} GiB weights; limited by {limit}")
 
 
 def host_available_bytes() -> int | None:
@@ -101,8 +102,6 @@ def host_available_bytes() -> int | None:
     except OSError:
         pass
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None

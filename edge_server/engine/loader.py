@@ -65,7 +65,8 @@ def load_engine(
     layers = (-1 if backend != "CPU" else 0) if n_gpu_layers == "auto" else int(n_gpu_layers)
     per_request = n_ctx
     if per_request is None:
-        choice = choose_context(path, n_ctx_train, parallel=parallel, kv_unified=kv_unified, offloaded=layers != 0,
+        choice = choose_context(path, n_ctx_train, parallel=parallel, kv_unified=kv_unified,
+                                offloaded=backend != "CPU" and layers != 0,
                                 cache_type_k=cache_type_k, cache_type_v=cache_type_v)
         per_request = choice.n_ctx
         log.info("%s: n_ctx %d per request by default (%s)", path.name, per_request, choice.reason)
