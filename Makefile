@@ -50,7 +50,14 @@ WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(
 STAMP := $(VENV)/.edge-installed-$(BUILD_KEY)
 TEST_MODEL := models/generated/tiny-test.gguf
 
-.PHONY: install install-test run test test-assets bench soak model tiny-model clean
+# The coding agents `make test-agents` runs, at the versions last checked, installed once into a cache outside the
+# repository (npm packages and aider's own virtual environment); the tier runs when that cache exists.
+AGENTS_DIR ?= $(HOME)/.cache/edge-server/agents
+NPM_AGENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-ai@1.18.33 \
+              @qwen-code/qwen-code@0.15.10 @continuedev/cli@1.5.47
+AIDER := aider-chat==0.86.2
+
+.PHONY: install install-test run test test-assets test-agents install-agents bench soak model tiny-model clean
 
 install: $(STAMP)
 
@@ -91,6 +98,18 @@ test-assets: install
 
 test: install-test tiny-model test-assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Not part of `make test`: the real agents (Claude Code, Codex, opencode, Qwen Code, Continue, aider) against the
+# server, non-interactive, with a throwaway HOME, updates and telemetry off (tests/agents). Needs npm (Node 20).
+install-agents:
+	@mkdir -p $(AGENTS_DIR)/npm
+	@cd $(AGENTS_DIR)/npm && { test -f package.json || npm init -y >/dev/null; } && \
+	  npm install --no-audit --no-fund --no-update-notifier --loglevel=error $(NPM_AGENTS)
+	@test -x $(AGENTS_DIR)/aider/bin/aider || { $(PYTHON) -m venv $(AGENTS_DIR)/aider && \
+	  $(AGENTS_DIR)/aider/bin/pip install -q --disable-pip-version-check $(AIDER); }
+
+test-agents: install-test test-assets install-agents
+	EDGE_SERVER_AGENTS=$(AGENTS_DIR) $(PY) -m pytest tests/agents $(PYTEST_ARGS)
 
 model: install
 	$(PY) -m edge_server pull

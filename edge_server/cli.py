@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--models-dir", help="where models are found and downloaded (default: models)")
     flag("--host", help="address to bind (default: 127.0.0.1, loopback only)")
     flag("--port", type=int, help="port (default: 8000)")
-    flag("--n-ctx", type=int, help="tokens per request, prompt + completion (default: min(4096, model's training context))")
+    flag("--n-ctx", type=int, help="tokens per request, prompt + completion (default: the model's training context, "
+                                   "as far as half the free memory holds its KV cache for --parallel requests; at "
+                                   "least min(4096, trained))")
     flag("--n-gpu-layers", help="layers to offload: auto (all when the build can), or a number (default: auto)")
     flag("--flash-attn", choices=["auto", "on", "off"],
          help="flash attention: auto lets llama.cpp decide (on GPUs; on CPUs it speeds prompts, slows decoding ~1%%)")
@@ -97,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
          help="the draft model writes ahead while its likeliest token is at least this likely (default: 0.75)")
     flag("--spec-draft-n-max", type=int, help="most tokens drafted per step and request (default: 16)")
     flag("--spec-draft-n-min", type=int, help="drafts shorter than this are not verified (default: 0)")
+    # Output limits, as llama-server's --n-predict.
+    flag("--n-predict", "-n", type=int, help="tokens a generation may write when the request sets no limit "
+                                              "(default: -1, until the context is full)")
+    flag("--n-predict-max", type=int, help="most tokens any generation may write; larger requests are clamped and "
+                                           "end with finish_reason length (default: -1, only the context limits)")
     flag("--log-level", choices=["debug", "info", "warning", "error"], help="log verbosity (default: info)")
     return parser
 

@@ -32,7 +32,8 @@ class Settings(BaseModel):
     models_dir: Path = Field(Path("models"), description="where downloaded and generated models live")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default min(4096, trained)")
+    n_ctx: int | None = Field(None, ge=16, description="tokens per request (prompt + completion); default: as trained, "
+                                                       "as far as memory holds the KV cache (engine/contextsize.py)")
     n_gpu_layers: int | Literal["auto"] = "auto"
     flash_attn: Literal["auto", "on", "off"] = "auto"
     cache_type_k: Literal["f16", "q8_0", "q4_0"] = Field("f16", description="KV cache type of keys")
@@ -82,6 +83,11 @@ class Settings(BaseModel):
                                                                        "likeliest token is at least this likely")
     spec_draft_n_max: int = Field(16, ge=1, le=256, description="most tokens drafted per step and request")
     spec_draft_n_min: int = Field(0, ge=0, le=256, description="drafts shorter than this are not verified")
+    # Output limits (coding agents send max_tokens of 32,000-64,000, or none).
+    n_predict: int = Field(-1, ge=-1, description="tokens a generation may write when the request sets no limit "
+                                                  "(-1: until the context is full)")
+    n_predict_max: int = Field(-1, ge=-1, description="most tokens any generation may write, whatever the request "
+                                                      "asks (-1: no ceiling but the context)")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
 
     @field_validator("model", "model_alias", mode="before")

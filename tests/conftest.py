@@ -85,10 +85,11 @@ def qwen_scripted_model():
     rendered with `template_kwargs`. Those change the ending (Qwen3 enable_thinking=False adds an empty think
     block; llama.cpp's QwQ template closes <think> unless enable_thinking is true), so pass the ones the
     server renders with. `after` gives the prompt endings instead, e.g. several:
-    after=["<|im_start|>assistant\n", "<think>\n\n</think>\n\n"] (see synthetic.write_scripted_vocab_model).
+    after=["<|im_start|>assistant\n", "<think>\n\n</think>\n\n"] (see synthetic.write_scripted_vocab_model);
+    `replies`: further (after, text) pairs, e.g. the answer after a tool result.
     Cached on disk per (template, script, kwargs, writer); 9-30 MB for short replies."""
     def make(template: str, script_text: str, *, messages: list[dict] | None = None, after=None,
-             order: int | None = None, **template_kwargs) -> Path:
+             order: int | None = None, replies: tuple = (), **template_kwargs) -> Path:
         return or_fail(assets.scripted_qwen_model, template, script_text, template_kwargs=template_kwargs or None,
-                       messages=messages, after=after, order=order)
+                       messages=messages, after=after, order=order, replies=replies)
     return make

@@ -91,7 +91,8 @@ def _error_replies(*statuses: int) -> dict[int, Reply]:
 
 def chat_request(request: CountTokensRequest) -> ChatCompletionRequest:
     """The chat request that renders and runs as `request` asks; 400s in Anthropic's terms."""
-    if request.messages[-1].role != "user":
+    turns = [turn for turn in request.messages if turn.role != "system"]
+    if not turns or turns[-1].role != "user":
         raise APIError("The last message must be the user's: continuing an assistant turn (prefill) is not "
                        "supported.", param="messages")
     fields: dict[str, Any] = {"model": request.model, "messages": _chat_messages(request)}
@@ -101,7 +102,9 @@ def chat_request(request: CountTokensRequest) -> ChatCompletionRequest:
             for tool in request.tools]
     if request.tool_choice is not None:
         fields.update(_tool_choice(request))
-    if request.thinking is not None:
+    if request.output_config is not None and request.output_config.effort is not None:
+        fields["reasoning_effort"] = _EFFORTS[request.output_config.effort]
+    if request.thinking is not None:  # over the effort: thinking disabled stays off
         fields["chat_template_kwargs"] = {"enable_thinking": request.thinking.type != "disabled"}
     if isinstance(request, MessagesRequest):
         sampled = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
@@ -112,6 +115,15 @@ def chat_request(request: CountTokensRequest) -> ChatCompletionRequest:
     except ValidationError as error:  # what the chat request checks beyond ours (e.g. a tool's schema)
         first = error.errors(include_url=False)[0]
         raise APIError(f"Invalid request: {first['msg'].removeprefix('Value error, ')}.") from None
+
+
+_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "xhigh"}  # Anthropic's -> reasoning_effort
+
+
+def thinking_budget(request: MessagesRequest) -> int | None:
+    """The reasoning tokens after which the server closes the thinking block (`thinking.budget_tokens`)."""
+    thinking = request.thinking
+    return thinking.budget_tokens if thinking is not None and thinking.type == "enabled" else None
 
 
 def _tool_choice(request: CountTokensRequest) -> dict[str, Any]:
@@ -131,7 +143,11 @@ def _chat_messages(request: CountTokensRequest) -> list[dict[str, Any]]:
     system = request.system_text()
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for turn in request.messages:
-        messages.extend(_assistant_turn(turn) if turn.role == "assistant" else _user_turn(turn))
+        if turn.role == "system":  # the template renders it in place, or prompt.py merges it into the first
+            text = turn.content if isinstance(turn.content, str) else "\n\n".join(b.text for b in turn.content)
+            messages.append({"role": "system", "content": text})
+        else:
+            messages.extend(_assistant_turn(turn) if turn.role == "assistant" else _user_turn(turn))
     return messages
 
 
@@ -329,7 +345,7 @@ MESSAGE_EXAMPLES = {
 def create_message():
     """Anthropic `messages.create`, streamed (Anthropic's events) or whole."""
     request = parse_anthropic(MessagesRequest)
-    run = start_chat(chat_request(request))
+    run = start_chat(chat_request(request), reasoning_budget=thinking_budget(request))
     account = Accounting()
     if request.stream:
         heartbeat = state_of().settings.heartbeat_seconds

@@ -80,15 +80,16 @@ class RedactedThinkingBlock(RequestModel):
 
 USER_BLOCKS = ("text", "tool_result")
 ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
+SYSTEM_BLOCKS = ("text",)
 ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
                          Field(discriminator="type")]
 
 
 class InputMessage(RequestModel):
     """One turn: a string or content blocks (text and tool_result from the user; text, tool_use and thinking
-    from the assistant)."""
+    from the assistant; text in a `system` message, which Claude Code sends mid-conversation)."""
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
     @field_validator("content", mode="before")
@@ -98,7 +99,7 @@ class InputMessage(RequestModel):
 
     @model_validator(mode="after")
     def _blocks_fit_the_role(self) -> InputMessage:
-        allowed = USER_BLOCKS if self.role == "user" else ASSISTANT_BLOCKS
+        allowed = {"user": USER_BLOCKS, "assistant": ASSISTANT_BLOCKS, "system": SYSTEM_BLOCKS}[self.role]
         for block in self.content if isinstance(self.content, list) else ():
             if block.type not in allowed:
                 raise ValueError(f"a {self.role} message may not hold {block.type!r} blocks "
@@ -146,11 +147,18 @@ class ToolChoice(RequestModel):
 
 
 class ThinkingConfig(RequestModel):
-    """`enabled` (with a `budget_tokens` this server does not enforce) or `adaptive` turn the template's
-    thinking on, `disabled` off; without it the server's --reasoning decides."""
+    """`enabled` or `adaptive` turn the template's thinking on, `disabled` off; without it the server's
+    --reasoning decides. `budget_tokens` ends the thinking after that many tokens (the server closes the block)."""
 
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: whole_int(ge=1) | None = None
+
+
+class OutputConfig(RequestModel):
+    """`output_config`: `effort` turns thinking on as `reasoning_effort` does (`max` as `xhigh`); a JSON
+    `format` is accepted and ignored."""
+
+    effort: Literal["low", "medium", "high", "max"] | None = None
 
 
 _STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARACTERS}
@@ -165,6 +173,7 @@ class CountTokensRequest(RequestModel):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
 
     @field_validator("system", mode="before")
     @classmethod
@@ -189,6 +198,8 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: whole_int(ge=0) | None = None
     metadata: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = Field(None, description="accepted; the server keeps no context "
+                                                                        "to edit (each request is whole)")
     stream: bool = False
 
     @field_validator("stop_sequences")

@@ -4,6 +4,7 @@ request, submitted through `submit.start_chat`, and its events are assembled int
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from typing import Any, get_args
@@ -39,6 +40,7 @@ from edge_server.api.responses_schemas import (
     StreamEventType,
     ResponseUsage,
     item_id,
+    namespaced_name,
 )
 from edge_server.api.schemas import ChatCompletionRequest, now, parse_body
 from edge_server.api.serialize import accounted_events, collect_accounted
@@ -52,6 +54,7 @@ from edge_server.generation.prompt import TemplateRefused
 from edge_server.generation.reasoning import ReasoningDelta
 
 responses_api = Blueprint("responses", __name__)
+log = logging.getLogger("edge_server")
 
 
 # ---- request -> chat request --------------------------------------------------------------------
@@ -68,12 +71,17 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
         "top_p": request.top_p, "user": request.user, "parallel_tool_calls": request.parallel_tool_calls,
         "reasoning_effort": request.reasoning.effort if request.reasoning else None,
     }
-    if request.tools:
-        body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
-                         for tool in request.tools]
+    skipped = request.hosted_tools()
+    if skipped:
+        log.warning("POST /v1/responses: left out tools that do not run on this server: %s", ", ".join(skipped))
+    functions = request.functions()
+    if functions:
+        body["tools"] = [{"type": "function", "function": {
+            **tool.model_dump(exclude={"type", "name"}, exclude_none=True), "name": name}}
+            for name, _, tool in functions]
     if isinstance(request.tool_choice, FunctionChoice):
-        body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.name}}
-    elif request.tool_choice is not None:
+        body["tool_choice"] = {"type": "function", "function": {"name": request.chosen_function()}}
+    elif request.tool_choice is not None and (functions or request.tool_choice == "none"):
         body["tool_choice"] = request.tool_choice
     text_format = request.text.format if request.text else None
     if text_format is not None and text_format.type == "json_schema":
@@ -115,8 +123,9 @@ def chat_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
         elif isinstance(item, FunctionCallItem):
             last = messages[-1] if messages and not reasoning else None
             turn = last if last is not None and last["role"] == "assistant" else assistant_turn(None)
+            name = namespaced_name(item.namespace, item.name) if item.namespace else item.name
             turn.setdefault("tool_calls", []).append({"id": item.call_id, "type": "function", "function": {
-                "name": item.name, "arguments": item.arguments}})
+                "name": name, "arguments": item.arguments}})
         elif isinstance(item, FunctionCallOutputItem):
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
     if not messages:
@@ -164,9 +173,11 @@ class ResponseAssembler:
             temperature=request.temperature, top_p=request.top_p, user=request.user,
             text={"format": text_format.echo() if text_format else {"type": "text"}},
             tool_choice=choice.model_dump() if isinstance(choice, FunctionChoice) else choice,
-            tools=[{"type": "function", **tool.model_dump(exclude={"type"})} for tool in request.tools or []],
+            tools=[tool.model_dump() for tool in request.tools or []],
             metadata=request.metadata or {},
         )
+        # The model's name of each namespace's function -> (its name, the namespace), for the calls it makes.
+        self._namespaced = {name: (tool.name, namespace) for name, namespace, tool in request.functions() if namespace}
         self._sequence = 0
         self._open: OutputMessage | OutputReasoning | OutputFunctionCall | None = None
         self._space = ""  # whitespace not yet part of a message (dropped between items)
@@ -195,8 +206,9 @@ class ResponseAssembler:
             return self._text_delta(OutputMessage, text, "response.output_text.delta")
         if isinstance(event, ToolCallStart):
             events = self._close()
-            call = OutputFunctionCall(id=item_id("fc"), status="in_progress", call_id=event.id, name=event.name,
-                                      arguments="")
+            name, namespace = self._namespaced.get(event.name, (event.name, None))
+            call = OutputFunctionCall(id=item_id("fc"), status="in_progress", call_id=event.id, name=name,
+                                      namespace=namespace, arguments="")
             return events + self._add(call)
         assert isinstance(event, ToolCallArguments) and isinstance(self._open, OutputFunctionCall)
         self._open.arguments += event.fragment

@@ -43,12 +43,13 @@ class MessageItem(RequestModel):
 
 
 class FunctionCallItem(RequestModel):
-    """An earlier answer's function call, handed back with the conversation."""
+    """An earlier answer's function call, handed back with the conversation (`namespace`: of a namespace tool)."""
 
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None
 
 
 class FunctionCallOutputItem(RequestModel):
@@ -100,26 +101,54 @@ InputItem = Annotated[Union[
 
 
 class FunctionTool(FunctionDefinition):
-    """A function tool in the Responses API's flat shape (only function tools: no hosted tools here)."""
+    """A function tool in the Responses API's flat shape."""
 
-    type: Literal["function"] = Field(description="only 'function': hosted tools (web search, file search, "
-                                                  "computer use, MCP...) do not run on this server")
+    type: Literal["function"]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _functions_only(cls, data: Any) -> Any:
-        kind = data.get("type") if isinstance(data, dict) else None
-        if isinstance(kind, str) and kind != "function":
-            raise ValueError(f"tool type {kind!r} is not supported: only function tools (hosted tools such as "
-                             f"web search, file search or MCP do not run on this server)")
-        return data
+
+def namespaced_name(namespace: str, name: str) -> str:
+    """The one name a namespace's function has for the model (Codex's flat form: `ns__name`)."""
+    return f"{namespace.rstrip('_')}__{name.lstrip('_')}"
+
+
+class NamespaceTool(RequestModel):
+    """A group of function tools (Codex sends its sub-agent tools so): the model sees each function under
+    `namespaced_name`, and its calls come back with `name` and `namespace` apart."""
+
+    type: Literal["namespace"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    tools: list[FunctionTool] = Field(max_length=MAX_TOOLS)
+
+
+class HostedTool(RequestModel):
+    """A tool that runs on OpenAI's side (web search, file search, MCP, ...) or takes free-form input
+    (`custom`): none runs here, so the request goes on without it (a warning is logged)."""
+
+    type: str = Field(description="any type but 'function' and 'namespace'",
+                      json_schema_extra={"not": {"enum": ["function", "namespace"]}})
+
+
+def _tool_kind(tool: Any) -> str:
+    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    return kind if kind in ("function", "namespace") else "hosted"
+
+
+_TOOL_TAGS = ("function", "namespace", "hosted")
+ToolSpec = Annotated[Union[
+    Annotated[FunctionTool, Tag("function")],
+    Annotated[NamespaceTool, Tag("namespace")],
+    Annotated[HostedTool, Tag("hosted")],
+], Discriminator(_tool_kind)]
 
 
 class FunctionChoice(RequestModel):
-    """`tool_choice: {"type": "function", "name": ...}`."""
+    """`tool_choice: {"type": "function", "name": ...}` (a namespace's function by its own name, with its
+    `namespace`, or by its namespaced name)."""
 
     type: Literal["function"]
     name: str
+    namespace: str | None = None
 
 
 class TextFormat(RequestModel):
@@ -186,7 +215,9 @@ class ResponsesRequest(RequestModel):
     input: str | Annotated[list[InputItem], Field(min_length=1)] = Field(
         description="a user message, or the conversation as items")
     instructions: str | None = None
-    tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS, description=(
+        "function tools, namespaces of function tools, and tools that do not run here (hosted tools such as "
+        "web_search, custom tools): those are left out, with a warning"))
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool = True
     text: TextConfig | None = None
@@ -218,14 +249,62 @@ class ResponsesRequest(RequestModel):
             path = [str(part) for part in first["loc"] if not str(part).startswith("list[") and part not in _SKIPPED]
             raise FieldError(".".join(["input", *path]), first["msg"].removeprefix("Value error, ")) from None
 
+    @field_validator("tools", mode="wrap")
+    @classmethod
+    def _name_the_bad_tool(cls, value: Any, handler: Any) -> Any:
+        # The union's tag in an error's path names no field: tools.0.name, not tools.0.function.name.
+        try:
+            return handler(value)
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            loc = [part for i, part in enumerate(first["loc"]) if not (i == 1 and part in _TOOL_TAGS)]
+            raise FieldError(".".join(["tools", *map(str, loc)]), first["msg"].removeprefix("Value error, ")) from None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _no_hosted_choice(cls, value: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else None
+        if isinstance(kind, str) and kind != "function":
+            raise FieldError("tool_choice", f"names a {kind!r} tool, which does not run on this server (only "
+                                            "function tools do)")
+        return value
+
     @model_validator(mode="after")
     def _choice_names_a_tool(self) -> ResponsesRequest:
-        names = {tool.name for tool in self.tools or []}
-        if isinstance(self.tool_choice, FunctionChoice) and self.tool_choice.name not in names:
+        functions = self.functions()
+        flat = {name for name, _, _ in functions}
+        if len(flat) != len(functions):
+            raise FieldError("tools", "two function tools have the same name (a namespace's functions are named "
+                                      "namespace__function)")
+        if isinstance(self.tool_choice, FunctionChoice) and self.chosen_function() is None:
             raise FieldError("tool_choice", f"names function {self.tool_choice.name!r}, which is not among 'tools'")
-        if self.tool_choice == "required" and not names:
+        if self.tool_choice == "required" and not functions:
             raise FieldError("tool_choice", "'required' needs at least one tool")
         return self
+
+    def functions(self) -> list[tuple[str, str | None, FunctionTool]]:
+        """Every function tool as (the name the model calls it by, its namespace or None, the tool)."""
+        found: list[tuple[str, str | None, FunctionTool]] = []
+        for tool in self.tools or []:
+            if isinstance(tool, FunctionTool):
+                found.append((tool.name, None, tool))
+            elif isinstance(tool, NamespaceTool):
+                found += [(namespaced_name(tool.name, f.name), tool.name, f) for f in tool.tools]
+        return found
+
+    def hosted_tools(self) -> list[str]:
+        """`tools.i (type)` of each tool left out: the ones that do not run on this server."""
+        return [f"tools.{i} ({tool.type})" for i, tool in enumerate(self.tools or []) if isinstance(tool, HostedTool)]
+
+    def chosen_function(self) -> str | None:
+        """The model's name of the function `tool_choice` names, or None."""
+        choice = self.tool_choice
+        if not isinstance(choice, FunctionChoice):
+            return None
+        wanted = namespaced_name(choice.namespace, choice.name) if choice.namespace else choice.name
+        matches = [name for name, namespace, tool in self.functions()
+                   if name == wanted or (choice.namespace is None and namespace and tool.name == choice.name)]
+        return matches[0] if len(matches) == 1 else None
 
 
 # ---- response ----------------------------------------------------------------------------------
@@ -270,7 +349,8 @@ class OutputReasoning(BaseModel):
 
 
 class OutputFunctionCall(BaseModel):
-    """A function call the model made; answer it with a `function_call_output` item of its `call_id`."""
+    """A function call the model made; answer it with a `function_call_output` item of its `call_id`. A call
+    of a namespace's function names the function and its `namespace` apart (absent otherwise)."""
 
     id: str
     type: Literal["function_call"] = "function_call"
@@ -278,6 +358,7 @@ class OutputFunctionCall(BaseModel):
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = Field(None, exclude_if=lambda value: value is None)
 
 
 OutputItem = Annotated[Union[OutputReasoning, OutputMessage, OutputFunctionCall], Field(discriminator="type")]

@@ -76,10 +76,18 @@ def _model_card(spec: ModelSpec, served: ServedModel | None) -> ModelCard:
         "devices": [share.as_dict() for share in info.devices],
         "chat_template": served.renderer.template.label,
         "thinking": served.renderer.thinks,
+        **_output_limits(),
     }
     if served.demo_warning:
         meta.update(demo=True, warning=served.demo_warning)
     return ModelCard(id=spec.id, created=_mtime(info.path), meta=meta)
+
+
+def _output_limits() -> dict[str, int | None]:
+    """--n-predict (the limit of requests without one) and --n-predict-max (the ceiling); null: none."""
+    settings = state_of().settings
+    return {"n_predict": settings.n_predict if settings.n_predict > 0 else None,
+            "n_predict_max": settings.n_predict_max if settings.n_predict_max > 0 else None}
 
 
 def _mtime(path: Path) -> int:

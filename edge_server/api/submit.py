@@ -20,10 +20,10 @@ from edge_server.api.state import ServedModel, client_gone, state_of
 from edge_server.api.toolplan import ToolPlan, plan_tools
 from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong
+from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong, ReasoningBudget
 from edge_server.generation.pipeline import ClientGone, Generation
 from edge_server.generation.prompt import ChatPrompt
-from edge_server.generation.reasoning import ReasoningSplitter, grammar_after_reasoning
+from edge_server.generation.reasoning import CLOSE_TAG, OPEN_TAG, ReasoningSplitter, grammar_after_reasoning
 
 log = logging.getLogger("edge_server")
 
@@ -82,8 +82,9 @@ def render_chat(request: ChatCompletionRequest) -> RenderedChat:
     return RenderedChat(served, plan, prompt)
 
 
-def start_chat(request: ChatCompletionRequest) -> ChatRun:
-    """Render, compile the grammar and submit `request`; raises the API's 4xx/429/503 errors."""
+def start_chat(request: ChatCompletionRequest, *, reasoning_budget: int | None = None) -> ChatRun:
+    """Render, compile the grammar and submit `request`; raises the API's 4xx/429/503 errors.
+    `reasoning_budget`: the thinking block is closed after that many tokens (Anthropic's `budget_tokens`)."""
     served, plan, prompt = (rendered := render_chat(request)).served, rendered.plan, rendered.prompt
     settings = state_of().settings
     grammar = None
@@ -104,14 +105,34 @@ def start_chat(request: ChatCompletionRequest) -> ChatRun:
                 if split_reasoning else None,
                 "call_finish_reason": FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS}
 
+    budget = thinking_budget(served, reasoning_budget, opened=prompt.opens_reasoning,
+                             answer_openers=(CALL_OPEN_TAG,) if plan.callable_names else ())
     generations = start_generations(served, request, [prompt.tokens], request.token_limit(), grammar=grammar,
-                                    options=choice_options)
+                                    options=choice_options, budget=budget)
     return ChatRun(generations, plan, request.model or served.model_id, served.fingerprint)
 
 
+def thinking_budget(served: ServedModel, tokens: int | None, *, opened: bool,
+                    answer_openers: tuple[str, ...]) -> ReasoningBudget | None:
+    """The sampler's thinking budget for a model whose template thinks, or None (no budget, or no thinking)."""
+    if tokens is None or not served.renderer.thinks:
+        return None
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(served.engine.tokenize(text.encode(), False, True))
+
+    def single(tag: str) -> int:  # the tag's token, where it is one (-1 never matches)
+        found = ids(tag)
+        return found[0] if len(found) == 1 else -1
+
+    ends = tuple(token for token in map(single, (CLOSE_TAG, *answer_openers)) if token >= 0)
+    return ReasoningBudget(tokens=tokens, opened=opened, open=single(OPEN_TAG), ends=ends,
+                           close=ids(f"\n{CLOSE_TAG}\n\n"))
+
+
 def start_generations(served: ServedModel, request: GenerationRequest, prompts: list[list[int]], limit: int | None, *,
-                      grammar: CompiledGrammarHandle | None = None,
-                      options: Callable[[], dict] = dict) -> list[Generation]:
+                      grammar: CompiledGrammarHandle | None = None, options: Callable[[], dict] = dict,
+                      budget: ReasoningBudget | None = None) -> list[Generation]:
     """Submit `request.n` choices of every prompt (choice i samples with seed + i when a seed is given);
     none is left running when one cannot be submitted. `n` above `--parallel` is a 400."""
     parallel = served.engine.parallel
@@ -124,7 +145,7 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
             for choice in range(request.n):
                 seed = None if request.seed is None else (request.seed + choice) % 2**64
                 generations.append(start_generation(served, request, prompt, limit, grammar=grammar, seed=seed,
-                                                    **options()))
+                                                    budget=budget, **options()))
     except BaseException:
         for generation in generations:
             generation.cancel()
@@ -133,16 +154,28 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
 
 
 def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
-                     grammar: CompiledGrammarHandle | None = None, seed: int | None = None, **options) -> Generation:
-    """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context leaves."""
+                     grammar: CompiledGrammarHandle | None = None, seed: int | None = None,
+                     budget: ReasoningBudget | None = None, **options) -> Generation:
+    """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context
+    leaves and to the server's --n-predict (without a limit of the request's own) and --n-predict-max."""
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
         raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
-    sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed)
-    job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling,
+    sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed, reasoning_budget=budget)
+    job = Job(prompt=prompt, max_tokens=output_limit(limit, room), sampling=sampling,
               speculative=request.speculative)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
+
+
+def output_limit(requested: int | None, room: int) -> int:
+    """The tokens a generation may write: the request's limit, else --n-predict; at most --n-predict-max and
+    what the context leaves (a larger limit is clamped: the answer ends with finish_reason length)."""
+    settings = state_of().settings
+    limit = requested or (settings.n_predict if settings.n_predict > 0 else room)
+    if settings.n_predict_max > 0:
+        limit = min(limit, settings.n_predict_max)
+    return min(limit, room)
 
 
 def context_exceeded(n_ctx: int, prompt_size: str) -> APIError:

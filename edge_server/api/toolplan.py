@@ -10,7 +10,7 @@ from edge_server.dialects.calls import CallExtractor
 from edge_server.dialects.dialect import ToolDialect
 from edge_server.dialects.grammars import any_json_object_grammar, schema_grammar
 from edge_server.dialects.schemalimits import check_schema_limits, check_strict
-from edge_server.api.schemas import ChatCompletionRequest, FunctionName, NamedToolChoice
+from edge_server.api.schemas import ChatCompletionRequest, FunctionDefinition, FunctionName, NamedToolChoice
 
 
 ANSWER_SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -50,19 +50,21 @@ def plan_tools(request: ChatCompletionRequest, dialect: ToolDialect) -> ToolPlan
     answer_schema = _answer_schema(request)
     if not functions or choice == "none":
         return ToolPlan(grammar=_answer_grammar(request, answer_schema))
-    for index, function in enumerate(functions):
-        # Every tool's schema is rendered into the prompt (templates may indent it), called or not.
-        if function.parameters is not None:
-            check_schema_limits(function.parameters, param=f"{'functions' if legacy else 'tools'}.{index}")
+    # A listed tool is only rendered into the prompt (bounded by the body and context limits); its schema is
+    # checked, and compiled, where decoding is constrained by it: a forced or required call, or beside a
+    # structured answer. The check comes first so that a refusal names the tool.
     template_tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in functions]
     several = request.parallel_tool_calls and not legacy
     named = choice.function.name if isinstance(choice, NamedToolChoice) else (
         choice.name if isinstance(choice, FunctionName) else None)
     if named is not None:
         chosen = [(f.name, f.parameters) for f in functions if f.name == named]
+        _check_constrained(functions, {named}, legacy)
         grammar = dialect.call_grammar(chosen, several=False, param=param)
         return ToolPlan(template_tools, dict(chosen), 1, legacy, grammar, dialect)
     signatures = [(f.name, f.parameters) for f in functions]
+    if choice == "required" or answer_schema is not None:
+        _check_constrained(functions, {f.name for f in functions}, legacy)
     if choice == "required":
         grammar = dialect.call_grammar(signatures, several=several, param=param)
     elif answer_schema is not None:
@@ -72,6 +74,13 @@ def plan_tools(request: ChatCompletionRequest, dialect: ToolDialect) -> ToolPlan
     else:
         grammar = None
     return ToolPlan(template_tools, dict(signatures), None if several else 1, legacy, grammar, dialect)
+
+
+def _check_constrained(functions: list[FunctionDefinition], names: set[str], legacy: bool) -> None:
+    """The schema limits of the functions a grammar is built from, naming the one at fault."""
+    for index, function in enumerate(functions):
+        if function.name in names and function.parameters is not None:
+            check_schema_limits(function.parameters, param=f"{'functions' if legacy else 'tools'}.{index}")
 
 
 def _answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:

@@ -261,10 +261,10 @@ def qwen_vocab(template: str) -> tuple[Path, str]:
 
 def scripted_qwen_model(template: str, script_text: str, *, template_kwargs: dict[str, Any] | None = None,
                         messages: list[dict[str, Any]] | None = None, after: Any = None,
-                        order: int | None = None) -> Path:
+                        order: int | None = None, replies: tuple[tuple[Any, str], ...] = ()) -> Path:
     """A cached `synthetic.write_scripted_vocab_model` on the real Qwen vocabulary and `template`
     (QWEN_TEMPLATES); its greedy reply to a chat rendered like `messages` with `template_kwargs` is
-    `script_text` then <|im_end|>."""
+    `script_text` then <|im_end|> (and each of `replies`' text after its prompt endings)."""
     from edge_server.devtools import synthetic
 
     template_text = qwen_template(template)
@@ -273,6 +273,7 @@ def scripted_qwen_model(template: str, script_text: str, *, template_kwargs: dic
         "writer": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest(),
         "vocab": vocab.name, "added": added, "template": template_text, "script": script_text,
         "template_kwargs": template_kwargs or {}, "messages": messages, "after": after, "order": order,
+        **({"replies": replies} if replies else {}),
     }, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     short = {stem: short for short, stem in QWEN_TEMPLATES.items()}.get(template, template)
@@ -282,7 +283,7 @@ def scripted_qwen_model(template: str, script_text: str, *, template_kwargs: dic
         _prune(target.parent, keep_days=_SCRIPTED_KEEP_DAYS)
         synthetic.write_scripted_vocab_model(out, vocab, template_text, script_text, after=after,
                                              template_kwargs=template_kwargs, messages=messages,
-                                             added_tokens=added, order=order)
+                                             added_tokens=added, order=order, replies=replies)
 
     if target.is_file():
         os.utime(target)  # its mtime is when it was last used: what _prune goes by

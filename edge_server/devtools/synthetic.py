@@ -11,6 +11,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -839,7 +840,8 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
                                after=None, template_kwargs: dict | None = None, messages: Sequence[dict] | None = None,
                                added_tokens: str = "qwen3", order: int | None = None,
                                context_length: int = 32768, split: Sequence[int] | None = None,
-                               replace: Mapping[int, int] | None = None) -> Path:
+                               replace: Mapping[int, int] | None = None,
+                               replies: Sequence[tuple[Any, str]] = ()) -> Path:
     """Write a qwen2 GGUF with the tokenizer of `vocab_gguf` (plus a released Qwen tokenizer's added tokens)
     and the chat template `template_text`, whose greedy reply to a chat rendered with that template is
     exactly `script_text` followed by <|im_end|>.
@@ -857,7 +859,11 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
 
     `replace` (with `split`) maps positions of the split to tokens written there instead, while the contexts
     stay the script's: a draft model that is wrong at those positions and, once told the right token, goes on
-    with the script (the bench's draft-model table)."""
+    with the script (the bench's draft-model table).
+
+    `replies` adds (after, text) pairs: other replies after other prompt endings (`after` as above, given
+    explicitly), e.g. an answer after a tool result where the script calls the tool. A context that ends with
+    a shorter context of another reply is the more specific one and wins (its unit writes a larger logit)."""
     vocab = read_vocab(vocab_gguf, added_tokens)
     end = vocab.special_ids["eos"]
     script = script_text.encode("utf-8")
@@ -871,14 +877,39 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
         raise ValueError(f"order must be 1..{_MAX_ORDER}")
     else:
         chain = segment_script(vocab, script, [tail[-order:] for tail in tails], order=order, preferred=canonical)
-    tails = [tail[-order:] for tail in tails]
-    # Transitions: the contexts after each tail (last `order` tokens) -> the next token.
-    transitions: dict[tuple[int, ...], int] = {}
+    others = []  # (tails, chain) of each further reply, split at its own smallest order
+    for reply_after, reply_text in replies:
+        if reply_after is None:
+            raise ValueError("each of `replies` needs the prompt endings it follows")
+        reply_tails = _prompt_tails(vocab, reply_after, template_text, template_kwargs, messages)
+        reply_order, reply_chain = _auto_split(vocab, reply_text.encode("utf-8"),
+                                               tokenize(vocab, reply_text, special=False), reply_tails)
+        others.append((reply_tails, reply_chain))
+        if reply_order > order:  # a split that replays at some order replays at every higher one
+            order = reply_order
+    # Transitions: the contexts after each tail (last `order` tokens) -> the next token. Replies whose contexts
+    # collide (two prompt endings alike in their last tokens) are told apart by reading further back.
     replace = replace or {}
-    for tail in tails:
-        sequence = list(tail) + chain + [end]
-        for j in range(len(tail) - 1, len(sequence) - 1):
-            transitions[tuple(sequence[max(0, j + 1 - order):j + 1])] = replace.get(j + 1 - len(tail), sequence[j + 1])
+    while True:
+        transitions: dict[tuple[int, ...], int] = {}
+        collision = None
+        for reply, (reply_tails, reply_chain) in enumerate([(tails, chain), *others]):
+            for tail in (tail[-order:] for tail in reply_tails):
+                sequence = list(tail) + reply_chain + [end]
+                for j in range(len(tail) - 1, len(sequence) - 1):
+                    key = tuple(sequence[max(0, j + 1 - order):j + 1])
+                    target = replace.get(j + 1 - len(tail), sequence[j + 1]) if reply == 0 else sequence[j + 1]
+                    if transitions.setdefault(key, target) != target:
+                        collision = key
+        if collision is None:
+            break
+        if order == _MAX_ORDER:
+            raise ValueError(f"two replies continue the context {list(collision)} differently at order {order}")
+        order += 1
+    # A unit whose context ends with other units' (shorter) contexts fires together with them: it outweighs them.
+    weight = {key: 1 + sum(1 for other, target in transitions.items() if len(other) < len(key)
+                           and key[len(key) - len(other):] == other and target != transitions[key])
+              for key in transitions}
 
     relevant = sorted({t for key in transitions for t in key} | set(transitions.values()))
     index = {token: i for i, token in enumerate(relevant)}
@@ -938,7 +969,7 @@ def write_scripted_vocab_model(path: str | Path, vocab_gguf: str | Path, templat
             w_gate[k, prev(o) + index[key[-1 - o]]] = _GATE / h
         w_gate[k, const] = -(len(key) - 0.5) * _GATE / h
         w_up[k, const] = 1.0 / h
-        w_down[ident + index[target], k] += 1.0
+        w_down[ident + index[target], k] += weight[key]
         w_down[ident + index[key[-1]], k] -= 1.0 / fire  # cancel the current token's own identity
     # The final residual: const 1, P blocks 1 each, U ~ fire at the target -> logit = gain * normalized value.
     normalized = fire * np.sqrt(n_embd) / np.sqrt(order + fire * fire)

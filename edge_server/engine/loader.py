@@ -14,6 +14,7 @@ from llama_cpp import _internals as internals
 from edge_server.ggufmeta import read_gguf_metadata
 from edge_server.engine import fatal, rpc
 from edge_server.engine.batching import BATCH_TOKENS
+from edge_server.engine.contextsize import choose_context
 from edge_server.engine.llamalog import captured_log, route_llama_log
 from edge_server.engine.draftmodel import DraftModel
 from edge_server.engine.partialmemory import PartialMemory, memory_kind
@@ -24,7 +25,6 @@ from edge_server.engine.types import ModelInfo, ModelLoadError
 
 log = logging.getLogger("edge_server.engine")
 
-DEFAULT_N_CTX = 4096
 CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
@@ -64,13 +64,19 @@ def load_engine(
     path = Path(path)
     check_gguf_file(path)
     n_ctx_train = read_n_ctx_train(path)
-    per_request = n_ctx or min(DEFAULT_N_CTX, n_ctx_train)
     backend = offload_backend()
     _init_backend()
     if rpc_workers:
         rpc.add_workers(rpc_workers)
         backend = "RPC" if backend == "CPU" else f"{backend}+RPC"
     layers = (-1 if backend != "CPU" else 0) if n_gpu_layers == "auto" else int(n_gpu_layers)
+    per_request = n_ctx
+    if per_request is None:
+        choice = choose_context(path, n_ctx_train, parallel=parallel, kv_unified=kv_unified,
+                                offloaded=backend != "CPU" and layers != 0,
+                                cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+        per_request = choice.n_ctx
+        log.info("%s: n_ctx %d per request by default (%s)", path.name, per_request, choice.reason)
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
     if tensor_split:

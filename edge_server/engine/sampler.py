@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from edge_server.engine.types import GrammarRejected, Sampling
+from edge_server.engine.types import GrammarRejected, ReasoningBudget, Sampling
 
 
 class GrammarDeadEnd(RuntimeError):
@@ -101,10 +101,66 @@ class ConstrainedSampler:
             self._pointer, self._n_vocab, -1, False)
 
 
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class ThinkingBudget:
+    """A sampler in a request's chain that counts the thinking block's tokens as they are accepted and, once
+    `ReasoningBudget.tokens` are spent, leaves only the next token of `close` to pick until it is written."""
+
+    def __init__(self, budget: ReasoningBudget):
+        self._budget = budget
+        self._phase = "thinking" if budget.opened else "opening"
+        self._spent = 0
+        self._written = 0  # tokens of `close` accepted so far
+        # The callbacks and the interface must live as long as llama.cpp may call them: as long as this object.
+        self._callbacks = (llama_cpp.llama_sampler_i_name(lambda _: b"edge-thinking-budget"),
+                           llama_cpp.llama_sampler_i_accept(self._accept),
+                           llama_cpp.llama_sampler_i_apply(self._apply))
+        self._iface = llama_cpp.llama_sampler_i(name=self._callbacks[0], accept=self._callbacks[1],
+                                                apply=self._callbacks[2])
+        self._sampler = llama_cpp.llama_sampler(iface=ctypes.pointer(self._iface), ctx=None)
+
+    def add_to(self, chain: internals.LlamaSampler) -> None:
+        """Put this sampler first in `chain`, which takes it out again before freeing itself."""
+        llama_cpp.llama_sampler_chain_add(chain.sampler, ctypes.pointer(self._sampler))
+        chain.custom_samplers.append((llama_cpp.llama_sampler_chain_n(chain.sampler) - 1, self))
+
+    @property
+    def closing(self) -> bool:
+        """Whether the budget is spent and the block is being closed."""
+        return self._phase == "thinking" and self._spent >= self._budget.tokens
+
+    def _apply(self, _sampler: Any, candidates: Any) -> None:
+        if not self.closing:
+            return
+        array = candidates.contents
+        address = ctypes.cast(array.data, ctypes.c_void_p).value
+        view = np.frombuffer((llama_cpp.llama_token_data * array.size).from_address(address), dtype=_TOKEN_DATA)
+        view["logit"] = np.where(view["id"] == self._budget.close[self._written], 0.0, -np.inf)
+
+    def _accept(self, _sampler: Any, token: int) -> None:
+        budget = self._budget
+        if self._phase == "opening":
+            self._phase = "thinking" if token == budget.open else "answer"
+        elif self.closing:
+            self._written += 1
+            if self._written == len(budget.close):
+                self._phase = "answer"
+        elif self._phase == "thinking":
+            if token in budget.ends:
+                self._phase = "answer"
+            else:
+                self._spent += 1
+
+
 def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.LlamaSampler:
-    """A llama.cpp sampler chain for one request, in llama-server's order (the grammar is kept apart)."""
+    """A llama.cpp sampler chain for one request, in llama-server's order (the grammar is kept apart), after
+    the thinking budget when the request has one."""
     n_vocab = model.n_vocab()
     sampler = internals.LlamaSampler()
+    if sampling.reasoning_budget is not None:
+        ThinkingBudget(sampling.reasoning_budget).add_to(sampler)
     if sampling.logit_bias:
         sampler.add_logit_bias(n_vocab, dict(sampling.logit_bias))
     if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0):

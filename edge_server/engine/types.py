@@ -63,6 +63,19 @@ class GrammarRejected(ValueError):
 
 
 @dataclass(frozen=True)
+class ReasoningBudget:
+    """Close a thinking block after `tokens` tokens of reasoning by writing `close` (e.g. "\n</think>\n\n")
+    instead of sampling. The block is open from the start when the prompt opened it (`opened`), else once
+    the output's first token is `open`; any of `ends` (the close tag, a tool call's opening) ends it early."""
+
+    tokens: int
+    opened: bool
+    open: int
+    ends: tuple[int, ...]
+    close: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Per-request sampler settings (a temperature of 0, or below `sampler.GREEDY_BELOW`, is greedy)."""
 
@@ -77,6 +90,7 @@ class Sampling:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     grammar: CompiledGrammarHandle | None = None  # what the output must match (forced tool calls, JSON output)
     logprobs: int | None = None  # report each token's log-probability and this many top alternatives
+    reasoning_budget: ReasoningBudget | None = None  # most tokens of thinking before the block is closed
 
 
 @dataclass(frozen=True)

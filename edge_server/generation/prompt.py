@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from edge_server.api.schemas import ChatMessage
 
 Tokenize = Callable[[bytes, bool, bool], list[int]]
+log = logging.getLogger("edge_server")
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
@@ -57,6 +59,17 @@ def _with_parsed_arguments(call: dict[str, Any]) -> dict[str, Any]:
         except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deep to render: keep the text
             pass
     return {**call, "function": function}
+
+
+def merged_system_messages(rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Template messages with every system message's text joined, in order, into one leading system message."""
+    system = [m["content"] for m in rendered if m["role"] == "system" and m["content"]]
+    others = [m for m in rendered if m["role"] != "system"]
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + others
+
+
+def _shown(content: str, text: str) -> bool:
+    return content.strip() in text
 
 
 class TemplateRefused(ValueError):
@@ -99,8 +112,26 @@ class PromptRenderer:
 
     def chat_text(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None,
                   template_kwargs: Mapping[str, Any] | None = None) -> str:
-        """The prompt text for a conversation, ending with the assistant's generation prompt."""
+        """The prompt text for a conversation, ending with the assistant's generation prompt.
+
+        System messages after the first message are rendered where they stand when the template renders
+        them there; a template that refuses them or leaves them out gets them merged into the leading
+        system message instead, so no instruction is ever dropped."""
         rendered = [template_message(m) for m in messages]
+        late = [i for i, m in enumerate(rendered) if i > 0 and m["role"] == "system"]
+        if not late:
+            return self._render(rendered, tools, template_kwargs)
+        try:
+            text = self._render(rendered, tools, template_kwargs)
+        except TemplateRefused:
+            text = None
+        if text is not None and all(_shown(rendered[i]["content"], text) for i in late):
+            return text
+        log.debug("the chat template does not render system messages after the first: merged into the system prompt")
+        return self._render(merged_system_messages(rendered), tools, template_kwargs)
+
+    def _render(self, rendered: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                template_kwargs: Mapping[str, Any] | None) -> str:
         try:
             if self.template.builtin is not None:
                 # llama.cpp's built-in templates know roles and texts only.

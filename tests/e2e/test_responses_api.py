@@ -205,7 +205,8 @@ BAD_BODIES = {
     "input an object": b'{"input": {"role": "user"}}',
     "item of an unknown type": b'{"input": [{"type": "computer_call", "id": "x"}]}',
     "image input": b'{"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}',
-    "hosted tool": b'{"input": "x", "tools": [{"type": "file_search", "vector_store_ids": []}]}',
+    "hosted tool chosen": b'{"input": "x", "tools": [{"type": "file_search", "vector_store_ids": []}], '
+                          b'"tool_choice": {"type": "file_search"}}',
     "tool choice of an unknown function": b'{"input": "x", "tools": [{"type": "function", "name": "f"}], '
                                           b'"tool_choice": {"type": "function", "name": "g"}}',
     "stored state": b'{"input": "x", "previous_response_id": "resp_1"}',

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from edge_server.generation.prompt import PromptRenderer
+import pytest
+
+from edge_server.generation.prompt import PromptRenderer, TemplateRefused
 from edge_server.api.schemas import ChatMessage
 from edge_server.devtools.synthetic import CHAT_TEMPLATE
 
@@ -49,3 +51,40 @@ def test_legacy_function_messages_render_like_tool_messages():
                       {"role": "assistant", "content": None, "tool_calls": [CALL]},
                       {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}])
     assert legacy == current
+
+
+# ---- system messages after the first (Claude Code sends one mid-conversation) ------------------------
+
+# A template that renders only a leading system message and drops the others, and one that refuses them.
+DROPPING = ("{% for m in messages %}{% if m.role != 'system' or loop.first %}<|im_start|>{{ m.role }}\n"
+            "{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}<|im_start|>assistant\n")
+REFUSING = ("{% for m in messages %}{% if m.role == 'system' and not loop.first %}"
+            "{{ raise_exception('System message must be at the beginning.') }}{% endif %}<|im_start|>{{ m.role }}\n"
+            "{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+LATE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "system", "content": "Agents: Explore."}, {"role": "developer", "content": "Use tools."}]
+
+
+def render_with(template: str, messages: list[dict]) -> str:
+    renderer = PromptRenderer(template, bos_token="", eos_token="<|im_end|>", add_bos=False,
+                              tokenize=lambda text, add_bos, special: list(text))
+    return renderer.chat_text([ChatMessage.model_validate(m) for m in messages])
+
+
+def test_late_system_messages_stay_where_they_are_when_the_template_renders_them():
+    text = render(LATE)
+    assert text.index("Hi") < text.index("<|im_start|>system\nAgents: Explore.") < text.index("Use tools.")
+    assert text.startswith("<|im_start|>system\nBe brief.")
+
+
+def test_late_system_messages_are_merged_into_the_first_when_the_template_drops_or_refuses_them():
+    merged = "<|im_start|>system\nBe brief.\n\nAgents: Explore.\n\nUse tools.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    assert render_with(DROPPING, LATE) == render_with(REFUSING, LATE) == merged + "<|im_start|>assistant"
+    # Without a leading system message, the late ones become it.
+    assert render_with(REFUSING, LATE[1:3]).startswith("<|im_start|>system\nAgents: Explore.<|im_end|>\n<|im_start|>user")
+
+
+def test_a_template_that_refuses_the_conversation_for_another_reason_still_refuses_it():
+    always = "{{ raise_exception('No user query found in messages.') }}"
+    with pytest.raises(TemplateRefused, match="No user query"):
+        render_with(always, LATE)

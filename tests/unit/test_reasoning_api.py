@@ -13,6 +13,8 @@ from tests.unit.test_api_in_process import USER, chat, events
 
 # Like Qwen3.5's generation prompt: opens the block unless enable_thinking is false; raises like it.
 THINKING_TEMPLATE = (
+    "{%- if not (messages | selectattr('role', 'equalto', 'user') | list) -%}"
+    "{{ raise_exception('No user query found in messages.') }}{%- endif -%}"
     "{%- for m in messages -%}"
     "{%- if m.role == 'system' and not loop.first -%}{{ raise_exception('System message must be at the beginning.') }}{%- endif -%}"
     "{{ '<|im_start|>' + m.role + '\\n' }}"
@@ -109,11 +111,20 @@ def test_history_reasoning_is_handed_to_the_template_under_either_name():
 
 
 def test_template_raise_exception_is_a_400_with_its_message():
-    messages = USER + [{"role": "system", "content": "late"}]
+    messages = [{"role": "system", "content": "No question."}]
     response = create_app(Settings(threads=1), ServedModel.of(FakeEngine(chat_template=THINKING_TEMPLATE), "m")) \
         .test_client().post("/v1/chat/completions", json={"messages": messages})
     assert response.status_code == 400
-    assert "System message must be at the beginning." in response.get_json()["error"]["message"]
+    assert "No user query found in messages." in response.get_json()["error"]["message"]
+
+
+def test_a_late_system_message_the_template_refuses_is_merged_into_the_first():
+    engine = FakeEngine(chat_template=THINKING_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, *USER, {"role": "system", "content": "late"}]
+    response = create_app(Settings(threads=1), ServedModel.of(engine, "m")).test_client().post(
+        "/v1/chat/completions", json={"messages": messages})
+    assert response.status_code == 200
+    assert bytes(engine.jobs[0].prompt).decode().startswith("<|im_start|>system\nBe brief.\n\nlate<|im_end|>\n")
 
 
 def test_a_template_without_think_is_not_split():

@@ -12,6 +12,7 @@ from edge_server.api.responses_api import chat_messages
 from edge_server.api.responses_schemas import ResponsesRequest
 from edge_server.api.state import ServedModel
 from edge_server.devtools.fake_engine import FakeEngine
+from edge_server.devtools.synthetic import CHAT_TEMPLATE
 from edge_server.engine.types import FinishReason
 from edge_server.settings import Settings
 
@@ -69,6 +70,55 @@ def test_a_tool_call_becomes_a_function_call_item_and_tools_are_echoed():
     assert call["type"] == "function_call" and call["id"].startswith("fc_") and call["call_id"].startswith("call_")
     assert (call["name"], json.loads(call["arguments"]), call["status"]) == ("f", {"a": 1}, "completed")
     assert body["tools"] == [{**TOOL, "strict": None}] and body["tool_choice"] == "auto"
+
+
+NAMESPACE = {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents", "tools": [{**TOOL, "name": "spawn"}]}
+NAMESPACED_CALL = (b'<tool_call>\n{"name": "multi_agent_v1__spawn", "arguments": {"a": 1}}\n</tool_call>',)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_namespace_functions_are_offered_flat_and_called_back_by_namespace_and_name(stream):
+    engine = FakeEngine(pieces=NAMESPACED_CALL, chat_template=CHAT_TEMPLATE, n_ctx=4096)
+    response = respond(client_for(engine), tools=[TOOL, NAMESPACE, {"type": "web_search"}], stream=stream)
+    prompt = bytes(engine.jobs[0].prompt).decode()
+    assert '"name": "multi_agent_v1__spawn"' in prompt and '"name": "f"' in prompt and "web_search" not in prompt
+    if stream:
+        events = named_events(response)
+        call = next(data["item"] for name, data in events if name == "response.output_item.done")
+        final = events[-1][1]["response"]
+    else:
+        final = response.get_json()
+        call = final["output"][0]
+    assert (call["type"], call["name"], call["namespace"]) == ("function_call", "spawn", "multi_agent_v1")
+    assert final["tools"][1] == {**NAMESPACE, "tools": [{**TOOL, "name": "spawn", "strict": None}]}
+    assert final["tools"][2] == {"type": "web_search"}
+
+
+def test_a_namespaced_call_handed_back_renders_by_its_flat_name_and_plain_calls_have_no_namespace():
+    engine = FakeEngine(chat_template=CHAT_TEMPLATE, n_ctx=4096)
+    history = [{"role": "user", "content": "Spawn one."},
+               {"type": "function_call", "call_id": "c1", "name": "spawn", "namespace": "multi_agent_v1",
+                "arguments": "{}"},
+               {"type": "function_call_output", "call_id": "c1", "output": "spawned"}]
+    assert respond(client_for(engine), input=history, tools=[NAMESPACE]).status_code == 200
+    assert '"name": "multi_agent_v1__spawn", "arguments": {}' in bytes(engine.jobs[0].prompt).decode()
+    plain = respond(client_for(FakeEngine(pieces=CALL_PIECES)), tools=[TOOL]).get_json()["output"][0]
+    assert "namespace" not in plain
+
+
+def test_a_function_of_a_namespace_may_be_chosen_by_its_name():
+    engine = FakeEngine(pieces=NAMESPACED_CALL, chat_template=CHAT_TEMPLATE, n_ctx=4096)
+    body = respond(client_for(engine), tools=[NAMESPACE], tool_choice={"type": "function", "name": "spawn"}).get_json()
+    assert (body["output"][0]["name"], body["output"][0]["namespace"]) == ("spawn", "multi_agent_v1")
+    assert 'multi_agent_v1__spawn' in engine.grammars[0]
+
+
+def test_hosted_tools_are_left_out_with_a_warning_naming_them(caplog):
+    engine = FakeEngine()
+    response = respond(client_for(engine), tools=[{"type": "file_search", "vector_store_ids": []}, TOOL,
+                                                  {"type": "custom", "name": "apply_patch"}])
+    assert response.status_code == 200
+    assert "left out tools that do not run on this server: tools.0 (file_search), tools.2 (custom)" in caplog.text
 
 
 def test_stream_sends_the_documented_sequence_and_the_text_of_the_final_response():
@@ -162,7 +212,9 @@ BAD = {
     "unknown role": ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role"),
     "function call without name": ({"input": [{"type": "function_call", "call_id": "c", "arguments": "{}"}]},
                                    "input.0.name"),
-    "hosted tool": ({"tools": [{"type": "web_search"}]}, "tools.0"),
+    "hosted tool chosen": ({"tools": [TOOL, {"type": "web_search"}], "tool_choice": {"type": "web_search"}},
+                           "tool_choice"),
+    "tool without type": ({"tools": [{"name": "f"}]}, "tools.0.type"),
     "chat-shaped tool": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools.0.name"),
     "bad tool name": ({"tools": [{**TOOL, "name": "a b"}]}, "tools.0.name"),
     "tool choice of an unknown tool": ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "g"}},
@@ -219,11 +271,15 @@ VALID = {
         {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", "id": "fc_1", "status": "completed"},
         {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "x"}]}]},
     "json schema": {"input": "x", "text": {"format": {"type": "json_schema", "name": "n", "schema": {}}}},
+    "hosted tool": {"input": "x", "tools": [{"type": "web_search", "external_web_access": False}]},
+    "namespace": {"input": "x", "tools": [{"type": "namespace", "name": "ns", "description": "N", "tools": [TOOL]}],
+                  "tool_choice": {"type": "function", "name": "f"}},
 }
 INVALID = {
     "empty list": {"input": []},
     "unknown item": {"input": [{"type": "item_reference", "id": "x"}]},
-    "hosted tool": {"input": "x", "tools": [{"type": "web_search"}]},
+    "hosted tool chosen": {"input": "x", "tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}},
+    "namespace without tools": {"input": "x", "tools": [{"type": "namespace", "name": "ns"}]},
     "required without tools": {"input": "x", "tool_choice": "required"},
     "json schema without schema": {"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}},
     "previous response": {"input": "x", "previous_response_id": "resp_1"},
