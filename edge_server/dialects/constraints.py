@@ -6,8 +6,8 @@ A schema it compiles is enforced as written, `strict` or not. JSON is written co
 properties in the schema's order.
 
 The tags a dialect writes (`<tool_call>`, `</think>`...) are rules named `edge_tag_*` here; `compile_matcher`
-defines them for the served vocabulary: its special token where it has one (then the model writes that
-token, as it was trained to), else the text.
+defines them for the served vocabulary: its special token where it has one (as the model was trained to
+write it) or the text. No other text, a JSON string included, can hold a special token.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ TAGS = {"edge_tag_call_open": OPEN_TAG, "edge_tag_call_close": CLOSE_TAG}
 THINK_RULE = "edge_think"  # reasoning text and its closing tag
 
 _COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+# Tool calls are written as chat templates render them to the model (Jinja's `tojson`): `{"a": 1, "b": 2}`.
+_AS_RENDERED = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Bounded work per compile and per token for any client grammar (llguidance's defaults are higher:
 # a hostile schema is refused or errs within milliseconds, never holds a thread for seconds).
 LIMITS = dict(max_items_in_row=2000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000, step_max_items=50_000,
@@ -40,9 +42,9 @@ def parser_limits() -> llguidance.LLParserLimits:
     return llguidance.LLParserLimits(**LIMITS)
 
 
-def json_rule(schema: dict[str, Any]) -> str:
-    """A Lark `%json` body for `schema`, written compact."""
-    options = {**schema, "x-guidance": _COMPACT}
+def json_rule(schema: dict[str, Any], *, as_rendered: bool = False) -> str:
+    """A Lark `%json` body for `schema`, written compact (`as_rendered`: spaced as templates render tool calls)."""
+    options = {**schema, "x-guidance": _AS_RENDERED if as_rendered else _COMPACT}
     return "%json " + json.dumps(options, ensure_ascii=False)
 
 
@@ -103,7 +105,7 @@ def tool_call_grammar(functions: list[tuple[str, dict[str, Any] | None]], *, sev
                 "$defs": {"edge-arguments": {"type": "object"}}}
         if parameters is not None:
             call = _wrapped(parameters, call)
-        lines.append(f"fn_{i}: {json_rule(call)}")
+        lines.append(f"fn_{i}: {json_rule(call, as_rendered=True)}")
     if answer:
         lines.append(f"answer: {json_rule(answer[0])}")
     grammar = "\n".join(lines) + "\n"
@@ -181,7 +183,9 @@ class GrammarError(ValueError):
 
 def compile_matcher(tokenizer: llguidance.LLTokenizer, grammar: str) -> llguidance.LLMatcher:
     """A matcher for `grammar` on `tokenizer`'s vocabulary, the tags defined for it; raises `GrammarError`."""
-    lines = [grammar]
+    # Every token that spells allowed text stays in the mask (llguidance otherwise admits only the tokenizer's
+    # own tokens where the text is forced): the model's distribution, restricted to what the grammar allows.
+    lines = ['%llguidance {"no_forcing": true}', grammar]
     for name, tag in TAGS.items():
         if name in grammar:
             lines.append(f"{name}: {_tag(tokenizer, tag)}")
@@ -201,8 +205,9 @@ def compile_matcher(tokenizer: llguidance.LLTokenizer, grammar: str) -> llguidan
 
 
 def _tag(tokenizer: llguidance.LLTokenizer, tag: str) -> str:
+    # The text too: models (and scripted test models) may spell a tag in ordinary tokens; the calls read the same.
     token = _special(tokenizer, tag)
-    return lark_literal(tag) if token is None else f"<[{token}]>"
+    return lark_literal(tag) if token is None else f"<[{token}]> | {lark_literal(tag)}"
 
 
 def _special(tokenizer: llguidance.LLTokenizer, text: str) -> int | None:

@@ -373,7 +373,7 @@ def _value_rule(schema: Any, root: dict[str, Any]) -> str:
     kinds = value_kinds(target, root)
     if kinds is None or "string" in kinds:
         return "XML_TEXT_VALUE"
-    return f"{json_rule(value_schema(schema, root))} {lark_literal(_VALUE_CLOSE)}"
+    return f"{json_rule(value_schema(schema, root), as_rendered=True)} {lark_literal(_VALUE_CLOSE)}"
 
 
 def _asks_for_xml(template_source: str) -> bool:

@@ -74,7 +74,7 @@ def xml_call(function: str, **parameters: str) -> str:
 GOOD_CALLS = [
     xml_call("get_weather", city="Paris", days="3"),
     xml_call("get_weather", city="Paris\nTexas, <b>USA</b> </param", days="-12", unit="fahrenheit", metric="true",
-             where='{"lat":48.85,"lon":2.35}', tags='["a","bb"]', note="null", level="2"),
+             where='{"lat": 48.85, "lon": 2.35}', tags='["a", "bb"]', note="null", level="2"),
     xml_call("get_weather", city="", days="0", note="a\n\nmulti-line note\n"),
     xml_call("anything"),
     xml_call("anything", free="text\nhere", other="42"),
@@ -84,7 +84,7 @@ BAD_CALLS = [
     xml_call("get_weather", city="Paris", days="three"),  # not an integer
     xml_call("get_weather", city="Pa</parameter>ris", days="3"),  # a string cannot hold the closing tag
     xml_call("get_weather", city="Paris", days="3", unit="kelvin"),  # not in the enum
-    xml_call("get_weather", city="Paris", days="3", where='{"lat":1}'),  # the object lacks a required key
+    xml_call("get_weather", city="Paris", days="3", where='{"lat": 1}'),  # the object lacks a required key
     xml_call("get_weather", city="Paris", days="3", tags='["much too long"]'),  # maxLength through $ref
     xml_call("get_weather", city="Paris", days="3", color="red"),  # not a declared parameter
     xml_call("rm_rf"),
@@ -132,7 +132,8 @@ def test_auto_beside_a_structured_answer_gives_a_call_or_the_answer(vocab):
     assert vocab.accepts(grammar, GOOD_CALLS[0])
     assert vocab.accepts(grammar, '{"ok":true}')
     assert not vocab.accepts(grammar, '{"ok":1}')
-    assert not vocab.accepts(grammar, '{"ok": true}')  # compact: no whitespace between tokens of JSON
+    assert not vocab.accepts(grammar, '{"ok": true}')  # an answer is compact; calls are spaced as templates render them
+    assert not vocab.accepts(grammar, xml_call("get_weather", city="Paris", days="3", where='{"lat":1,"lon":2}'))
     assert not vocab.accepts(grammar, "plain text")
 
 
@@ -183,7 +184,7 @@ def test_unconvertible_parameter_schema_is_refused():
 def test_hermes_dialect_grammar_is_the_json_call_grammar(vocab):
     grammar = hermes.DIALECT.call_grammar(SIGNATURES, several=False, param="t")
     assert grammar == tool_call_grammar(SIGNATURES, several=False, param="t")
-    assert vocab.accepts(grammar, '<tool_call>\n{"name":"anything","arguments":{}}\n</tool_call>')
+    assert vocab.accepts(grammar, '<tool_call>\n{"name": "anything", "arguments": {}}\n</tool_call>')
     assert not vocab.accepts(grammar, xml_call("anything"))
 
 
@@ -207,15 +208,17 @@ def test_lark_literal_round_trips_every_special_character(vocab):
     assert not vocab.accepts(f"start: {lark_literal(text)}", text[:-1])
 
 
-def test_tags_are_the_vocabularys_special_tokens_where_it_has_them(vocab):
+def test_tags_are_the_vocabularys_special_tokens_or_their_text(vocab):
     grammar = hermes.DIALECT.call_grammar([("anything", None)], several=False, param="t")
-    call = '<tool_call>\n{"name":"anything","arguments":{}}\n</tool_call>'
-    special = vocab.tokenizer.is_special_token(vocab.tokens("<tool_call>")[0])
+    call = '<tool_call>\n{"name": "anything", "arguments": {}}\n</tool_call>'
+    [tag] = vocab.tokens("<tool_call>")
+    assert vocab.tokenizer.is_special_token(tag)  # an added token in both vocabularies
     assert vocab.accepts(grammar, call)
-    # The tag spelled out a character at a time is what a vocabulary without the special token writes, and only that.
     spelled = [token for char in call for token in vocab.tokens(char)]
     matcher = compile_matcher(vocab.tokenizer, grammar)
-    assert (matcher.consume_tokens(spelled) and matcher.is_accepting()) != special
+    assert matcher.consume_tokens(spelled) and matcher.is_accepting()
+    matcher = compile_matcher(vocab.tokenizer, grammar)
+    assert not matcher.consume_tokens(vocab.tokens('<tool_call>\n{"name": "<tool_call>"'))
 
 
 def test_json_strings_never_hold_special_tokens(vocab):

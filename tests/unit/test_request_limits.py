@@ -114,12 +114,12 @@ def test_each_tool_keeps_its_own_definitions(vocab):
                 "$defs": {"Foo": {"enum": values}}}
 
     grammar = tool_call_grammar([("f", tool([1, 2])), ("g", tool(["A", "B"]))], several=False, param="t")
-    assert vocab.accepts(grammar, call("f", '{"x":2}')) and vocab.accepts(grammar, call("g", '{"x":"A"}'))
-    assert not vocab.accepts(grammar, call("f", '{"x":"A"}')) and not vocab.accepts(grammar, call("g", '{"x":1}'))
+    assert vocab.accepts(grammar, call("f", '{"x": 2}')) and vocab.accepts(grammar, call("g", '{"x": "A"}'))
+    assert not vocab.accepts(grammar, call("f", '{"x": "A"}')) and not vocab.accepts(grammar, call("g", '{"x": 1}'))
 
 
 def call(name: str, arguments: str) -> str:
-    return f'<tool_call>\n{{"name":"{name}","arguments":{arguments}}}\n</tool_call>'
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 
 
 def test_limits_follow_refs_anywhere_in_the_document():
@@ -136,8 +136,8 @@ def test_tools_with_their_own_defs_beside_a_structured_answer(vocab):
     answer = {"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}, "$defs": {"X": {"enum": [1, 2]}}}
     grammar = tool_call_grammar([("f", parameters), ("g", parameters)], several=False, param="tool_choice",
                                 answer=(answer, "rf"))
-    assert vocab.accepts(grammar, call("g", '{"item":{"n":4}}')) and vocab.accepts(grammar, '{"x":2}')
-    assert not vocab.accepts(grammar, call("g", '{"item":{"n":"4"}}')) and not vocab.accepts(grammar, '{"x":3}')
+    assert vocab.accepts(grammar, call("g", '{"item": {"n": 4}}')) and vocab.accepts(grammar, '{"x":2}')
+    assert not vocab.accepts(grammar, call("g", '{"item": {"n": "4"}}')) and not vocab.accepts(grammar, '{"x":3}')
 
 
 def test_oversized_tool_parameters_are_refused_for_forced_calls():
@@ -166,5 +166,5 @@ def test_repetition_at_the_limit_is_enforced_exactly(vocab, schema, text):
 def test_tools_in_auto_mode_beside_a_schema_may_call_or_answer(vocab):
     answer = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     grammar = tool_call_grammar([("f", None)], several=True, param="tool_choice", answer=(answer, "rf"))
-    assert vocab.accepts(grammar, call("f", "{}") + "\n" + call("f", '{"a":[1]}'))
+    assert vocab.accepts(grammar, call("f", "{}") + "\n" + call("f", '{"a": [1]}'))
     assert vocab.accepts(grammar, '{"ok":false}') and not vocab.accepts(grammar, "no")
