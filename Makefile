@@ -50,7 +50,7 @@ WHEELS := $(HOME)/.cache/edge-server/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(
 STAMP := $(VENV)/.edge-installed-$(BUILD_KEY)
 TEST_MODEL := models/generated/tiny-test.gguf
 
-.PHONY: install install-test run test test-assets bench soak model tiny-model clean
+.PHONY: install install-test run test test-maskbench test-assets bench soak model tiny-model clean
 
 install: $(STAMP)
 
@@ -91,6 +91,10 @@ test-assets: install
 
 test: install-test tiny-model test-assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# MASKBENCH: jsonschemabench's maskbench/data folder (not redistributed here: the data carries no license).
+test-maskbench: install-test test-assets
+	EDGE_MASKBENCH_DATA=$(MASKBENCH) $(PY) -m pytest tests/maskbench $(PYTEST_ARGS)
 
 model: install
 	$(PY) -m edge_server pull
