@@ -57,7 +57,7 @@ NPM_AGENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-a
               @qwen-code/qwen-code@0.15.10 @continuedev/cli@1.5.47
 AIDER := aider-chat==0.86.2
 
-.PHONY: install install-test run test test-assets test-agents install-agents bench soak model tiny-model clean
+.PHONY: install install-test run test test-maskbench test-assets test-agents install-agents bench soak model tiny-model clean
 
 install: $(STAMP)
 
@@ -110,6 +110,10 @@ install-agents:
 
 test-agents: install-test test-assets install-agents
 	EDGE_SERVER_AGENTS=$(AGENTS_DIR) $(PY) -m pytest tests/agents $(PYTEST_ARGS)
+
+# MASKBENCH: jsonschemabench's maskbench/data folder (not redistributed here: the data carries no license).
+test-maskbench: install-test test-assets
+	EDGE_MASKBENCH_DATA=$(MASKBENCH) $(PY) -m pytest tests/maskbench $(PYTEST_ARGS)
 
 model: install
 	$(PY) -m edge_server pull

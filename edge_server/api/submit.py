@@ -19,11 +19,12 @@ from edge_server.api.schemas import ChatCompletionRequest, GenerationRequest
 from edge_server.api.state import ServedModel, client_gone, state_of
 from edge_server.api.toolplan import ToolPlan, plan_tools
 from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
+from edge_server.dialects.constraints import after_reasoning
 from edge_server.engine.protocol import CompiledGrammarHandle
 from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong, ReasoningBudget
 from edge_server.generation.pipeline import ClientGone, Generation
 from edge_server.generation.prompt import ChatPrompt
-from edge_server.generation.reasoning import CLOSE_TAG, OPEN_TAG, ReasoningSplitter, grammar_after_reasoning
+from edge_server.generation.reasoning import CLOSE_TAG, OPEN_TAG, ReasoningSplitter
 
 log = logging.getLogger("edge_server")
 
@@ -92,7 +93,7 @@ def start_chat(request: ChatCompletionRequest, *, reasoning_budget: int | None =
         try:
             # A prompt that opened <think> lets the model reason before the constrained answer.
             grammar = served.engine.compile_grammar(
-                grammar_after_reasoning(plan.grammar) if prompt.opens_reasoning else plan.grammar)
+                after_reasoning(plan.grammar) if prompt.opens_reasoning else plan.grammar)
         except GrammarRejected as error:
             raise APIError(str(error), param="tools" if plan.callable_names else "response_format",
                            code="invalid_grammar") from None

@@ -8,8 +8,8 @@ from typing import Any
 
 from edge_server.dialects.calls import CallExtractor
 from edge_server.dialects.dialect import ToolDialect
-from edge_server.dialects.grammars import any_json_object_grammar, schema_grammar
-from edge_server.dialects.schemalimits import check_schema_limits, check_strict
+from edge_server.dialects.constraints import any_json_object_grammar, schema_grammar
+from edge_server.dialects.schemalimits import check_schema_limits
 from edge_server.api.schemas import ChatCompletionRequest, FunctionDefinition, FunctionName, NamedToolChoice
 
 
@@ -90,10 +90,8 @@ def _answer_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
         return None
     if response_format.type == "json_object":
         return {"type": "object"}
-    spec = response_format.json_schema
-    if spec.strict:
-        check_strict(spec.schema_, param=ANSWER_SCHEMA_PARAM)
-    return spec.schema_ or {"type": "object"}
+    # Enforced as written, `strict` or not (an optional property stays optional).
+    return response_format.json_schema.schema_ or {"type": "object"}
 
 
 def _answer_grammar(request: ChatCompletionRequest, answer_schema: dict[str, Any] | None) -> str | None:

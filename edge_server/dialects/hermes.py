@@ -19,7 +19,7 @@ from edge_server.dialects.calls import (  # the events are re-exported: the pipe
     new_call_id,
 )
 from edge_server.dialects.dialect import ToolDialect
-from edge_server.dialects.grammars import tool_call_grammar
+from edge_server.dialects.constraints import tool_call_grammar
 
 __all__ = ["CLOSE_TAG", "DIALECT", "OPEN_TAG", "ContentDelta", "Event", "ToolCallArguments",
            "ToolCallExtractor", "ToolCallStart", "new_call_id"]

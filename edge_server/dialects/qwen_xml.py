@@ -1,4 +1,4 @@
-"""Qwen3-Coder / Qwen3.5 XML tool calls -> OpenAI tool-call events, and the GBNF that forces them (pure).
+"""Qwen3-Coder / Qwen3.5 XML tool calls -> OpenAI tool-call events, and the grammar that forces them.
 
 The model writes (templates `Qwen3-Coder.jinja`, `Qwen3.5-4B.jinja`)::
 
@@ -31,7 +31,6 @@ from typing import Any
 
 from edge_server.dialects.calls import (
     CLOSE_TAG,
-    OPEN_TAG,
     CallBlock,
     CallExtractor,
     Event,
@@ -40,7 +39,14 @@ from edge_server.dialects.calls import (
     ToolCallStart,
 )
 from edge_server.dialects.dialect import Signatures, ToolDialect
-from edge_server.dialects.grammars import check_signatures, gbnf_literal, property_value_rules, text_without
+from edge_server.dialects.constraints import (
+    check_grammar,
+    check_signatures,
+    json_rule,
+    lark_literal,
+    text_without,
+    value_schema,
+)
 
 log = logging.getLogger("edge_server.toolcalls")
 
@@ -317,57 +323,56 @@ class XmlToolCallExtractor(CallExtractor):
 
 def xml_call_grammar(signatures: Signatures, *, several: bool, param: str,
                      answer: tuple[dict[str, Any], str] | None = None) -> str:
-    """GBNF for XML calls to one of `signatures`: each declared parameter at most once in schema order,
+    """A grammar for XML calls to one of `signatures`: each declared parameter at most once in schema order,
     the required ones always, each value constrained by its schema (see `ToolDialect.call_grammar`)."""
     check_signatures(signatures, param=param, answer=answer)
-    rules, json_values, functions = [], [], []
-    uses = set()
+    rules, functions = [], []
     for i, (name, parameters) in enumerate(signatures):
         schema = parameters or {"type": "object"}
         properties = schema.get("properties")
         required = schema.get("required") if isinstance(schema.get("required"), list) else []
-        arguments, json_names = [], []
+        arguments = []
         if not isinstance(properties, dict):
             if schema.get("additionalProperties") is not False:
-                arguments.append("xml-any-arg*")
-                uses.update(("xml-any-arg", "xml-text"))
+                arguments.append("XML_ANY_ARG*")
         else:
             for j, (key, prop) in enumerate(properties.items()):
-                value = _value_rule(prop, schema)
-                if value is None:
-                    value = f"param-{i}-{len(json_names)}"
-                    json_names.append(key)
-                elif value == "xml-text":
-                    uses.add(value)
-                opening = gbnf_literal(f"{PARAMETER_OPEN}{key}>\n")
-                rules.append(f'xml-arg-{i}-{j} ::= {opening} {value} "\\n{PARAMETER_CLOSE}\\n"')
-                arguments.append(f"xml-arg-{i}-{j}" + ("" if key in required else "?"))
-        json_values.append((schema, json_names))
-        opening = gbnf_literal(f"{FUNCTION_OPEN}{name}>\n")
-        rules.append(f'xml-fn-{i} ::= {opening} {" ".join(arguments)} "{FUNCTION_CLOSE}\\n"')
-        functions.append(f"xml-fn-{i}")
-    calls = 'xml-call ("\\n" xml-call)*' if several else "xml-call"
-    lines = [f"root ::= {calls} | answer-json" if answer else f"root ::= {calls}",
-             f'xml-call ::= "{OPEN_TAG}\\n" ({" | ".join(functions)}) "{CLOSE_TAG}"', *rules]
-    if "xml-any-arg" in uses:
-        lines.append(f'xml-any-arg ::= "{PARAMETER_OPEN}" [^<>\\n]+ ">\\n" xml-text "\\n{PARAMETER_CLOSE}\\n"')
-    if "xml-text" in uses:
-        lines.append(text_without("xml-text", PARAMETER_CLOSE))
-    # Converted even when no value is JSON: the converter refuses the $refs it cannot follow, as for Hermes.
-    values = property_value_rules(json_values, param=param, answer=answer[0] if answer else None)
-    return "\n".join([*lines, values] if values else lines)
+                opening = lark_literal(f"{PARAMETER_OPEN}{key}>\n")
+                rules.append(f"xml_arg_{i}_{j}: {opening} {_value_rule(prop, schema)}")
+                arguments.append(f"xml_arg_{i}_{j}" + ("" if key in required else "?"))
+        opening = lark_literal(f"{FUNCTION_OPEN}{name}>\n")
+        rules.append(f"xml_fn_{i}: {opening} {' '.join(arguments)} {lark_literal(FUNCTION_CLOSE + chr(10))}")
+        functions.append(f"xml_fn_{i}")
+    calls = 'xml_call ("\\n" xml_call)*' if several else "xml_call"
+    lines = [f"start: {calls}" + (" | answer" if answer else ""),
+             f'xml_call: edge_tag_call_open "\\n" ({" | ".join(functions)}) edge_tag_call_close', *rules,
+             # A text value and its closing tag are one terminal: the text cannot hold the tag, so it ends at the first.
+             text_without("XML_TEXT", PARAMETER_CLOSE),
+             f"XML_TEXT_VALUE: XML_TEXT {lark_literal(_VALUE_CLOSE)}",
+             f'XML_ANY_ARG: {lark_literal(PARAMETER_OPEN)} /[^<>\\n]+/ ">\\n" XML_TEXT_VALUE']
+    if answer:
+        lines.append(f"answer: {json_rule(answer[0])}")
+    grammar = "\n".join(lines) + "\n"
+    check_grammar(grammar, param=param)
+    return grammar
 
 
-def _value_rule(schema: Any, root: dict[str, Any]) -> str | None:
-    """GBNF for a parameter's value as written in the XML, or None when it is JSON (a converter rule)."""
-    schema = resolved(schema, root)
-    listed = members(schema)
+_VALUE_CLOSE = f"\n{PARAMETER_CLOSE}\n"
+
+
+def _value_rule(schema: Any, root: dict[str, Any]) -> str:
+    """A parameter's value as written in the XML, with its closing tag: listed values and text literally,
+    anything else as JSON of its schema."""
+    target = resolved(schema, root)
+    listed = members(target)
     if listed is not None:
         texts = dict.fromkeys(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
                               for value in listed)
-        return "(" + " | ".join(map(gbnf_literal, texts)) + ")"
-    kinds = value_kinds(schema, root)
-    return "xml-text" if kinds is None or "string" in kinds else None
+        return "(" + " | ".join(lark_literal(text + _VALUE_CLOSE) for text in texts) + ")"
+    kinds = value_kinds(target, root)
+    if kinds is None or "string" in kinds:
+        return "XML_TEXT_VALUE"
+    return f"{json_rule(value_schema(schema, root), as_rendered=True)} {lark_literal(_VALUE_CLOSE)}"
 
 
 def _asks_for_xml(template_source: str) -> bool:

@@ -1,7 +1,7 @@
 """Bounds on client JSON schemas, checked before any grammar is built from them (pure).
 
-A schema becomes a llama.cpp grammar whose size and per-token cost grow with repetition counts,
-enum values and alternatives; these bounds keep every accepted schema cheap and safe to compile.
+A schema's compile time and per-token cost grow with repetition counts, enum values and alternatives;
+these bounds (with llguidance's own, `constraints.LIMITS`) keep every accepted schema cheap to compile.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ MAX_ALTERNATIVES = 256  # enum values + anyOf/oneOf branches + type lists, over 
 MAX_PROPERTIES = 256  # properties of one object
 MAX_PATTERN_LENGTH = 1000  # characters of one `pattern`
 MAX_PROPERTIES_IN_ALL = 512  # properties over the whole schema (allOf merges objects)
-MAX_OPTIONAL_PROPERTIES = 64  # properties not in `required`, over the whole schema (the converter's cost is cubic)
 
 LIMITS_TEXT = (f"schemas may nest {MAX_SCHEMA_DEPTH} levels, repeat at most {MAX_REPETITION} times "
                f"(lengths, item counts, regex {{m,n}}), offer at most {MAX_ALTERNATIVES} alternatives "
                f"(enum values and anyOf/oneOf branches together), list {MAX_PROPERTIES} properties per object, "
-               f"{MAX_PROPERTIES_IN_ALL} in all of which {MAX_OPTIONAL_PROPERTIES} optional, and use patterns "
+               f"{MAX_PROPERTIES_IN_ALL} in all, and use patterns "
                f"of up to {MAX_PATTERN_LENGTH} characters expanding to at most {MAX_REPETITION} repeated items")
 
 class SchemaRefused(ValueError):
@@ -79,7 +78,7 @@ def check_schema_limits(schema: Any, *, param: str) -> None:
     for _, depth in walk(schema):
         if depth > MAX_SCHEMA_DEPTH:
             _too_large(param, f"it nests more than {MAX_SCHEMA_DEPTH} levels")
-    alternatives = property_count = optional_count = 0
+    alternatives = property_count = 0
     # Counted over every object in the document, not only schema keywords: a $ref may point anywhere.
     for node in _every_object(schema):
         _check_counts(node, param)
@@ -97,14 +96,9 @@ def check_schema_limits(schema: Any, *, param: str) -> None:
         if isinstance(properties, dict):
             if len(properties) > MAX_PROPERTIES:
                 _too_large(param, f"an object lists {len(properties)} properties, above {MAX_PROPERTIES}")
-            required = node.get("required") if isinstance(node.get("required"), list) else []
             property_count += len(properties)
-            optional_count += len(set(properties) - set(required))
             if property_count > MAX_PROPERTIES_IN_ALL:
                 _too_large(param, f"it lists more than {MAX_PROPERTIES_IN_ALL} properties in all")
-            if optional_count > MAX_OPTIONAL_PROPERTIES:
-                _too_large(param, f"it has more than {MAX_OPTIONAL_PROPERTIES} optional properties in all "
-                                  f"(not in 'required')")
         pattern = node.get("pattern")
         if isinstance(pattern, str):
             _check_pattern(pattern, param)
@@ -210,22 +204,3 @@ def _invalid(param: str, reason: str) -> None:
 def _too_large(param: str, reason: str) -> None:
     raise SchemaRefused(f"This JSON schema is too large to enforce: {reason}. Limits: {LIMITS_TEXT}.", param=param,
                         code="schema_too_large")
-
-
-def check_strict(schema: Any, *, param: str) -> None:
-    """OpenAI's strict mode: every object lists all its properties as required and allows no others."""
-    if not isinstance(schema, dict):
-        return
-    for node, _ in walk(schema):
-        properties = node.get("properties")
-        if not isinstance(properties, dict):
-            continue
-        required = node.get("required") or []
-        if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
-            _invalid(param, "'required' must be a list of property names")
-        missing = set(properties) - set(required)
-        if missing or node.get("additionalProperties") is not False:
-            raise SchemaRefused(
-                "strict schemas must list every property in 'required' and set 'additionalProperties': false"
-                + (f" (not required: {', '.join(sorted(missing))})" if missing else ""),
-                param=param, code="invalid_schema")

@@ -1,4 +1,4 @@
-"""Per-request sampling on llama.cpp: the sampler chain, and grammars parsed off the engine thread."""
+"""Per-request sampling on llama.cpp: the sampler chain, and llguidance token masks applied before it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
+from edge_server.dialects.constraints import GrammarError, compile_matcher
 from edge_server.engine.types import GrammarRejected, ReasoningBudget, Sampling
 
 
@@ -21,84 +22,55 @@ PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp
 
 
 class CompiledGrammar:
-    """A llama.cpp grammar sampler, parsed on the requesting thread; the engine takes it over once.
+    """A grammar compiled by llguidance for this engine's vocabulary, on the requesting thread; the engine takes
+    its matcher over once."""
 
-    Parsing a large grammar takes long (a 20,000-value enum: about 1 s), and it must never happen on
-    the engine's thread, where it would stall every running stream.
-    """
-
-    def __init__(self, pointer: Any):
-        self._pointer = pointer
+    def __init__(self, matcher: Any):
+        self._matcher = matcher
 
     def take(self) -> Any:
-        """The sampler pointer; from now on the caller frees it."""
-        pointer, self._pointer = self._pointer, None
-        return pointer
-
-    def __del__(self) -> None:
-        if self._pointer:  # never started (cancelled while waiting, refused by a full queue)
-            llama_cpp.llama_sampler_free(self._pointer)
-            self._pointer = None
+        """The matcher; from now on it follows the caller's tokens."""
+        matcher, self._matcher = self._matcher, None
+        return matcher
 
 
 class ConstrainedSampler:
-    """Samples under a grammar from one batch position's logits, keeping the whole vocabulary as candidates."""
+    """Masks one batch position's logits to the tokens a grammar allows, then samples with the request's chain."""
 
     def __init__(self, context: internals.LlamaContext, n_vocab: int):
+        self._context = context
         self._ctx = context.ctx
         self._n_vocab = n_vocab
-        dtype = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-        assert dtype.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
-        self._data = np.zeros(n_vocab, dtype=dtype)
-        self._data["id"] = np.arange(n_vocab, dtype=np.int32)
-        self._ids = self._data["id"].copy()
-        self._pointer = self._data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
-        self._array = llama_cpp.llama_token_data_array(data=self._pointer, size=n_vocab, selected=-1, sorted=False)
-        self._one = llama_cpp.llama_token_data(id=0, logit=0.0, p=0.0)
-        self._one_array = llama_cpp.llama_token_data_array(data=ctypes.pointer(self._one), size=1, selected=-1,
-                                                           sorted=False)
+        self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
 
-    def sample(self, chain: Any, grammar: Any, index: int) -> int:
-        """Sample with `chain`, constrained by `grammar`, and let both accept the token.
+    def sample(self, chain: internals.LlamaSampler, matcher: Any, index: int, *, keep_logits: bool) -> int:
+        """Sample the next token with `chain` from what `matcher` allows, and let the matcher consume it.
 
-        As llama.cpp's own common sampler does: sample freely, then check only the chosen token
-        against the grammar; the grammar pass over the whole vocabulary (its cost grows with
-        vocabulary size times open alternatives) runs only when that token is refused. Sampling
-        from what the grammar allows gives the same distribution either way.
+        The mask is computed for this position alone (llguidance: microseconds), so a constrained slot
+        costs the others in the batch nothing. With `keep_logits` the raw logits are put back afterwards
+        (log-probabilities are reported under the model's own distribution).
         """
-        self._fill(index)
-        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
-        token = self._array.data[self._array.selected].id
-        if not self._allows(grammar, token):
-            self._fill(index)
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._array))
-            allowed = self._data["logit"].copy()  # the grammar's verdict, before the chain reorders the data
-            if not np.isfinite(allowed).any():
-                # Accepting any token now would make llama.cpp abort the process: end this job instead.
-                raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
-            llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
-            token = self._array.data[self._array.selected].id
-            if not self._allows(grammar, token):
-                # Extreme settings (a temperature of 1e-40, a penalty near 0) turn logits into NaN and the
-                # chain picks a refused token: take the best token the grammar allows instead.
-                token = int(self._ids[np.nanargmax(np.where(np.isfinite(allowed), allowed, -np.inf))])
-        llama_cpp.llama_sampler_accept(grammar, token)
-        llama_cpp.llama_sampler_accept(chain, token)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        if matcher.is_error():
+            raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
+        allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self._n_vocab].view(bool)
+        if not allowed.any():
+            raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
+        raw = logits.copy() if keep_logits else None
+        np.copyto(logits, -np.inf, where=~allowed)
+        token = chain.sample(self._context, index)
+        if not allowed[token]:
+            # Extreme settings (a temperature of 1e-40, a penalty near 0) turn logits into NaN and the
+            # chain picks a refused token: take the best token the grammar allows instead.
+            token = int(np.nanargmax(np.where(allowed & np.isfinite(logits), logits, -np.inf)))
+            if not allowed[token]:
+                token = int(np.flatnonzero(allowed)[0])
+        if raw is not None:
+            logits[:] = raw
+        if not matcher.consume_token(token):
+            raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
         return token
-
-    def _allows(self, grammar: Any, token: int) -> bool:
-        self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
-        self._one_array.size, self._one_array.selected = 1, -1
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_array))
-        return self._one.logit != float("-inf")
-
-    def _fill(self, index: int) -> None:
-        logits = llama_cpp.llama_get_logits_ith(self._ctx, index)
-        self._data["id"] = self._ids
-        self._data["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
-        self._data["p"] = 0.0
-        self._array.data, self._array.size, self._array.selected, self._array.sorted = (
-            self._pointer, self._n_vocab, -1, False)
 
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
@@ -185,12 +157,12 @@ def make_sampler(sampling: Sampling, model: internals.LlamaModel) -> internals.L
     return sampler
 
 
-def compile_grammar(vocab: Any, grammar: str) -> CompiledGrammar:
-    """Parse GBNF for `vocab` on the calling thread; raises `GrammarRejected`."""
-    pointer = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
-    if not pointer:
-        raise GrammarRejected("llama.cpp rejected the grammar built for this request")
-    return CompiledGrammar(pointer)
+def compile_grammar(tokenizer: Any, grammar: str) -> CompiledGrammar:
+    """Compile an llguidance grammar for `tokenizer`'s vocabulary on the calling thread; raises `GrammarRejected`."""
+    try:
+        return CompiledGrammar(compile_matcher(tokenizer, grammar))
+    except GrammarError as error:
+        raise GrammarRejected(f"The output grammar cannot be compiled for this model: {error}") from None
 
 
 def token_logprobs(context: Any, index: int, token: int, n_vocab: int, top: int) -> tuple[float, list[tuple[int, float]]]:

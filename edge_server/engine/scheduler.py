@@ -100,8 +100,9 @@ class Engine:
         return self._vocab.detokenize(tokens)
 
     def compile_grammar(self, grammar: str) -> CompiledGrammar:
-        """Parse GBNF on the calling thread, never the engine's (safe from any thread); raises `GrammarRejected`."""
-        return compile_grammar(self._vocab.pointer, grammar)
+        """Compile an llguidance grammar on the calling thread, never the engine's (safe from any thread); raises
+        `GrammarRejected`."""
+        return compile_grammar(self._vocab.constraint_tokenizer(), grammar)
 
     def submit(self, job: Job) -> TokenStream:
         """Queue a job; returns its stream at once. Raises `QueueFull` when `--max-queue` are waiting."""

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import llama_cpp
 from llama_cpp import _internals as internals
 
 from edge_server.engine.prefixcache import Plan, PrefixCache
@@ -36,7 +35,7 @@ class Slot:
     job: Job | None = None
     stream: TokenStream | None = None
     sampler: internals.LlamaSampler | None = None
-    grammar: Any = None  # llama.cpp grammar sampler pointer, owned by the slot while its job runs
+    grammar: Any = None  # the llguidance matcher of the job's grammar, following its tokens
     pending_prompt: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     next_token: int | None = None  # sampled, emitted, and to be decoded in the next step
     produced: int = 0
@@ -236,11 +235,12 @@ class Slots:
     def _pick_token(self, slot: Slot) -> int:
         if slot.grammar is None:
             return slot.sampler.sample(self._ctx, slot.logits_at)
-        return self._constrained.sample(slot.sampler.sampler, slot.grammar, slot.logits_at)
+        return self._constrained.sample(slot.sampler, slot.grammar, slot.logits_at,
+                                        keep_logits=slot.job.sampling.logprobs is not None)
 
     def end(self, slot: Slot, finish: Finish) -> None:
         """End `slot`'s job with `finish`, freeing the slot before the client hears of it (at `send`)."""
-        stream, sampler, grammar = slot.stream, slot.sampler, slot.grammar
+        stream, sampler = slot.stream, slot.sampler
         slot.job = slot.stream = slot.sampler = slot.grammar = slot.drafter = None
         slot.next_token = slot.awaits = None
         slot.draft = []
@@ -248,8 +248,6 @@ class Slots:
         self._cache.release(slot.seq, time.monotonic())
         if sampler is not None:
             sampler.close()
-        if grammar is not None:
-            llama_cpp.llama_sampler_free(grammar)
         # Free the slot before telling the client: whoever reads the answer then sees the engine idle.
         self._outbox.append((stream, finish))
 

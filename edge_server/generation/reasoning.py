@@ -6,7 +6,6 @@ import enum
 import re
 from dataclasses import dataclass
 
-from edge_server.dialects.grammars import text_without
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
@@ -30,23 +29,6 @@ def template_thinks(template_source: str) -> bool:
 def prompt_opens_reasoning(prompt_text: str) -> bool:
     """Whether the rendered prompt leaves the model inside an open `<think>` block."""
     return _OPENED_AT_END.search(prompt_text) is not None
-
-
-# Reasoning text up to and including "</think>": a grammar that constrains the answer lets the model
-# think first when the prompt opened the block.
-_THINK_RULES = "\n".join([
-    'edge-think ::= edge-think-text "</think>" [ \\t\\n]*',
-    text_without("edge-think-text", CLOSE_TAG),
-])
-_ROOT_RULE = re.compile(r"^root\s*::=", re.MULTILINE)
-
-
-def grammar_after_reasoning(grammar: str) -> str:
-    """`grammar` (GBNF) preceded by a reasoning block's text and its `</think>`."""
-    renamed, count = _ROOT_RULE.subn("edge-answer ::=", grammar)
-    if count != 1:
-        raise ValueError("the grammar must define exactly one root rule")
-    return f"root ::= edge-think edge-answer\n{renamed}\n{_THINK_RULES}\n"
 
 
 class _Phase(enum.Enum):

@@ -18,7 +18,7 @@ WEATHER = {"type": "function", "function": {
 ALARM = {"type": "function", "function": {
     "name": "set_alarm", "parameters": {"type": "object", "properties": {"on": {"type": "boolean"},
                                                                          "level": {"enum": [1, 2, 3]}},
-                                        "required": ["on", "level"]}}}
+                                        "required": ["on", "level"], "additionalProperties": False}}}
 TOOLS = [WEATHER, ALARM]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 # The text the scripted model writes: prose, then a Qwen tool-call block, tags made of ordinary tokens.
@@ -191,7 +191,7 @@ BAD_TOOL_REQUESTS = [
      "tool_choice"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "strict": True, "schema": {
-        "type": "object", "properties": {"a": {"type": "string"}}}}}}, "response_format.json_schema.schema"),
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}}, "response_format.json_schema.schema"),
 ]
 
 

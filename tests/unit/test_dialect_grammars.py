@@ -1,12 +1,11 @@
-"""The dialects' forced-call grammars, parsed and run by llama.cpp itself on a real vocabulary.
+"""The dialects' forced-call grammars, compiled by llguidance for a real vocabulary as the engine compiles them.
 
-`accepts` walks llama.cpp's grammar sampler over the tokens of a text, as the engine does while
-sampling, and asks at the end whether the grammar lets the output stop there.
+`accepts` walks the engine's matcher over the tokens of a text (special tokens as the model writes them),
+and asks at the end whether the grammar lets the output stop there.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 
 import llama_cpp
@@ -15,8 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_server.dialects import hermes, qwen_xml
-from edge_server.dialects.grammars import gbnf_literal, text_without, tool_call_grammar
+from edge_server.dialects.constraints import (
+    after_reasoning,
+    compile_matcher,
+    lark_literal,
+    schema_grammar,
+    text_without,
+    tool_call_grammar,
+)
 from edge_server.dialects.schemalimits import SchemaRefused
+from edge_server.engine.vocab import Vocabulary
 from tests.unit.test_tool_call_extractor import summary
 
 WEATHER = {"type": "object", "required": ["city", "days"], "properties": {
@@ -31,46 +38,30 @@ SIGNATURES = [("get_weather", WEATHER), ("anything", None)]
 
 
 class Vocab:
-    """A model's vocabulary, loaded alone, to run grammars on."""
+    """A model's vocabulary, loaded alone, with llguidance's tokenizer built from it as the engine builds it."""
 
     def __init__(self, path):
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         assert self.model
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.vocabulary = Vocabulary(llama_cpp.llama_model_get_vocab(self.model))
+        self.tokenizer = self.vocabulary.constraint_tokenizer()
 
     def tokens(self, text: str) -> list[int]:
-        data = text.encode()
-        buffer = (llama_cpp.llama_token * (len(data) + 8))()
-        count = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, len(buffer), False, False)
-        assert count >= 0
-        return buffer[:count]
+        return self.vocabulary.tokenize(text.encode(), False, True)
 
     def accepts(self, grammar: str, text: str) -> bool:
-        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-        assert sampler, "llama.cpp rejected the grammar"
-        one = llama_cpp.llama_token_data(id=0, logit=0.0, p=0.0)
-        candidates = llama_cpp.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
-
-        def allowed(token: int) -> bool:
-            one.id, one.logit, candidates.size, candidates.selected = token, 1.0, 1, -1
-            llama_cpp.llama_sampler_apply(sampler, ctypes.byref(candidates))
-            return one.logit != float("-inf")
-
-        try:
-            for token in self.tokens(text):
-                if not allowed(token):
-                    return False
-                llama_cpp.llama_sampler_accept(sampler, token)
-            return allowed(llama_cpp.llama_vocab_eos(self.vocab))
-        finally:
-            llama_cpp.llama_sampler_free(sampler)
+        """Whether the engine's matcher for `grammar` takes the tokens of `text` and then lets the output end."""
+        matcher = compile_matcher(self.tokenizer, grammar)
+        return matcher.consume_tokens(self.tokens(text)) and matcher.is_accepting()
 
 
-@pytest.fixture(scope="module")
-def vocab(tiny_model):
-    loaded = Vocab(tiny_model)
+@pytest.fixture(scope="module", params=["tiny", "qwen"])
+def vocab(request, tiny_model, qwen_scripted_model):
+    """The tiny model's vocabulary (tags written as text) and the real Qwen one (`<tool_call>` one special token)."""
+    path = tiny_model if request.param == "tiny" else qwen_scripted_model("qwen3.5", "ok")
+    loaded = Vocab(path)
     yield loaded
     llama_cpp.llama_model_free(loaded.model)
 
@@ -139,15 +130,17 @@ def test_auto_beside_a_structured_answer_gives_a_call_or_the_answer(vocab):
     answer = ({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}, "response_format")
     grammar = qwen_xml.xml_call_grammar(SIGNATURES, several=True, param="tool_choice", answer=answer)
     assert vocab.accepts(grammar, GOOD_CALLS[0])
-    assert vocab.accepts(grammar, '{"ok": true}')
-    assert not vocab.accepts(grammar, '{"ok": 1}')
+    assert vocab.accepts(grammar, '{"ok":true}')
+    assert not vocab.accepts(grammar, '{"ok":1}')
+    assert not vocab.accepts(grammar, '{"ok": true}')  # an answer is compact; calls are spaced as templates render them
+    assert not vocab.accepts(grammar, xml_call("get_weather", city="Paris", days="3", where='{"lat":1,"lon":2}'))
     assert not vocab.accepts(grammar, "plain text")
 
 
 def test_answer_beside_calls_whose_values_are_all_text(vocab):
     grammar = qwen_xml.xml_call_grammar([("anything", None)], several=False, param="t",
                                         answer=({"type": "object"}, "response_format"))
-    assert vocab.accepts(grammar, '{"a": [1]}') and vocab.accepts(grammar, xml_call("anything"))
+    assert vocab.accepts(grammar, '{"a":[1]}') and vocab.accepts(grammar, xml_call("anything"))
 
 
 def test_tools_with_same_named_definitions_stay_apart(vocab):
@@ -198,17 +191,61 @@ def test_hermes_dialect_grammar_is_the_json_call_grammar(vocab):
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet="</parmet>x\n", max_size=30))
 def test_text_without_admits_exactly_the_texts_lacking_the_word(vocab, text):
-    grammar = "root ::= t\n" + text_without("t", "</parameter>")
+    grammar = "start: T\n" + text_without("T", "</parameter>")
     assert vocab.accepts(grammar, text) == ("</parameter>" not in text)
 
 
 @pytest.mark.parametrize("word", ["aab", "abab", "[-]^\\", "\n\n"])
 def test_text_without_handles_self_overlapping_and_special_words(vocab, word):
-    grammar = "root ::= t\n" + text_without("t", word)
+    grammar = "start: T\n" + text_without("T", word)
     assert vocab.accepts(grammar, "x" + word[:-1] + "y" + word[1:])
     assert not vocab.accepts(grammar, "x" + word[:-1] + word + "y")
 
 
-def test_gbnf_literal_round_trips_every_special_character(vocab):
-    text = 'quote " backslash \\ newline \n tab \t bell \x07 [x] ü'
-    assert vocab.accepts(f"root ::= {gbnf_literal(text)}", text)
+def test_lark_literal_round_trips_every_special_character(vocab):
+    text = 'quote " backslash \\ newline \n tab \t bell \x07 [x] /slash/ ü'
+    assert vocab.accepts(f"start: {lark_literal(text)}", text)
+    assert not vocab.accepts(f"start: {lark_literal(text)}", text[:-1])
+
+
+def test_tags_are_the_vocabularys_special_tokens_or_their_text(vocab):
+    grammar = hermes.DIALECT.call_grammar([("anything", None)], several=False, param="t")
+    call = '<tool_call>\n{"name": "anything", "arguments": {}}\n</tool_call>'
+    [tag] = vocab.tokens("<tool_call>")
+    assert vocab.tokenizer.is_special_token(tag)  # an added token in both vocabularies
+    assert vocab.accepts(grammar, call)
+    spelled = [token for char in call for token in vocab.tokens(char)]
+    matcher = compile_matcher(vocab.tokenizer, grammar)
+    assert matcher.consume_tokens(spelled) and matcher.is_accepting()
+    matcher = compile_matcher(vocab.tokenizer, grammar)
+    assert not matcher.consume_tokens(vocab.tokens('<tool_call>\n{"name": "<tool_call>"'))
+
+
+def test_json_strings_never_hold_special_tokens(vocab):
+    matcher = compile_matcher(vocab.tokenizer, schema_grammar({"type": "string"}, param="p"))
+    assert matcher.consume_tokens(vocab.tokens('"'))
+    end_of_turn = vocab.tokens("<|im_end|>")
+    assert len(end_of_turn) > 1 or not matcher.consume_tokens(end_of_turn)
+
+
+def test_end_of_generation_is_allowed_exactly_when_the_grammar_is_complete(vocab):
+    matcher = compile_matcher(vocab.tokenizer, schema_grammar({"enum": ["yes", "yesno"]}, param="p"))
+    ends = vocab.tokenizer.eos_tokens
+    for token in vocab.tokens('"yes'):
+        assert not any(_allowed(matcher, end) for end in ends)
+        assert matcher.consume_token(token)
+    assert not any(_allowed(matcher, end) for end in ends)
+    assert matcher.consume_tokens(vocab.tokens('"'))
+    assert all(_allowed(matcher, end) for end in ends)
+
+
+def _allowed(matcher, token: int) -> bool:
+    mask = matcher.compute_bitmask()
+    return bool(mask[token // 8] >> (token % 8) & 1)
+
+
+def test_reasoning_comes_first_then_the_constrained_answer(vocab):
+    grammar = after_reasoning(schema_grammar({"enum": [1, 2]}, param="p"))
+    assert vocab.accepts(grammar, "Let me think: </thin k> is it 3 or <b>?</think>\n\n2")
+    assert not vocab.accepts(grammar, "2")  # the block is closed first
+    assert not vocab.accepts(grammar, "maybe</think>3")

@@ -227,8 +227,8 @@ BAD = {
     "temperature 3": ({"temperature": 3}, "temperature"),
     "zero output tokens": ({"max_output_tokens": 0}, "max_output_tokens"),
     "metadata not strings": ({"metadata": {"a": 1}}, "metadata.a"),
-    "strict schema not strict": ({"text": {"format": {"type": "json_schema", "name": "x", "strict": True,
-                                                      "schema": {"type": "object", "properties": {"a": {}}}}}},
+    "schema not enforceable": ({"text": {"format": {"type": "json_schema", "name": "x", "strict": True, "schema": {
+        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}}},
                                  "text.format.schema"),
 }
 
