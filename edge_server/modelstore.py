@@ -53,6 +53,8 @@ def resolve_model(spec: str | None, models_dir: Path, *, alias: str | None = Non
     if local is not None:
         return ResolvedModel(local, alias or local.stem)
     repo, filename = default_model()
+    log.info("no --model and no GGUF in %s: the default for %.1f GiB of memory is %s/%s (another: --model "
+             "OWNER/REPO/FILE.gguf)", models_dir, total_memory() / (1 << 30), repo, filename)
     try:
         path = download(repo, filename, models_dir, timeout=timeout)
         return ResolvedModel(path, alias or path.stem)
@@ -75,8 +77,6 @@ def default_model(memory: int | None = None) -> tuple[str, str]:
     memory = total_memory() if memory is None else memory
     for smallest, repo, filename in DEFAULT_CHOICES:
         if memory >= smallest:
-            log.info("default model for %.1f GiB of memory: %s/%s (pick another with --model OWNER/REPO/FILE.gguf)",
-                     memory / (1 << 30), repo, filename)
             return repo, filename
     return DEFAULT_CHOICES[-1][1:]
 
