@@ -20,7 +20,7 @@ from edge_server.api.state import ServedModel, client_gone, state_of
 from edge_server.api.toolplan import ToolPlan, plan_tools
 from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong
+from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong, RequestTooLarge
 from edge_server.generation.pipeline import ClientGone, Generation
 from edge_server.generation.prompt import ChatPrompt
 from edge_server.generation.reasoning import ReasoningSplitter, grammar_after_reasoning
@@ -119,12 +119,20 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
         raise APIError(f"n={request.n} is more than the {parallel} requests this server decodes together "
                        f"(--parallel); ask for at most {parallel} choices.", param="n", code="invalid_value")
     generations: list[Generation] = []
+    group = len(prompts) * request.n
     try:
         for prompt in prompts:
             for choice in range(request.n):
                 seed = None if request.seed is None else (request.seed + choice) % 2**64
                 generations.append(start_generation(served, request, prompt, limit, grammar=grammar, seed=seed,
-                                                    **options()))
+                                                    group=group, **options()))
+    except RequestTooLarge as error:
+        for generation in generations:
+            generation.cancel()
+        raise APIError(f"This request asks for {group} generations ({len(prompts)} prompts x n={request.n}), more "
+                       f"than this server can ever hold at once: {error.limit} (--parallel {parallel} + --max-queue "
+                       f"{error.limit - parallel}). Send at most {error.limit} per request.", param="prompt",
+                       code="request_too_large") from None
     except BaseException:
         for generation in generations:
             generation.cancel()
@@ -133,15 +141,17 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
 
 
 def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
-                     grammar: CompiledGrammarHandle | None = None, seed: int | None = None, **options) -> Generation:
-    """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context leaves."""
+                     grammar: CompiledGrammarHandle | None = None, seed: int | None = None, group: int = 1,
+                     **options) -> Generation:
+    """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context
+    leaves; `group`: the jobs the request submits together."""
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
         raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
     sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed)
     job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling,
-              speculative=request.speculative)
+              speculative=request.speculative, group=group)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
 
 
