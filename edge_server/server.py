@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from edge_server.api.app import create_app
 from edge_server.engine import fatal
-from edge_server.engine.loader import check_gguf_file, load_engine
+from edge_server.engine.loader import check_gguf_file, free_engine, load_engine
 from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.types import ModelLoadError
 from edge_server.http_server import create_hardened_server
@@ -213,6 +213,7 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
                          speculation=_speculation(settings) if spec.role == "chat" else None)
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
+    served.release = functools.partial(free_engine, engine)
     log.info(
         "model ready: %s (id %r, %s) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s "
         "parallel=%d chat_template=%s%s%s",

@@ -10,12 +10,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from flask import Response, jsonify
+from flask import Response, g, jsonify
 from pydantic import BaseModel
 
 from edge_server.api.errors import APIError
 from edge_server.api.observability import log_safe
 from edge_server.api.schemas import ChatCompletionRequest, GenerationRequest
+from edge_server.api.registry import ModelRegistry
 from edge_server.api.state import ServedModel, client_gone, state_of
 from edge_server.api.toolplan import ToolPlan, plan_tools
 from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
@@ -28,9 +29,8 @@ from edge_server.generation.reasoning import ReasoningSplitter, grammar_after_re
 log = logging.getLogger("edge_server")
 
 
-def served_model(name: str | None = None, *, role: str | None = None) -> ServedModel:
-    """The model a request names (loaded on first use), or the API's 404 for an unknown one, 400 for one
-    of the wrong `role`, 503 while loading or shutting down."""
+def serving_registry() -> ModelRegistry:
+    """The configured models, or the 503 while the server resolves them or shuts down (nothing is loaded)."""
     state = state_of()
     if state.shutting_down:
         raise APIError("The server is shutting down; retry against its next start.", status=503,
@@ -38,11 +38,28 @@ def served_model(name: str | None = None, *, role: str | None = None) -> ServedM
     if state.registry is None:
         raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
                        status=503, code="model_loading", headers={"Retry-After": "2"})
-    spec = state.registry.spec(state.registry.entry_id(name))
+    return state.registry
+
+
+def served_model(name: str | None = None, *, role: str | None = None) -> ServedModel:
+    """The model a request names (loaded on first use), or the API's 404 for an unknown one, 400 for one
+    of the wrong `role`, 503 while loading or shutting down."""
+    registry = serving_registry()
+    spec = registry.spec(registry.entry_id(name))
     if role is not None and spec.role != role:
         raise APIError(f"The model '{spec.id}' is for {spec.role}; this endpoint needs a {role} model.",
                        param="model", code="wrong_model_type")
-    return state.registry.get(name)
+    served = registry.get(name)
+    g.setdefault("borrowed_models", []).append(served)  # held until the request ends (`give_back_models`)
+    return served
+
+
+def give_back_models(error: BaseException | None = None) -> None:
+    """Teardown of every request: the models it was lent may be unloaded again. By then its jobs are in the
+    engine (a streamed answer only reads their token streams), which keeps the model busy while they run."""
+    registry = state_of().registry
+    for served in g.pop("borrowed_models", ()):
+        registry.give_back(served)
 
 
 @dataclass
