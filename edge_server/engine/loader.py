@@ -66,6 +66,8 @@ def load_engine(
     layers = (-1 if backend != "CPU" else 0) if n_gpu_layers == "auto" else int(n_gpu_layers)
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
+    if rpc_workers:
+        model_params.progress_callback = rpc.report_progress  # the watchdog sees the upload move (rpc.LOADS)
     if tensor_split:
         split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
         model_params.tensor_split = split  # `split` outlives the load: it is read while the model loads
