@@ -24,3 +24,16 @@ def return_large_buffers_to_the_system() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES))
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
+
+
+def give_back_free_heap() -> bool:
+    """Return the heap's free pages to the system now (glibc's malloc_trim). A model's many small allocations
+    (its vocabulary, the graph's bookkeeping) are freed into the heap, where they stay resident without it.
+    Returns whether anything was released (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return False

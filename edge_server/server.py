@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import functools
 import logging
 import os
@@ -14,8 +15,8 @@ import time
 from pydantic import ValidationError
 
 from edge_server.api.app import create_app
-from edge_server.engine import fatal
-from edge_server.engine.loader import check_gguf_file, load_engine
+from edge_server.engine import fatal, rpc
+from edge_server.engine.loader import check_gguf_file, free_engine, load_engine
 from edge_server.engine.speculation import SpecConfig
 from edge_server.engine.types import ModelLoadError
 from edge_server.http_server import create_hardened_server
@@ -172,10 +173,13 @@ def _report_failure(state: ServerState, server, reason: str) -> None:
 
 
 def _watch_steps(registry: ModelRegistry, limit: float, workers: tuple[str, ...]) -> None:
-    """With RPC workers a lost machine can leave a step waiting forever (no reset ever arrives): past `limit`
-    seconds that is a backend failure."""
+    """With RPC workers a lost machine can leave a step or a load waiting forever (no reset ever arrives): past
+    `limit` seconds without progress that is a backend failure."""
     while True:
         time.sleep(min(1.0, limit / 4))
+        if rpc.LOADS.stalled_for() > limit:
+            fatal.fail(f"loading a model waited {limit:g}s for the RPC workers ({', '.join(workers)}) without "
+                       "progress")
         for served in registry.loaded():
             since = served.engine.step_since
             if since is not None and time.monotonic() - since > limit:
@@ -204,17 +208,19 @@ def _unload_idle(registry: ModelRegistry) -> None:
 
 def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
     settings = settings.model_copy(update=spec.options)  # --models-file settings of this model (checked)
-    engine = load_engine(spec.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
-                         threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
-                         flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
-                         fault_seed=settings.fault_seed, cache_type_k=settings.cache_type_k,
-                         cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified,
-                         rpc_workers=settings.rpc, tensor_split=settings.tensor_split,
-                         speculation=_speculation(settings) if spec.role == "chat" else None,
-                         ctx_checkpoints=settings.ctx_checkpoints, ctx_checkpoint_mib=settings.ctx_checkpoint_mib,
-                         swa_full=settings.swa_full)
+    with rpc.LOADS.watching() if settings.rpc else contextlib.nullcontext():  # the watchdog ends a stalled load
+        engine = load_engine(spec.path, n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers,
+                             threads=settings.threads, parallel=settings.parallel, max_queue=settings.max_queue,
+                             flash_attn=settings.flash_attn, adapt_threads=not settings.fixed_threads,
+                             fault_seed=settings.fault_seed, cache_type_k=settings.cache_type_k,
+                             cache_type_v=settings.cache_type_v, kv_unified=settings.kv_unified,
+                             rpc_workers=settings.rpc, tensor_split=settings.tensor_split,
+                             speculation=_speculation(settings) if spec.role == "chat" else None,
+                             ctx_checkpoints=settings.ctx_checkpoints,
+                             ctx_checkpoint_mib=settings.ctx_checkpoint_mib, swa_full=settings.swa_full)
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
+    served.release = functools.partial(free_engine, engine)
     log.info(
         "model ready: %s (id %r, %s) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s "
         "parallel=%d chat_template=%s%s%s",

@@ -51,11 +51,21 @@ def build(cmake_args: str, key: str, dest: Path, *, version: str = LLAMA_VERSION
     return install_copy(built, dest / BINARY)
 
 
+def resolve_host(host: str) -> str:
+    """The IPv4 address rpc-server is to bind for `host` (a name such as localhost, or an address): it takes
+    only dotted IPv4 addresses, and exits 0 without serving on anything else. ValueError with the reason."""
+    try:
+        found = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = "llama.cpp's rpc-server listens on IPv4 only" if ":" in host else getattr(error, "strerror", None)
+        raise ValueError(f"cannot resolve --host {host!r} to an IPv4 address: {reason or error}") from None
+    return found[0][4][0]
+
+
 def _port_free(host: str, port: int) -> str | None:
     """None when `host:port` can be bound, else why not (rpc-server itself exits 0 on that)."""
     try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as error:
@@ -103,6 +113,11 @@ def main(argv: Sequence[str]) -> int:
         return EXIT_CONFIG
     if not 0 < args.port < 65536:
         print(f"edge-server worker: invalid --port {args.port}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        args.host = resolve_host(args.host)
+    except ValueError as error:
+        print(f"edge-server worker: {error}", file=sys.stderr)
         return EXIT_CONFIG
     busy = _port_free(args.host, args.port)
     if busy:

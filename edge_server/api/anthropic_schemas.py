@@ -40,7 +40,7 @@ class ToolUseBlock(RequestModel):
 
     type: Literal["tool_use"]
     id: str
-    name: str
+    name: str = Field(min_length=1)  # the template renders the call by its name
     input: dict[str, Any]
 
 

@@ -23,6 +23,7 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     from edge_server.api.routes import api
     from edge_server.api.security import register_security
     from edge_server.api.state import ServerState, attach_state
+    from edge_server.api.submit import give_back_models
     from edge_server.api.tokens import tokens_api
 
     app = Flask(__name__)
@@ -45,4 +46,5 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> Flask:
     app.register_blueprint(spec)
     app.register_blueprint(tokens_api)
     register_error_handlers(app)
+    app.teardown_request(give_back_models)
     return app

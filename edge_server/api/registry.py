@@ -15,10 +15,11 @@ from edge_server.api.errors import APIError
 from edge_server.api.state import ServedModel
 from edge_server.engine.types import ModelLoadError
 from edge_server.ggufmeta import read_gguf_metadata
+from edge_server.memory import give_back_free_heap
 
 log = logging.getLogger("edge_server")
 
-# A model used this recently may have a request between choosing it and submitting its job.
+# A model chosen this recently is not evicted (requests alternating between two models would thrash).
 _IN_USE_SECONDS = 2.0
 _RETRY_FAILED_AFTER = 30.0
 
@@ -53,11 +54,23 @@ class _Entry:
     failed_at: float = 0.0
     last_used: float = float("-inf")  # when a request last chose it (loading at start-up is no use)
     loaded_at: float = 0.0
-    load_lock: threading.Lock = field(default_factory=threading.Lock)
+    borrowed: int = 0  # requests holding it now (from `get` until `give_back`)
+    retiring: ServedModel | None = None  # taken out of service, its memory not yet given back
+    load_lock: threading.Lock = field(default_factory=threading.Lock)  # one load of this model at a time
 
     def idle(self, now: float) -> bool:
         engine = self.served.engine if self.served else None
-        return engine is not None and not engine.running and not engine.queued and now - self.last_used > _IN_USE_SECONDS
+        return (engine is not None and not self.borrowed and not engine.running
+                and not engine.queued and now - self.last_used > _IN_USE_SECONDS)
+
+    @property
+    def holds_memory(self) -> bool:
+        """Loading, loaded, or being unloaded: it counts against `--max-loaded`."""
+        return self.state in ("loading", "ready")
+
+    def retire(self) -> None:
+        """Take the loaded model out of service (no request gets it any more) before its memory is freed."""
+        self.retiring, self.served = self.served, None
 
 
 Events = Callable[[str, str], None]  # (event: loaded | load_failed | unloaded, model id)
@@ -76,7 +89,9 @@ class ModelRegistry:
         self.max_loaded = max_loaded or len(specs)
         self.idle_unload = idle_unload
         self._events = events
-        self._lock = threading.Lock()
+        # Every decision on what is in memory (lending, loading, evicting, unloading) is taken under this lock;
+        # the slow work (loading, freeing) runs outside it. Listing models never takes it.
+        self._changed = threading.Condition()
         self.started = load is None  # preload() has run (a registry of loaded models needs none)
 
     @classmethod
@@ -122,37 +137,62 @@ class ModelRegistry:
 
     def get(self, name: str | None) -> ServedModel:
         """The model a request names, loading it first if need be (503 while it loads at start-up, after a
-        failed load, or when every loaded model is busy and none can make room)."""
+        failed load, or when every loaded model is busy and none can make room). The caller holds it until
+        `give_back`: a model held is never unloaded."""
         entry = self._entries[self.entry_id(name)]
-        entry.last_used = time.monotonic()
-        if entry.served is not None:
-            return entry.served
-        if entry.state == "failed" and time.monotonic() - entry.failed_at < _RETRY_FAILED_AFTER:
-            raise APIError(f"The model '{entry.spec.id}' failed to load: {entry.error}", status=503,
-                           code="model_load_failed", headers={"Retry-After": str(int(_RETRY_FAILED_AFTER))})
+        with self._changed:
+            entry.last_used = time.monotonic()
+            if entry.served is not None:
+                return self._lend(entry)
+            self._refuse_failed(entry)
         # While the server starts, say so at once (as /health does); later, wait for another request's load.
         if not entry.load_lock.acquire(timeout=-1 if self.started else 0):
             raise _loading(entry.spec.id)
         try:
-            if entry.served is None:
-                self._make_room(entry)
-                self._load_entry(entry)
+            with self._changed:
+                while entry.retiring is not None:  # its old copy is being unloaded: a file is never mapped twice
+                    self._changed.wait()
+                if entry.served is not None:
+                    return self._lend(entry)
+                self._refuse_failed(entry)
+                victim = self._reserve(entry)
+            try:
+                if victim is not None:
+                    self._free(victim, f"evicted for {entry.spec.id}")
+            except BaseException:
+                with self._changed:
+                    entry.state = "unloaded"
+                    self._changed.notify_all()
+                raise
+            self._load_entry(entry)
         finally:
             entry.load_lock.release()
-        if entry.served is None:
-            raise APIError(f"The model '{entry.spec.id}' failed to load: {entry.error}", status=503,
-                           code="model_load_failed", headers={"Retry-After": str(int(_RETRY_FAILED_AFTER))})
-        entry.last_used = time.monotonic()
-        return entry.served
+        with self._changed:
+            if entry.served is None:
+                raise APIError(f"The model '{entry.spec.id}' failed to load: {entry.error}", status=503,
+                               code="model_load_failed", headers={"Retry-After": str(int(_RETRY_FAILED_AFTER))})
+            entry.last_used = time.monotonic()
+            return self._lend(entry)
+
+    def give_back(self, served: ServedModel) -> None:
+        """A request is done with a model `get` lent it."""
+        with self._changed:
+            entry = self._entries.get(served.model_id)
+            if entry is not None and entry.borrowed:
+                entry.borrowed -= 1
 
     def preload(self) -> None:
         """Load models in order, as many as `--max-loaded` holds (the server's start-up, in the background).
         Raises `ModelLoadError` when the default model cannot load."""
         try:
             for index, entry in enumerate(self._entries.values()):
-                if index >= self.max_loaded:
-                    break
                 with entry.load_lock:
+                    with self._changed:
+                        if entry.holds_memory:
+                            continue  # a request loaded it first
+                        if sum(e.holds_memory for e in self._entries.values()) >= self.max_loaded:
+                            break
+                        entry.state, entry.error = "loading", None
                     self._load_entry(entry)
                 if index == 0 and entry.served is None:
                     raise ModelLoadError(entry.error or "the default model failed to load")
@@ -164,14 +204,14 @@ class ModelRegistry:
         if not self.idle_unload:
             return
         now = time.monotonic()
-        for entry in list(self._entries.values()):
-            quiet_since = max(entry.last_used, entry.loaded_at)
-            if entry.served is not None and entry.idle(now) and now - quiet_since >= self.idle_unload:
-                if entry.load_lock.acquire(blocking=False):
-                    try:
-                        self._unload(entry, "idle")
-                    finally:
-                        entry.load_lock.release()
+        with self._changed:
+            quiet = [entry for entry in self._entries.values()
+                     if entry.served is not None and entry.idle(now)
+                     and now - max(entry.last_used, entry.loaded_at) >= self.idle_unload]
+            for entry in quiet:
+                entry.retire()
+        for entry in quiet:
+            self._free(entry, "idle")
 
     def running(self) -> int:
         """Requests holding a slot, over every loaded model."""
@@ -191,45 +231,70 @@ class ModelRegistry:
         for served in self.loaded():
             served.engine.close()
 
-    def _make_room(self, entry: _Entry) -> None:
-        with self._lock:
-            loaded = [e for e in self._entries.values() if e.served is not None]
-            if len(loaded) < self.max_loaded:
-                return
+    def _lend(self, entry: _Entry) -> ServedModel:
+        entry.borrowed += 1
+        return entry.served
+
+    def _refuse_failed(self, entry: _Entry) -> None:
+        if entry.state == "failed" and time.monotonic() - entry.failed_at < _RETRY_FAILED_AFTER:
+            raise APIError(f"The model '{entry.spec.id}' failed to load: {entry.error}", status=503,
+                           code="model_load_failed", headers={"Retry-After": str(int(_RETRY_FAILED_AFTER))})
+
+    def _reserve(self, entry: _Entry) -> _Entry | None:
+        """Under the registry lock: mark `entry` loading if `--max-loaded` has room for it, else take the least
+        recently used idle model out of service for the caller to free (returned); 503 when none is idle.
+        Loading and unloading models count as held, so concurrent loads never exceed the limit."""
+        held = [e for e in self._entries.values() if e.holds_memory]
+        victim = None
+        if len(held) >= self.max_loaded:
             now = time.monotonic()
-            idle = sorted((e for e in loaded if e.idle(now)), key=lambda e: e.last_used)
-        if not idle:
-            raise APIError(f"Every loaded model is busy; '{entry.spec.id}' can load once one is idle "
-                           f"(--max-loaded {self.max_loaded}). Retry shortly.", status=503, code="models_busy",
-                           headers={"Retry-After": "2"})
-        victim = idle[0]
-        with victim.load_lock:
-            self._unload(victim, f"evicted for {entry.spec.id}")
+            idle = sorted((e for e in held if e.idle(now)), key=lambda e: e.last_used)
+            if not idle:
+                raise APIError(f"Every loaded model is busy; '{entry.spec.id}' can load once one is idle "
+                               f"(--max-loaded {self.max_loaded}). Retry shortly.", status=503, code="models_busy",
+                               headers={"Retry-After": "2"})
+            victim = idle[0]
+            victim.retire()
+        entry.state, entry.error = "loading", None
+        return victim
 
     def _load_entry(self, entry: _Entry) -> None:
-        if entry.served is not None or self._load is None:
+        """Load a model `_reserve` (or `preload`) marked loading."""
+        if self._load is None:
             return
-        entry.state, entry.error = "loading", None
         started = time.monotonic()
         try:
             served = self._load(entry.spec)
         except ModelLoadError as error:
-            entry.state, entry.error, entry.failed_at = "failed", str(error), time.monotonic()
+            with self._changed:
+                entry.state, entry.error, entry.failed_at = "failed", str(error), time.monotonic()
+                self._changed.notify_all()
             log.error("model %s failed to load: %s", entry.spec.id, error)
             self._events("load_failed", entry.spec.id)
             return
-        entry.served, entry.state, entry.loaded_at = served, "ready", time.monotonic()
+        except BaseException:
+            with self._changed:
+                entry.state = "unloaded"
+                self._changed.notify_all()
+            raise
+        with self._changed:
+            entry.served, entry.state, entry.loaded_at = served, "ready", time.monotonic()
+            in_memory = sum(e.holds_memory for e in self._entries.values())
+            self._changed.notify_all()
         log.info("model %s loaded in %.1fs (%d of at most %d in memory)", entry.spec.id, time.monotonic() - started,
-                 len(self.loaded()), self.max_loaded)
+                 in_memory, self.max_loaded)
         self._events("loaded", entry.spec.id)
 
-    def _unload(self, entry: _Entry, reason: str) -> None:
-        served, entry.served, entry.state = entry.served, None, "unloaded"
-        if served is None:
-            return
-        served.engine.close()
-        del served
-        gc.collect()  # the llama.cpp model and context are freed with their last reference
+    def _free(self, entry: _Entry, reason: str) -> None:
+        """Give back the memory of a model `retire`d while nobody held it (no request can get it since)."""
+        try:
+            entry.retiring.close()
+            gc.collect()  # what llama-cpp-python's own reference cycles still hold
+            give_back_free_heap()
+        finally:
+            with self._changed:
+                entry.state, entry.retiring = "unloaded", None
+                self._changed.notify_all()
         log.info("model %s unloaded (%s)", entry.spec.id, reason)
         self._events("unloaded", entry.spec.id)
 

@@ -47,7 +47,7 @@ class FunctionCallItem(RequestModel):
 
     type: Literal["function_call"]
     call_id: str
-    name: str
+    name: str = Field(min_length=1)  # the template renders the call by its name
     arguments: str
     namespace: str | None = None
 

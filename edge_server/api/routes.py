@@ -18,7 +18,7 @@ from edge_server.api.schemas import ChatCompletion, ChatCompletionChunk, TextCom
 from edge_server.api.registry import ModelSpec
 from edge_server.api.state import ServedModel, state_of
 from edge_server.api.submit import (context_check, event_stream, log_unknown_fields, refuse_unfittable,
-                                    served_model, start_chat, start_generations, whole_answer)
+                                    served_model, serving_registry, start_chat, start_generations, whole_answer)
 
 api = Blueprint("api", __name__)
 
@@ -98,8 +98,8 @@ def _mtime(path: Path) -> int:
 
 
 def _cards(ids: list[str]) -> list[ModelCard]:
-    served_model()  # 503 while the server starts or shuts down
-    registry = state_of().registry
+    # From the registry as it is now: listing never loads, evicts or waits for a model.
+    registry = serving_registry()  # 503 while the server resolves its models or shuts down
     loaded = {served.model_id: served for served in registry.loaded()}
     return [_model_card(registry.spec(model_id), loaded.get(model_id)) for model_id in ids]
 

@@ -83,8 +83,9 @@ class ContentPart(RequestModel):
         return self
 
 
-_CALLED_FUNCTION = {"type": "object", "required": ["name", "arguments"],
-                    "properties": {"name": {"type": "string"}, "arguments": {"description": "a JSON string or value"}}}
+_CALLED_FUNCTION = {"type": "object", "required": ["name", "arguments"], "properties": {  # `_called_function`
+    "name": {"type": "string", "minLength": 1},
+    "arguments": {"type": ["string", "object"], "description": "a JSON string (or the object itself)"}}}
 
 
 class ChatMessage(RequestModel):
@@ -303,6 +304,28 @@ def template_variables(server_reasoning: str, effort: str | None = None,
     return variables
 
 
+def _json_kind(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _called_function(function: Any, where: str) -> None:
+    """Raise `FieldError` (naming the field at `where`) unless `function` is a call a chat template can render:
+    an object with a non-empty string `name` and `arguments` as a JSON string or an object."""
+    if not isinstance(function, dict):
+        raise FieldError(where, f"must be an object with 'name' and 'arguments', not {_json_kind(function)}")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise FieldError(f"{where}.name", "must not be empty" if name == "" else
+                         f"must be the function's name as a string, not {_json_kind(name)}")
+    if "arguments" not in function:
+        raise FieldError(f"{where}.arguments", "is required: the call's arguments as a JSON string, e.g. '{}'")
+    arguments = function["arguments"]
+    if not isinstance(arguments, (str, dict)):
+        raise FieldError(f"{where}.arguments", f"must be a JSON string (or an object), not {_json_kind(arguments)}")
+
+
 class ChatCompletionRequest(GenerationRequest):
     """Body of POST /v1/chat/completions.
 
@@ -358,6 +381,19 @@ class ChatCompletionRequest(GenerationRequest):
                 raise FieldError(param, f"names function {named!r}, which is not among the request's functions")
             if choice in ("required",) and not names:
                 raise FieldError(param, "'required' needs at least one tool")
+        return self
+
+    @model_validator(mode="after")
+    def _history_calls_are_well_formed(self) -> ChatCompletionRequest:
+        # The template renders every call of an assistant turn: a malformed one is the client's 400, not a 500.
+        for index, message in enumerate(self.messages):
+            if message.role != "assistant":
+                continue
+            if message.tool_calls:
+                for number, call in enumerate(message.tool_calls):
+                    _called_function(call.get("function"), f"messages.{index}.tool_calls.{number}.function")
+            elif message.function_call:
+                _called_function(message.function_call, f"messages.{index}.function_call")
         return self
 
     def function_definitions(self) -> list[FunctionDefinition]:
@@ -693,7 +729,26 @@ def _most_useful_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
     for error in errors:
         if error["type"] == "value_error":
             return error
+    # A member refused whole (a string expected where a list of blocks came) says less than the one member
+    # that got inside the value, which names the field at fault.
+    inside = [error for error in errors if not _refused_member(error)]
+    if inside and len({_member(error) for error in inside}) == 1:
+        errors = inside
     return min(errors, key=lambda error: len(error["loc"]))
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part)
+
+
+def _refused_member(error: dict[str, Any]) -> bool:
+    return bool(error["loc"]) and _is_union_tag(error["loc"][-1]) and error["type"].endswith("_type")
+
+
+def _member(error: dict[str, Any]) -> tuple[Any, ...]:
+    """The location up to the first union member the error is in."""
+    loc = error["loc"]
+    return next((loc[:index + 1] for index, part in enumerate(loc) if _is_union_tag(part)), loc)
 
 
 class _IntegerTooLong(ValueError):

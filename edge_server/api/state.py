@@ -34,6 +34,7 @@ class ServedModel:
     model_id: str
     demo_warning: str | None = None
     fingerprint: str = ""  # `system_fingerprint`: this model file under this build
+    release: Callable[[], None] | None = field(default=None, repr=False, compare=False)  # frees the engine's memory
     _embedder: Any = field(default=None, init=False, repr=False, compare=False)
     _embedder_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -46,6 +47,17 @@ class ServedModel:
 
                 self._embedder = open_embedder(self.engine)
             return self._embedder
+
+    def close(self) -> None:
+        """Stop the engine, then free the embedding context and every native object of the model (nothing may
+        use the model afterwards: the registry closes only a model no request holds)."""
+        self.engine.close()
+        with self._embedder_lock:
+            embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            embedder.close()
+        if self.release is not None:
+            self.release()
 
     @property
     def dialect(self) -> ToolDialect:

@@ -10,18 +10,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from flask import Response, jsonify
+from flask import Response, g, jsonify
 from pydantic import BaseModel
 
 from edge_server.api.errors import APIError
 from edge_server.api.observability import log_safe
 from edge_server.api.schemas import ChatCompletionRequest, GenerationRequest
+from edge_server.api.registry import ModelRegistry
 from edge_server.api.state import ServedModel, client_gone, state_of
 from edge_server.api.toolplan import ToolPlan, plan_tools
 from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
 from edge_server.dialects.constraints import after_reasoning
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong, ReasoningBudget
+from edge_server.engine.types import (FinishReason, GrammarRejected, Job, PromptTooLong, ReasoningBudget,
+                                      RequestTooLarge)
 from edge_server.generation.pipeline import ClientGone, Generation
 from edge_server.generation.prompt import ChatPrompt
 from edge_server.generation.reasoning import CLOSE_TAG, OPEN_TAG, ReasoningSplitter
@@ -29,9 +31,8 @@ from edge_server.generation.reasoning import CLOSE_TAG, OPEN_TAG, ReasoningSplit
 log = logging.getLogger("edge_server")
 
 
-def served_model(name: str | None = None, *, role: str | None = None) -> ServedModel:
-    """The model a request names (loaded on first use), or the API's 404 for an unknown one, 400 for one
-    of the wrong `role`, 503 while loading or shutting down."""
+def serving_registry() -> ModelRegistry:
+    """The configured models, or the 503 while the server resolves them or shuts down (nothing is loaded)."""
     state = state_of()
     if state.shutting_down:
         raise APIError("The server is shutting down; retry against its next start.", status=503,
@@ -39,11 +40,28 @@ def served_model(name: str | None = None, *, role: str | None = None) -> ServedM
     if state.registry is None:
         raise APIError("The model is still loading; retry shortly (GET /health turns 200 when ready).",
                        status=503, code="model_loading", headers={"Retry-After": "2"})
-    spec = state.registry.spec(state.registry.entry_id(name))
+    return state.registry
+
+
+def served_model(name: str | None = None, *, role: str | None = None) -> ServedModel:
+    """The model a request names (loaded on first use), or the API's 404 for an unknown one, 400 for one
+    of the wrong `role`, 503 while loading or shutting down."""
+    registry = serving_registry()
+    spec = registry.spec(registry.entry_id(name))
     if role is not None and spec.role != role:
         raise APIError(f"The model '{spec.id}' is for {spec.role}; this endpoint needs a {role} model.",
                        param="model", code="wrong_model_type")
-    return state.registry.get(name)
+    served = registry.get(name)
+    g.setdefault("borrowed_models", []).append(served)  # held until the request ends (`give_back_models`)
+    return served
+
+
+def give_back_models(error: BaseException | None = None) -> None:
+    """Teardown of every request: the models it was lent may be unloaded again. By then its jobs are in the
+    engine (a streamed answer only reads their token streams), which keeps the model busy while they run."""
+    registry = state_of().registry
+    for served in g.pop("borrowed_models", ()):
+        registry.give_back(served)
 
 
 @dataclass
@@ -141,12 +159,20 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
         raise APIError(f"n={request.n} is more than the {parallel} requests this server decodes together "
                        f"(--parallel); ask for at most {parallel} choices.", param="n", code="invalid_value")
     generations: list[Generation] = []
+    group = len(prompts) * request.n
     try:
         for prompt in prompts:
             for choice in range(request.n):
                 seed = None if request.seed is None else (request.seed + choice) % 2**64
                 generations.append(start_generation(served, request, prompt, limit, grammar=grammar, seed=seed,
-                                                    budget=budget, **options()))
+                                                    budget=budget, group=group, **options()))
+    except RequestTooLarge as error:
+        for generation in generations:
+            generation.cancel()
+        raise APIError(f"This request asks for {group} generations ({len(prompts)} prompts x n={request.n}), more "
+                       f"than this server can ever hold at once: {error.limit} (--parallel {parallel} + --max-queue "
+                       f"{error.limit - parallel}). Send at most {error.limit} per request.", param="prompt",
+                       code="request_too_large") from None
     except BaseException:
         for generation in generations:
             generation.cancel()
@@ -156,16 +182,17 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
 
 def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
                      grammar: CompiledGrammarHandle | None = None, seed: int | None = None,
-                     budget: ReasoningBudget | None = None, **options) -> Generation:
+                     budget: ReasoningBudget | None = None, group: int = 1, **options) -> Generation:
     """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context
-    leaves and to the server's --n-predict (without a limit of the request's own) and --n-predict-max."""
+    leaves and to the server's --n-predict (without a limit of the request's own) and --n-predict-max; `group`:
+    the jobs the request submits together."""
     info = served.engine.info
     room = info.n_ctx - len(prompt)
     if room < 1:
         raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
     sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed, reasoning_budget=budget)
     job = Job(prompt=prompt, max_tokens=output_limit(limit, room), sampling=sampling,
-              speculative=request.speculative)
+              speculative=request.speculative, group=group)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
 
 

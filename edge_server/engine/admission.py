@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from edge_server.engine.types import SHUTTING_DOWN, Finish, FinishReason, Job, QueueFull, TokenStream
+from edge_server.engine.types import SHUTTING_DOWN, Finish, FinishReason, Job, QueueFull, RequestTooLarge, TokenStream
 
 Waiting = tuple[Job, TokenStream]
 
@@ -32,10 +32,18 @@ class Admission:
 
     # ---- the HTTP threads' side --------------------------------------------------------------
 
+    @property
+    def largest_group(self) -> int:
+        """The most jobs one request may submit together: every slot and the whole queue."""
+        return self._parallel + self._max_queue
+
     def submit(self, job: Job) -> TokenStream:
-        """Queue a job; returns its stream at once. Raises `QueueFull` when `--max-queue` are waiting."""
+        """Queue a job; returns its stream at once. Raises `QueueFull` when `--max-queue` are waiting, and
+        `RequestTooLarge` when the job's group could never be held at once (a 429 would be retried forever)."""
         if not job.prompt or job.max_tokens < 1 or len(job.prompt) + job.max_tokens > self._n_ctx:
             raise ValueError("job does not fit the context")
+        if job.group > self.largest_group:
+            raise RequestTooLarge(self.largest_group)
         stream = TokenStream()
         with self._lock:
             if self.closing or self.draining or self._waiting() >= self._max_queue + (self._parallel - self._running()):

@@ -126,6 +126,13 @@ class Embedder:
         """Requests waiting for the context (the one running not counted)."""
         return self._waiting
 
+    def close(self) -> None:
+        """Free the context and its batch now, after any decode in progress (else they live as long as the
+        model's own reference cycle in llama-cpp-python, which only the garbage collector breaks)."""
+        with self._lock:
+            self._context.close()
+            self._batch.close()
+
     def embed(self, inputs: Sequence[Sequence[int]],
               cancelled: Callable[[], bool] = lambda: False) -> list[np.ndarray] | None:
         """The unit-length pooled embedding of each input (token ids, each 1..`max_tokens` long and below
@@ -135,6 +142,8 @@ class Embedder:
         with self._lock:
             with self._count_lock:
                 self._waiting -= 1
+            if self._context.ctx is None:
+                raise RuntimeError("the embedding context was closed (its model was unloaded)")
             vectors: list[np.ndarray] = []
             start = 0
             while start < len(inputs):

@@ -79,6 +79,8 @@ def load_engine(
         log.info("%s: n_ctx %d per request by default (%s)", path.name, per_request, choice.reason)
     model_params = llama_cpp.llama_model_default_params()
     model_params.n_gpu_layers = 0x7FFFFFFF if layers < 0 else layers
+    if rpc_workers:
+        model_params.progress_callback = rpc.report_progress  # the watchdog sees the upload move (rpc.LOADS)
     if tensor_split:
         split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
         model_params.tensor_split = split  # `split` outlives the load: it is read while the model loads
@@ -204,3 +206,16 @@ def _init_backend() -> None:
     route_llama_log()
     fatal.catch_aborts()
     llama_cpp.llama_backend_init()
+
+
+def free_engine(engine: Engine) -> None:
+    """Give a closed engine's memory back now: its contexts (an embedder's too), its draft model, its weights.
+    llama-cpp-python frees a model only when the garbage collector breaks the model's own reference cycle (its
+    contexts are held by it), which may be long after the last use: meanwhile a reload would map it twice."""
+    if engine.step_since is not None:  # the worker is still inside a step (a hung RPC worker): never free under it
+        log.warning("%s: a decoding step is still running; its memory is left to the garbage collector",
+                    engine.info.path.name)
+        return
+    if engine.draft_model is not None:
+        engine.draft_model.model.close()
+    engine.model.close()  # frees every context made on it first, then the weights

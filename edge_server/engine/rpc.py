@@ -9,13 +9,18 @@ in proportion to their free memory, or as `--tensor-split` says.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import re
 import socket
 import struct
+import threading
+import time
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+
+import llama_cpp
 
 from edge_server.engine.types import DeviceShare, ModelLoadError
 
@@ -74,6 +79,7 @@ def add_workers(endpoints: Sequence[str], timeout: float = CONNECT_TIMEOUT) -> N
     """Greet every endpoint, then register each as llama.cpp devices (once per process and endpoint)."""
     for endpoint in endpoints:
         greet(endpoint, timeout)
+    LOADS.progressed()  # from here on, llama.cpp talks to the workers without a timeout of its own
     for endpoint in endpoints:
         _register(endpoint)
 
@@ -93,12 +99,54 @@ def _register(endpoint: str) -> None:
     ggml.ggml_backend_register(ctypes.c_void_p(server_reg))
 
 
+class LoadWatch:
+    """When each load through RPC workers last made progress. A worker that answers the greeting and then goes
+    silent leaves llama.cpp waiting forever inside the load; the server's watchdog ends such a load as it ends
+    a hung step (`stalled_for`)."""
+
+    def __init__(self) -> None:
+        # loading thread -> when its load last progressed (None: still greeting, which has its own timeout)
+        self._last: dict[int, float | None] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Watch the load the calling thread runs inside the block, from the workers' greeting on."""
+        with self._lock:
+            self._last[threading.get_ident()] = None
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._last.pop(threading.get_ident(), None)
+
+    def progressed(self) -> None:
+        """The calling thread's load moved on (greeted, a tensor loaded); nothing for a load not watched."""
+        with self._lock:
+            if threading.get_ident() in self._last:
+                self._last[threading.get_ident()] = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds the most stalled load in progress has gone without progress (0 when none runs)."""
+        now = time.monotonic()
+        with self._lock:
+            return max((now - last for last in self._last.values() if last is not None), default=0.0)
+
+
+LOADS = LoadWatch()
+
+
+@llama_cpp.llama_progress_callback
+def report_progress(progress: float, user_data: ctypes.c_void_p) -> bool:
+    """llama.cpp's `progress_callback` for loads through workers: tells `LOADS` (and lets the load go on)."""
+    LOADS.progressed()
+    return True
+
+
 def ggml_library(stem: str) -> ctypes.CDLL:
     """The copy of ggml's library `stem` (ggml, ggml-base) that libllama itself uses. A wheel holds plain copies,
     not symlinks: libggml.so and libggml.so.0 are two files, each with its own backend registry and abort hook,
     and libllama links the one named by the soname."""
-    import llama_cpp
-
     lib = Path(llama_cpp.__file__).parent / "lib"
     linked = sorted(lib.glob(f"lib{stem}.so.*"), key=lambda path: len(path.name))  # libggml.so.0 before .so.0.25.3
     linked += sorted(lib.glob(f"lib{stem}.*.dylib"), key=lambda path: len(path.name))

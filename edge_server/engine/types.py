@@ -49,6 +49,15 @@ class QueueFull(Exception):
     """More requests are waiting than `--max-queue` allows."""
 
 
+class RequestTooLarge(Exception):
+    """A request's jobs outnumber what the slots and the queue can ever hold together (`limit`): retrying
+    cannot help."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"at most {limit} jobs can be held at once")
+        self.limit = limit
+
+
 class PromptTooLong(Exception):
     """A text has more tokens than the limit it was tokenized against."""
 
@@ -101,6 +110,7 @@ class Job:
     max_tokens: int
     sampling: Sampling
     speculative: bool = True  # verify drafted tokens too when the server speculates (--spec-type)
+    group: int = 1  # jobs its request submits together (prompts x n): admitted only if all could ever be held
 
 
 @dataclass(frozen=True)

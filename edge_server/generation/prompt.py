@@ -43,7 +43,7 @@ def template_message(message: ChatMessage) -> dict[str, Any]:
     if reasoning is not None:
         rendered["reasoning_content"] = reasoning  # Qwen3 / Qwen3.5 templates read this name
     calls = message.tool_calls or ([{"type": "function", "function": message.function_call}] if message.function_call else [])
-    if calls:
+    if calls and message.role == "assistant":  # only an assistant's calls are checked, and templates render no others
         rendered["tool_calls"] = [_with_parsed_arguments(call) for call in calls]
     return rendered
 

@@ -129,3 +129,14 @@ def test_over_large_body_is_a_413_envelope(base_url):
 def test_unknown_fields_are_ignored(base_url):
     response = chat(base_url, max_tokens=2, temperature=0, frobnicate={"x": 1}, service_tier="auto")
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_more_prompts_than_slots_and_queue_can_ever_hold_is_a_400_saying_the_limit(base_url, stream):
+    prompts = [f"prompt {i}" for i in range(21)]  # --parallel 4 + --max-queue 16 hold 20 at most
+    response = requests.post(base_url + "/v1/completions", timeout=60,
+                             json={"prompt": prompts, "max_tokens": 1, "stream": stream})
+    error = assert_envelope(response, 400, "prompt")
+    assert error["code"] == "request_too_large" and "20" in error["message"] and "Retry-After" not in response.headers
+    held = requests.post(base_url + "/v1/completions", json={"prompt": prompts[:20], "max_tokens": 1}, timeout=60)
+    assert held.status_code == 200 and len(held.json()["choices"]) == 20  # the largest that fits, on an idle server

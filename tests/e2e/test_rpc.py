@@ -4,11 +4,16 @@ model's layers over them. Split texts equal local ones; an unreachable, killed o
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ import requests
 from edge_server.devtools.harness import free_port, start_worker
 from edge_server.devtools.synthetic import write_random_model
 from edge_server.engine.fatal import EXIT_BACKEND_FAILED
+from edge_server.engine.rpc import RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE, RPC_PROTO_MAJOR, greet
 from edge_server.worker import worker_binary
 from tests.conftest import ROOT
 from tests.e2e.conftest import chat, stream_chat, streamed_text
@@ -192,3 +198,59 @@ def test_worker_command_refuses_a_taken_port_and_warns_off_loopback(workers):
 def test_health_reports_devices_when_served_locally(server):
     devices = server.health()["devices"]
     assert [share["device"] for share in devices] == ["CPU"] and devices[0]["layers"] > 0
+
+
+def test_worker_host_given_by_name_is_resolved_and_served(tmp_path):
+    port = free_port()
+    with (tmp_path / "worker.log").open("wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "edge_server", "worker", "--host", "localhost", "--port",
+                                   str(port), "--threads", "1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert worker.poll() is None, f"worker exited {worker.returncode}: {(tmp_path / 'worker.log').read_text()}"
+            with contextlib.suppress(Exception):
+                assert greet(f"127.0.0.1:{port}")[0] == RPC_PROTO_MAJOR
+                break
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.1)
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+    nowhere = subprocess.run([sys.executable, "-m", "edge_server", "worker", "--host", "no-such-host.invalid",
+                              "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert nowhere.returncode == 2 and "cannot resolve --host 'no-such-host.invalid'" in nowhere.stderr, nowhere.stderr
+
+
+@contextlib.contextmanager
+def silent_worker() -> Iterator[str]:
+    """An endpoint that answers every connection's greeting as rpc-server does, then never answers again."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                connections.append(connection)
+                request = connection.recv(9 + RPC_CONN_CAPS_SIZE, socket.MSG_WAITALL)
+                if request[:1] == bytes([RPC_CMD_HELLO]):
+                    connection.sendall(struct.pack("<QBBBB", 4 + RPC_CONN_CAPS_SIZE, RPC_PROTO_MAJOR, 0, 0, 0)
+                                       + bytes(RPC_CONN_CAPS_SIZE))
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()
+
+
+def test_a_worker_silent_after_its_greeting_fails_the_load_within_the_timeout(layered_model):
+    with silent_worker() as endpoint:
+        done, seconds = _run_to_exit("--model", str(layered_model), "--port", str(free_port()), "--rpc", endpoint,
+                                     "--rpc-timeout", "3", timeout=45)
+    assert done.returncode == EXIT_BACKEND_FAILED, done.stderr
+    assert f"loading a model waited 3s for the RPC workers ({endpoint}) without progress" in done.stderr
+    assert seconds < 15, seconds

@@ -3,7 +3,11 @@ recently used idle model unloaded, --idle-unload, failed loads visible; real eng
 
 from __future__ import annotations
 
+import concurrent.futures
+import math
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -147,3 +151,71 @@ def test_a_bad_models_file_exits_2_saying_why(tiny_model, tmp_path, content, wor
     listing.write_text(content.replace("MODEL", str(tiny_model)))
     result = run_to_exit("--models-file", str(listing), "--port", str(free_port()))
     assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+def test_concurrent_cold_requests_for_two_models_never_load_both_past_max_loaded(start_server, tiny_model,
+                                                                               scripted_model):
+    server = start_server("--model", str(tiny_model), "--model", str(scripted_model), "--model-alias", "tiny",
+                          "--model-alias", "scripted", "--max-loaded", "1", "--idle-unload", "1")
+    wait_for(lambda: states(server.base_url) == {"tiny": "unloaded", "scripted": "unloaded"})
+    together = threading.Barrier(2)
+
+    def cold(model: str) -> requests.Response:
+        together.wait()
+        return ask(server.base_url, model, max_tokens=2)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(cold, ["tiny", "scripted"]))
+    assert [a.status_code for a in answers].count(200) >= 1, [a.text for a in answers]
+    for answer in answers:  # the other waits for room, or hears that every loaded model is busy
+        assert answer.status_code == 200 or answer.json()["error"]["code"] == "models_busy", answer.text
+    assert "2 of at most 1" not in server.log()
+
+
+def test_listing_models_answers_from_the_registry_without_loading_or_evicting(start_server, tiny_model,
+                                                                              scripted_model):
+    server = start_server("--model", str(tiny_model), "--model", str(scripted_model), "--model-alias", "tiny",
+                          "--model-alias", "scripted", "--max-loaded", "1")
+    assert ask(server.base_url, "scripted").status_code == 200  # evicts the default model
+    listing = requests.get(server.base_url + "/v1/models", timeout=10)
+    one = requests.get(server.base_url + "/v1/models/tiny", timeout=10)
+    assert listing.status_code == 200 and one.status_code == 200, (listing.text, one.text)
+    assert [(c["id"], c["meta"]["loaded"]) for c in listing.json()["data"]] == [("tiny", False), ("scripted", True)]
+    assert one.json()["id"] == "tiny" and one.json()["meta"]["loaded"] is False
+    assert states(server.base_url) == {"tiny": "unloaded", "scripted": "ready"}
+
+
+def mappings(pid: int, path: Path) -> int:
+    """How many memory mappings of the process are of `path`."""
+    return Path(f"/proc/{pid}/maps").read_text().count(str(path.resolve()))
+
+
+def test_unloading_gives_the_memory_back_even_after_an_embedding_ran_while_it_was_due(start_server, smollm2_model,
+                                                                                      tiny_model):
+    server = start_server("--model", str(smollm2_model), "--model", str(tiny_model), "--model-alias", "smol",
+                          "--model-alias", "tiny", "--max-loaded", "1", "--idle-unload", "1")
+    pid, unloaded = server.process.pid, {"smol": "unloaded", "tiny": "unloaded"}
+    wait_for(lambda: states(server.base_url) == unloaded)
+    baseline = rss_kb(pid)
+
+    def embed(count: int) -> float:
+        started = time.monotonic()
+        answer = requests.post(server.base_url + "/v1/embeddings", timeout=300, json={
+            "model": "smol", "input": ["The quick brown fox jumps over the lazy dog. " * 30] * count})  # ~300 tokens
+        assert answer.status_code == 200 and len(answer.json()["data"]) == count, answer.text
+        return time.monotonic() - started
+
+    embed(1)  # loads the model and makes its embedding context
+    count = min(64, max(2, math.ceil(6 / embed(1))))
+    # About 6 s: the idle unloader looks at the model while the request runs (chosen over 2 s before).
+    assert embed(count) > 3.5, count
+    assert mappings(pid, smollm2_model) >= 1
+    wait_for(lambda: states(server.base_url) == unloaded)
+    assert mappings(pid, smollm2_model) == 0  # the weights, the embedding context, every copy: gone
+    assert requests.post(server.base_url + "/v1/embeddings", json={"model": "smol", "input": "again"},
+                         timeout=60).status_code == 200
+    wait_for(lambda: states(server.base_url) == unloaded)
+    assert ask(server.base_url, "tiny", max_tokens=2).status_code == 200
+    wait_for(lambda: states(server.base_url) == unloaded)
+    after = rss_kb(pid)
+    assert mappings(pid, smollm2_model) == 0 and after <= baseline * 1.1, (baseline, after)

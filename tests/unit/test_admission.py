@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
 
 from edge_server.engine.admission import Admission
-from edge_server.engine.types import SHUTTING_DOWN, Finish, FinishReason, Job, QueueFull, Sampling, TokenStream
+from edge_server.engine.types import (SHUTTING_DOWN, Finish, FinishReason, Job, QueueFull, RequestTooLarge, Sampling,
+                                      TokenStream)
 
 JOB = Job(prompt=[1, 2, 3], max_tokens=4, sampling=Sampling())
 
@@ -40,6 +42,15 @@ def test_a_job_that_does_not_fit_the_context_is_a_programming_error(job):
     queue, _ = admission()
     with pytest.raises(ValueError):
         queue.submit(job)
+
+
+def test_a_group_larger_than_slots_and_queue_together_is_refused_as_too_large_not_as_busy():
+    queue, _ = admission(parallel=2, max_queue=3)
+    with pytest.raises(RequestTooLarge) as refused:
+        queue.submit(dataclasses.replace(JOB, group=6))
+    assert refused.value.limit == 5 and queue.queued == 0
+    streams = [queue.submit(dataclasses.replace(JOB, group=5)) for _ in range(5)]  # the largest is held whole
+    assert len(streams) == 5 and queue.queued == 5
 
 
 def test_the_queue_holds_max_queue_jobs_beyond_the_free_slots():

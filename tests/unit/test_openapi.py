@@ -287,7 +287,14 @@ VALID_CHAT = {
     "tool turn": {"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]},
+    "history call with arguments as an object": {"messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]},
 }
+
+
+def _history_call(function) -> list[dict]:
+    return [*USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                                          "function": function}]}]
 
 INVALID_CHAT = {
     "temperature 5": {"messages": USER, "temperature": 5},
@@ -318,6 +325,12 @@ INVALID_CHAT = {
         "name": "f", "parameters": {"type": "string"}}}]},
     "json_schema format without schema": {"messages": USER, "response_format": {"type": "json_schema"}},
     "unknown format": {"messages": USER, "response_format": {"type": "yaml"}},
+    "history call function a string": {"messages": _history_call("x")},
+    "history call arguments a number": {"messages": _history_call({"name": "f", "arguments": 5})},
+    "history call without arguments": {"messages": _history_call({"name": "f"})},
+    "history call with an empty name": {"messages": _history_call({"name": "", "arguments": "{}"})},
+    "history legacy call name a number": {"messages": [*USER, {"role": "assistant", "function_call": {
+        "name": 1, "arguments": "{}"}}]},
 }
 
 # What the document cannot say: the server rejects these although they match the schema.

@@ -3,6 +3,8 @@ failed loads, idle unloading."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,13 @@ def registry(*ids: str, loader: Loader, **options) -> ModelRegistry:
     return made
 
 
+def use(made: ModelRegistry, name: str | None) -> ServedModel:
+    """A request to `name` that has ended: the model is lent and given back."""
+    served = made.get(name)
+    made.give_back(served)
+    return served
+
+
 def age(made: ModelRegistry, seconds: float) -> None:
     """Pretend every model was last used `seconds` ago."""
     for entry in made._entries.values():
@@ -49,13 +58,13 @@ def test_requests_name_their_model_and_one_model_answers_to_any_name():
     loader = Loader()
     several = registry("a", "b", loader=loader)
     several.preload()
-    assert several.get("b").model_id == "b" and several.get(None).model_id == "a"
+    assert use(several, "b").model_id == "b" and use(several, None).model_id == "a"
     with pytest.raises(APIError) as error:
         several.get("gpt-3.5-turbo")
     assert error.value.status == 404 and error.value.code == "model_not_found"
     single = registry("only", loader=Loader())
     single.preload()
-    assert single.get("gpt-3.5-turbo").model_id == "only"
+    assert use(single, "gpt-3.5-turbo").model_id == "only"
 
 
 def test_max_loaded_loads_on_first_use_and_evicts_the_least_recently_used_idle_model():
@@ -63,16 +72,16 @@ def test_max_loaded_loads_on_first_use_and_evicts_the_least_recently_used_idle_m
     made = registry("a", "b", "c", loader=loader, max_loaded=2)
     made.preload()
     assert loader.loads == ["a", "b"] and [s["state"] for s in made.status()] == ["ready", "ready", "unloaded"]
-    made.get("a")
-    made.get("b")
+    use(made, "a")
+    use(made, "b")
     made._entries["a"].last_used -= 5  # both idle; b used after a
     made._entries["b"].last_used -= 3
-    made.get("c")
+    use(made, "c")
     assert [s["state"] for s in made.status()] == ["unloaded", "ready", "ready"]
     assert ("unloaded", "a") in made.events and ("loaded", "c") in made.events
     made._entries["b"].last_used -= 10  # now b is the least recently used
     made._entries["c"].last_used -= 5
-    made.get("a")
+    use(made, "a")
     assert [s["state"] for s in made.status()] == ["ready", "unloaded", "ready"]
 
 
@@ -80,16 +89,21 @@ def test_a_busy_or_just_chosen_model_is_never_evicted():
     loader = Loader()
     made = registry("a", "b", loader=loader, max_loaded=1)
     made.preload()
-    made.get("a")  # chosen just now: its request may be about to submit
+    held = made.get("a")  # a request holds it (from choosing it until it ends)
+    age(made, 10)
     with pytest.raises(APIError) as error:
         made.get("b")
     assert error.value.status == 503 and error.value.code == "models_busy"
+    made.give_back(held)
+    use(made, "a")  # chosen just now: not evicted at once
+    with pytest.raises(APIError):
+        made.get("b")
     age(made, 10)
     loader.engines["a"].running = 1  # a request is decoding
     with pytest.raises(APIError):
         made.get("b")
     loader.engines["a"].running = 0
-    assert made.get("b").model_id == "b"
+    assert use(made, "b").model_id == "b"
 
 
 def test_a_failed_load_is_a_503_shown_in_status_and_retried_later():
@@ -103,7 +117,7 @@ def test_a_failed_load_is_a_503_shown_in_status_and_retried_later():
     assert loader.loads.count("b") == 1  # not hammered
     made._entries["b"].failed_at -= 60
     loader.broken = frozenset()
-    assert made.get("b").model_id == "b"
+    assert use(made, "b").model_id == "b"
 
 
 def test_the_default_model_failing_at_start_is_fatal():
@@ -120,4 +134,28 @@ def test_idle_models_unload_after_the_idle_time_and_reload_on_use():
     age(made, 31)
     made.unload_idle()
     assert made.status()[0]["state"] == "unloaded" and loader.engines["a"].closed
-    assert made.get("a").model_id == "a" and loader.loads == ["a", "a"]
+    assert use(made, "a").model_id == "a" and loader.loads == ["a", "a"]
+
+
+def test_concurrent_loads_of_two_models_never_exceed_max_loaded():
+    release, loader = threading.Event(), Loader()
+
+    def slow(spec: ModelSpec) -> ServedModel:
+        release.wait(10)
+        return loader(spec)
+
+    made = ModelRegistry([ModelSpec(i, Path(f"{i}.gguf")) for i in ("a", "b")], slow, max_loaded=1)
+    made.started = True  # as after start-up: nothing loaded (an idle unload took both)
+    first = threading.Thread(target=use, args=(made, "a"))
+    first.start()
+    deadline = time.monotonic() + 5
+    while made.status()[0]["state"] != "loading":
+        assert time.monotonic() < deadline, made.status()
+        time.sleep(0.01)
+    with pytest.raises(APIError) as error:  # a is on its way in: no room for b, and a is no one to evict
+        made.get("b")
+    assert error.value.code == "models_busy"
+    release.set()
+    first.join()
+    assert loader.loads == ["a"] and [s["state"] for s in made.status()] == ["ready", "unloaded"]
+
