@@ -14,13 +14,14 @@ from flask import Response, jsonify
 from pydantic import BaseModel
 
 from edge_server.api.errors import APIError
+from edge_server.api.images import decode_images, find_images
 from edge_server.api.observability import log_safe
 from edge_server.api.schemas import ChatCompletionRequest, GenerationRequest
 from edge_server.api.state import ServedModel, client_gone, state_of
 from edge_server.api.toolplan import ToolPlan, plan_tools
 from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import FinishReason, GrammarRejected, Job, PromptTooLong
+from edge_server.engine.types import FinishReason, GrammarRejected, ImageChunk, ImageInput, ImageRefused, Job, PromptTooLong
 from edge_server.generation.pipeline import ClientGone, Generation
 from edge_server.generation.prompt import ChatPrompt
 from edge_server.generation.reasoning import ReasoningSplitter, grammar_after_reasoning
@@ -76,10 +77,32 @@ def render_chat(request: ChatCompletionRequest) -> RenderedChat:
     served = served_model(request.model, role="chat")
     refuse_unfittable(rendered_characters(request), served)
     plan = plan_tools(request, served.dialect)
-    with context_check(served):
+    images = chat_images(request, served)
+    with context_check(served), image_check():
         prompt = served.renderer.chat_prompt(request.messages, tools=plan.template_tools,
-                                             template_kwargs=request.template_kwargs(state_of().settings.reasoning))
+                                             template_kwargs=request.template_kwargs(state_of().settings.reasoning),
+                                             images=images)
     return RenderedChat(served, plan, prompt)
+
+
+def chat_images(request: ChatCompletionRequest, served: ServedModel) -> list[ImageInput]:
+    """The request's images, decoded and checked; a 400 when there are any and the model cannot see them."""
+    found = find_images(request.messages)
+    if found and not served.engine.info.vision:
+        raise APIError(f"The model '{served.model_id}' cannot see images: it was started without a projector "
+                       f"(--mmproj). Send text only, or ask a model whose /v1/models meta says vision.",
+                       param=found[0][0], code="model_not_multimodal")
+    return decode_images(found)
+
+
+@contextmanager
+def image_check() -> Iterator[None]:
+    """Turn an image the projector refused into a 400."""
+    try:
+        yield
+    except ImageRefused as error:
+        raise APIError(f"The model's projector cannot take this request's images: {error}.", param="messages",
+                       code="invalid_image") from None
 
 
 def start_chat(request: ChatCompletionRequest) -> ChatRun:
@@ -105,13 +128,13 @@ def start_chat(request: ChatCompletionRequest) -> ChatRun:
                 "call_finish_reason": FinishReason.FUNCTION_CALL if plan.legacy else FinishReason.TOOL_CALLS}
 
     generations = start_generations(served, request, [prompt.tokens], request.token_limit(), grammar=grammar,
-                                    options=choice_options)
+                                    options=choice_options, images=prompt.images)
     return ChatRun(generations, plan, request.model or served.model_id, served.fingerprint)
 
 
 def start_generations(served: ServedModel, request: GenerationRequest, prompts: list[list[int]], limit: int | None, *,
                       grammar: CompiledGrammarHandle | None = None,
-                      options: Callable[[], dict] = dict) -> list[Generation]:
+                      options: Callable[[], dict] = dict, images: tuple[ImageChunk, ...] = ()) -> list[Generation]:
     """Submit `request.n` choices of every prompt (choice i samples with seed + i when a seed is given);
     none is left running when one cannot be submitted. `n` above `--parallel` is a 400."""
     parallel = served.engine.parallel
@@ -124,7 +147,7 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
             for choice in range(request.n):
                 seed = None if request.seed is None else (request.seed + choice) % 2**64
                 generations.append(start_generation(served, request, prompt, limit, grammar=grammar, seed=seed,
-                                                    **options()))
+                                                    images=images, **options()))
     except BaseException:
         for generation in generations:
             generation.cancel()
@@ -133,7 +156,8 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
 
 
 def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
-                     grammar: CompiledGrammarHandle | None = None, seed: int | None = None, **options) -> Generation:
+                     grammar: CompiledGrammarHandle | None = None, seed: int | None = None,
+                     images: tuple[ImageChunk, ...] = (), **options) -> Generation:
     """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context leaves."""
     info = served.engine.info
     room = info.n_ctx - len(prompt)
@@ -141,7 +165,7 @@ def start_generation(served: ServedModel, request: GenerationRequest, prompt: li
         raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
     sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed)
     job = Job(prompt=prompt, max_tokens=min(limit or room, room), sampling=sampling,
-              speculative=request.speculative)
+              speculative=request.speculative, images=images)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
 
 
