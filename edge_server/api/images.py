@@ -107,7 +107,10 @@ def _pixels(data: bytes, media: str, param: str) -> ImageInput:
                 rgb = image.convert("RGB").tobytes()
     except APIError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):  # Pillow's own check, at open
+        raise APIError(f"The image has more than {MAX_IMAGE_PIXELS} pixels (e.g. 4096x4096).", param=param,
+                       code="image_too_large") from None
+    except UnidentifiedImageError:
         raise APIError(f"The data is not a {media} image this server can read.", param=param,
                        code="invalid_image") from None
     except (OSError, SyntaxError, ValueError, EOFError):  # Pillow's words for corrupt and truncated files
