@@ -211,3 +211,20 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_speculation_keeps_the_greedy_image_answer(start_server, tiny_model, client):
+    from tests.e2e.conftest import assert_same_greedy_answer
+
+    speculating = start_server("--model", str(tiny_model), "--mmproj", str(assets.vision_projector()),
+                               "--spec-type", "ngram-simple")
+    spec_client = OpenAI(base_url=speculating.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    messages = image_message(data_url(noise(10)), text="Repeat: alpha beta gamma alpha beta gamma alpha beta")
+
+    def tokens(answer) -> list[dict]:
+        return [entry.model_dump() for entry in answer.choices[0].logprobs.content]
+
+    plain = ask(client, messages, max_tokens=32, logprobs=True, top_logprobs=2)
+    spec = ask(spec_client, messages, max_tokens=32, logprobs=True, top_logprobs=2)
+    assert_same_greedy_answer(tokens(plain), tokens(spec))
+    assert spec.usage.prompt_tokens == plain.usage.prompt_tokens
