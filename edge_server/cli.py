@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--shutdown-grace", type=float, help="seconds open streams get to finish on SIGTERM/Ctrl-C (default: 10)")
     flag("--model-alias", action="append",
          help="the id /v1/models shows and requests name, per --model in order (default: the file name)")
+    flag("--mmproj", action="append",
+         help="the projector GGUF (mmproj) that lets a model see images, per --model in order: path, file name in "
+              "models/, or OWNER/REPO/FILE.gguf on Hugging Face")
     flag("--models-file", help="a JSON or TOML file listing more models: id, model (path or REPO/FILE), and per model "
                                 "role, n_ctx, parallel, n_gpu_layers, chat_template")
     flag("--max-loaded", type=int, help="models held in memory at once; others load on first use, the least "

@@ -206,10 +206,11 @@ class ModelsFileEntry(BaseModel):
     parallel: int | None = Field(None, ge=1, le=64)
     n_gpu_layers: int | Literal["auto"] | None = None
     chat_template: str | None = None
+    mmproj: str | None = Field(None, min_length=1, description="its projector: path, file name in models/, or REPO/FILE")
 
     def settings(self) -> dict[str, object]:
         """The settings this model overrides."""
-        return self.model_dump(exclude={"id", "model", "role"}, exclude_none=True)
+        return self.model_dump(exclude={"id", "model", "role", "mmproj"}, exclude_none=True)
 
 
 def read_models_file(path: Path) -> list[ModelsFileEntry]:

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -132,7 +133,9 @@ def resolve_models(settings: Settings) -> list[ModelSpec]:
         alias = settings.model_alias[index] if index < len(settings.model_alias) else None
         resolved = resolve_model(name, settings.models_dir, alias=alias, timeout=settings.download_timeout)
         check_gguf_file(resolved.path)
-        specs.append(ModelSpec(resolved.model_id, resolved.path, model_role(resolved.path), resolved.demo_warning))
+        mmproj = _projector(settings, settings.mmproj[index]) if index < len(settings.mmproj) else None
+        specs.append(ModelSpec(resolved.model_id, resolved.path, model_role(resolved.path), resolved.demo_warning,
+                               mmproj=mmproj))
     for entry in read_models_file(settings.models_file) if settings.models_file else []:
         try:  # the model's own settings, checked now (a bad one exits 2 before anything loads)
             Settings.model_validate({**settings.model_dump(exclude_unset=True), **entry.settings()})
@@ -142,7 +145,7 @@ def resolve_models(settings: Settings) -> list[ModelSpec]:
         resolved = resolve_model(entry.model, settings.models_dir, alias=entry.id, timeout=settings.download_timeout)
         check_gguf_file(resolved.path)
         specs.append(ModelSpec(entry.id, resolved.path, entry.role or model_role(resolved.path),
-                               options=entry.settings()))
+                               options=entry.settings(), mmproj=_projector(settings, entry.mmproj) if entry.mmproj else None))
     ids = [spec.id for spec in specs]
     if len(set(ids)) != len(ids):
         raise ModelLoadError(f"two models share an id ({', '.join(ids)}); name them with --model-alias")
@@ -206,6 +209,13 @@ def _unload_idle(registry: ModelRegistry) -> None:
         registry.unload_idle()
 
 
+def _projector(settings: Settings, name: str) -> Path:
+    """A `--mmproj` found or downloaded like a model, and checked."""
+    path = resolve_model(name, settings.models_dir, timeout=settings.download_timeout).path
+    check_gguf_file(path)
+    return path
+
+
 def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
     settings = settings.model_copy(update=spec.options)  # --models-file settings of this model (checked)
     with rpc.LOADS.watching() if settings.rpc else contextlib.nullcontext():  # the watchdog ends a stalled load
@@ -217,13 +227,14 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
                              rpc_workers=settings.rpc, tensor_split=settings.tensor_split,
                              speculation=_speculation(settings) if spec.role == "chat" else None,
                              ctx_checkpoints=settings.ctx_checkpoints,
-                             ctx_checkpoint_mib=settings.ctx_checkpoint_mib, swa_full=settings.swa_full)
+                             ctx_checkpoint_mib=settings.ctx_checkpoint_mib, swa_full=settings.swa_full,
+                             mmproj=spec.mmproj)
     info = engine.info
     served = ServedModel.of(engine, spec.id, spec.demo_warning, chat_template=settings.chat_template)
     served.release = functools.partial(free_engine, engine)
     log.info(
         "model ready: %s (id %r, %s) backend=%s layers_offloaded=%d/%d n_ctx=%d (trained %d) threads=%d%s "
-        "parallel=%d chat_template=%s%s%s",
+        "parallel=%d chat_template=%s%s%s%s",
         info.path, spec.id, spec.role, info.backend, info.gpu_layers, info.n_layer + 1, info.n_ctx,
         info.n_ctx_train, info.threads, " (fixed)" if settings.fixed_threads else " (fewer while faster)",
         settings.parallel, served.renderer.template.label,
@@ -231,6 +242,7 @@ def _load_model(settings: Settings, spec: ModelSpec) -> ServedModel:
         f" speculation={engine.speculation.kind} (drafts of up to {engine.speculation.n_max}"
         f"{', by ' + engine.draft_model.path.name if engine.draft_model else ''})"
         if engine.speculation else "",
+        f" vision (projector {spec.mmproj.name})" if info.vision else "",
     )
     if settings.rpc:
         log.info("model %r split: %s", spec.id, "; ".join(_describe(share) for share in info.devices))

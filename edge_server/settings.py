@@ -52,6 +52,8 @@ class Settings(BaseModel):
     api_key_file: Path | None = None
     cors_origin: tuple[str, ...] = ()
     model_alias: tuple[str, ...] = Field((), description="the ids of the models, in --model order (default: file stem)")
+    mmproj: tuple[str, ...] = Field((), description="the projectors (mmproj GGUFs) that let the models see images, in "
+                                                    "--model order: path, file name in models/, or REPO/FILE")
     models_file: Path | None = Field(None, description="a JSON or TOML file listing models (id, model, role, "
                                                         "n_ctx, parallel, n_gpu_layers, chat_template)")
     max_loaded: int | None = Field(None, ge=1, description="models held in memory at once (default: all of them)")
@@ -90,7 +92,7 @@ class Settings(BaseModel):
                                                       "asks (-1: no ceiling but the context)")
     fault_seed: int | None = Field(None, description="tests only: requests with this seed fail mid-generation")
 
-    @field_validator("model", "model_alias", mode="before")
+    @field_validator("model", "model_alias", "mmproj", mode="before")
     @classmethod
     def _several(cls, value: Any) -> Any:
         if isinstance(value, str):  # EDGE_MODEL="a.gguf,b.gguf"
@@ -141,6 +143,8 @@ class Settings(BaseModel):
             raise ValueError(f"{len(self.model_alias)} --model-alias values for {len(self.model)} --model values")
         if len(set(self.model_alias)) != len(self.model_alias):
             raise ValueError("--model-alias values must differ")
+        if len(self.mmproj) > max(1, len(self.model)):
+            raise ValueError(f"{len(self.mmproj)} --mmproj values for {len(self.model)} --model values")
         return self
 
     @model_validator(mode="after")

@@ -33,6 +33,7 @@ class ModelSpec:
     role: str = "chat"  # or "embedding"
     demo_warning: str | None = None
     options: dict = field(default_factory=dict)  # per-model settings from --models-file (n_ctx, parallel, ...)
+    mmproj: Path | None = None  # the projector that lets it see images
 
 
 def model_role(path: Path) -> str:

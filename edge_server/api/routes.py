@@ -63,7 +63,8 @@ def health():
 def _model_card(spec: ModelSpec, served: ServedModel | None) -> ModelCard:
     if served is None:  # configured, not in memory: what the file says
         return ModelCard(id=spec.id, created=_mtime(spec.path),
-                         meta={"file": spec.path.name, "role": spec.role, "loaded": False})
+                         meta={"file": spec.path.name, "role": spec.role, "loaded": False,
+                               "vision": spec.mmproj is not None})
     info = served.engine.info
     meta = {
         "role": spec.role,
@@ -77,6 +78,7 @@ def _model_card(spec: ModelSpec, served: ServedModel | None) -> ModelCard:
         "chat_template": served.renderer.template.label,
         "thinking": served.renderer.thinks,
         **_output_limits(),
+        "vision": info.vision,  # a projector (--mmproj) lets it see images
     }
     if served.demo_warning:
         meta.update(demo=True, warning=served.demo_warning)

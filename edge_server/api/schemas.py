@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from edge_server.api.bodylimits import check_body_shape, nesting_error
 from edge_server.api.errors import APIError
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import FinishReason, Sampling
+from edge_server.engine.types import IMAGE_MARKER, FinishReason, Sampling
 from edge_server.generation.pipeline import TokenLogprob
 from edge_server.generation.prompt import RESERVED_TEMPLATE_VARIABLES
 
@@ -65,22 +65,44 @@ class RequestModel(BaseModel):
                 if value is not None or key not in cls.model_fields or cls.model_fields[key].is_required()}
 
 
-class ContentPart(RequestModel):
-    """One part of a list-form message content; only text parts can be used by a text model."""
+class ImageURL(RequestModel):
+    """An `image_url` part's image: a data URL (`detail` is accepted; the projector decides the resolution)."""
 
-    model_config = ConfigDict(json_schema_extra={"required": ["type", "text"], "properties": {  # `_text_only`
-        "type": {"const": "text", "description": "only text parts are accepted"}, "text": {"type": "string"}}})
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+_IMAGE_PART = {"required": ["type", "image_url"], "properties": {
+    "type": {"const": "image_url"}, "image_url": {"type": "object", "required": ["url"], "properties": {
+        "url": {"type": "string", "description": "data:image/png;base64,... (PNG, JPEG, WebP or GIF)"},
+        "detail": {"enum": ["auto", "low", "high"]}}}}}
+
+
+class ContentPart(RequestModel):
+    """One part of a list-form message content: text, or an image for a model that sees images."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [  # `_text_or_image`
+        {"required": ["type", "text"], "properties": {"type": {"const": "text"}, "text": {"type": "string"}}},
+        _IMAGE_PART]})
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> ContentPart:
-        if self.type != "text":
-            raise ValueError(f"content part type {self.type!r} is not supported; this server accepts only 'text' parts")
-        if self.text is None:
+    def _text_or_image(self) -> ContentPart:
+        if self.type not in ("text", "image_url"):
+            raise ValueError(f"content part type {self.type!r} is not supported; this server accepts 'text' and "
+                             f"'image_url' parts")
+        if self.type == "text" and self.text is None:
             raise ValueError("a 'text' content part needs a 'text' string")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an 'image_url' content part needs an 'image_url' object with a 'url'")
         return self
+
+    def rendered(self) -> str:
+        """The part as prompt text: its text, or the marker where its image goes."""
+        return IMAGE_MARKER if self.type == "image_url" else self.text or ""
 
 
 _CALLED_FUNCTION = {"type": "object", "required": ["name", "arguments"], "properties": {  # `_called_function`
@@ -119,7 +141,7 @@ class ChatMessage(RequestModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content)
+        return "".join(part.rendered() for part in self.content)
 
 
 class StreamOptions(RequestModel):

@@ -79,6 +79,7 @@ class ServedModel:
             eos_token=info.eos_token,
             add_bos=info.add_bos,
             tokenize=functools.partial(engine.tokenize, max_tokens=info.n_ctx),
+            tokenize_images=functools.partial(engine.tokenize_images, max_tokens=info.n_ctx) if info.vision else None,
         )
         return cls(engine=engine, renderer=renderer, model_id=model_id, demo_warning=demo_warning,
                    fingerprint=_fingerprint(info.path, template.label))

@@ -14,6 +14,7 @@ from flask import Response, g, jsonify
 from pydantic import BaseModel
 
 from edge_server.api.errors import APIError
+from edge_server.api.images import decode_images, find_images
 from edge_server.api.observability import log_safe
 from edge_server.api.schemas import ChatCompletionRequest, GenerationRequest
 from edge_server.api.registry import ModelRegistry
@@ -22,8 +23,8 @@ from edge_server.api.toolplan import ToolPlan, plan_tools
 from edge_server.dialects.calls import OPEN_TAG as CALL_OPEN_TAG
 from edge_server.dialects.constraints import after_reasoning
 from edge_server.engine.protocol import CompiledGrammarHandle
-from edge_server.engine.types import (FinishReason, GrammarRejected, Job, PromptTooLong, ReasoningBudget,
-                                      RequestTooLarge)
+from edge_server.engine.types import (FinishReason, GrammarRejected, ImageChunk, ImageInput, ImageRefused, Job,
+                                      PromptTooLong, ReasoningBudget, RequestTooLarge)
 from edge_server.generation.pipeline import ClientGone, Generation
 from edge_server.generation.prompt import ChatPrompt
 from edge_server.generation.reasoning import CLOSE_TAG, OPEN_TAG, ReasoningSplitter
@@ -95,10 +96,32 @@ def render_chat(request: ChatCompletionRequest) -> RenderedChat:
     served = served_model(request.model, role="chat")
     refuse_unfittable(rendered_characters(request), served)
     plan = plan_tools(request, served.dialect)
-    with context_check(served):
+    images = chat_images(request, served)
+    with context_check(served), image_check():
         prompt = served.renderer.chat_prompt(request.messages, tools=plan.template_tools,
-                                             template_kwargs=request.template_kwargs(state_of().settings.reasoning))
+                                             template_kwargs=request.template_kwargs(state_of().settings.reasoning),
+                                             images=images)
     return RenderedChat(served, plan, prompt)
+
+
+def chat_images(request: ChatCompletionRequest, served: ServedModel) -> list[ImageInput]:
+    """The request's images, decoded and checked; a 400 when there are any and the model cannot see them."""
+    found = find_images(request.messages)
+    if found and not served.engine.info.vision:
+        raise APIError(f"The model '{served.model_id}' cannot see images: it was started without a projector "
+                       f"(--mmproj). Send text only, or ask a model whose /v1/models meta says vision.",
+                       param=found[0][0], code="model_not_multimodal")
+    return decode_images(found)
+
+
+@contextmanager
+def image_check() -> Iterator[None]:
+    """Turn an image the projector refused into a 400."""
+    try:
+        yield
+    except ImageRefused as error:
+        raise APIError(f"The model's projector cannot take this request's images: {error}.", param="messages",
+                       code="invalid_image") from None
 
 
 def start_chat(request: ChatCompletionRequest, *, reasoning_budget: int | None = None) -> ChatRun:
@@ -127,7 +150,8 @@ def start_chat(request: ChatCompletionRequest, *, reasoning_budget: int | None =
     budget = thinking_budget(served, reasoning_budget, opened=prompt.opens_reasoning,
                              answer_openers=(CALL_OPEN_TAG,) if plan.callable_names else ())
     generations = start_generations(served, request, [prompt.tokens], request.token_limit(), grammar=grammar,
-                                    options=choice_options, budget=budget)
+                                    options=choice_options, budget=budget,
+                                    images=prompt.images)
     return ChatRun(generations, plan, request.model or served.model_id, served.fingerprint)
 
 
@@ -151,7 +175,8 @@ def thinking_budget(served: ServedModel, tokens: int | None, *, opened: bool,
 
 def start_generations(served: ServedModel, request: GenerationRequest, prompts: list[list[int]], limit: int | None, *,
                       grammar: CompiledGrammarHandle | None = None, options: Callable[[], dict] = dict,
-                      budget: ReasoningBudget | None = None) -> list[Generation]:
+                      budget: ReasoningBudget | None = None,
+                      images: tuple[ImageChunk, ...] = ()) -> list[Generation]:
     """Submit `request.n` choices of every prompt (choice i samples with seed + i when a seed is given);
     none is left running when one cannot be submitted. `n` above `--parallel` is a 400."""
     parallel = served.engine.parallel
@@ -165,7 +190,8 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
             for choice in range(request.n):
                 seed = None if request.seed is None else (request.seed + choice) % 2**64
                 generations.append(start_generation(served, request, prompt, limit, grammar=grammar, seed=seed,
-                                                    budget=budget, group=group, **options()))
+                                                    budget=budget, group=group, images=images,
+                                                    **options()))
     except RequestTooLarge as error:
         for generation in generations:
             generation.cancel()
@@ -182,7 +208,8 @@ def start_generations(served: ServedModel, request: GenerationRequest, prompts: 
 
 def start_generation(served: ServedModel, request: GenerationRequest, prompt: list[int], limit: int | None, *,
                      grammar: CompiledGrammarHandle | None = None, seed: int | None = None,
-                     budget: ReasoningBudget | None = None, group: int = 1, **options) -> Generation:
+                     budget: ReasoningBudget | None = None, group: int = 1,
+                     images: tuple[ImageChunk, ...] = (), **options) -> Generation:
     """Submit prompt tokens with the request's sampling (`seed` for this choice), limited to what the context
     leaves and to the server's --n-predict (without a limit of the request's own) and --n-predict-max; `group`:
     the jobs the request submits together."""
@@ -192,7 +219,7 @@ def start_generation(served: ServedModel, request: GenerationRequest, prompt: li
         raise context_exceeded(info.n_ctx, f"{len(prompt)} prompt tokens")
     sampling = dataclasses.replace(request.sampling(info.n_vocab, grammar), seed=seed, reasoning_budget=budget)
     job = Job(prompt=prompt, max_tokens=output_limit(limit, room), sampling=sampling,
-              speculative=request.speculative, group=group)
+              speculative=request.speculative, group=group, images=images)
     return Generation.start(served.engine, job, stops=request.stop_list(), client_gone=client_gone(), **options)
 
 

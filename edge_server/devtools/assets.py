@@ -313,6 +313,24 @@ def qwen35_model(*, seed: int = 0) -> Path:
     return cached(target, make)
 
 
+def vision_projector(*, n_embd_text: int = 64, seed: int = 0) -> Path:
+    """A cached `synthetic.write_mlp_projector`: a random-weight LLaVA-style projector for a text model `n_embd_text`
+    wide (the random test model's width by default); built once per seed and writer."""
+    from edge_server.devtools import synthetic
+
+    key = json.dumps({"writer": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest(),
+                      "n_embd_text": n_embd_text, "seed": seed}, sort_keys=True)
+    target = assets_dir() / "synthetic" / f"mmproj-mlp-{hashlib.sha256(key.encode()).hexdigest()[:20]}.gguf"
+
+    def make(out: Path) -> None:
+        _prune(target.parent, keep_days=_SCRIPTED_KEEP_DAYS)  # earlier writers' projectors
+        synthetic.write_mlp_projector(out, n_embd_text=n_embd_text, seed=seed)
+
+    if target.is_file():
+        os.utime(target)  # its mtime is when it was last used: what _prune goes by
+    return cached(target, make)
+
+
 _SCRIPTED_KEEP_DAYS = 7
 _SCRIPTED_BUDGET = 1 << 30  # bytes; beyond it the least recently used go first (older writers' leftovers)
 

@@ -32,6 +32,7 @@ __all__ = [
     "segment_script",
     "tokenize",
     "write_embedding_model",
+    "write_mlp_projector",
     "write_qwen35_model",
     "write_random_model",
     "write_scripted_model",
@@ -498,6 +499,71 @@ def write_random_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_e
     return _write_gguf(Path(path), name=_RANDOM_NAME, tokens=tokens, types=types, merges=merges,
                        tensors=tensors, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                        n_ff=n_ff, context_length=context_length)
+
+
+VISION_IMAGE_SIZE = 56  # the projector's input side in pixels: (56 / 14)^2 = 16 image tokens per image
+
+
+def write_mlp_projector(path: str | Path, *, n_embd_text: int = 64, seed: int = 0, n_layer: int = 2,
+                        n_embd: int = 32, n_head: int = 2, n_ff: int = 64, image_size: int = VISION_IMAGE_SIZE,
+                        patch_size: int = 14) -> Path:
+    """Write a random-weight LLaVA-style mmproj GGUF (llama.cpp's "mlp" projector: CLIP ViT + 2-layer MLP)
+    whose image embeddings have `n_embd_text` values, for a text model of that width (`write_random_model`)."""
+    rng = np.random.default_rng(seed)
+    n_patches = (image_size // patch_size) ** 2
+
+    def weight(*shape: int, scale: float = 1.0) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale / np.sqrt(shape[-1])).astype(np.float16)
+
+    def bias(size: int) -> np.ndarray:
+        return (rng.standard_normal(size) * 0.1).astype(np.float32)
+
+    # Names and keys as tools/mtmd/clip-impl.h spells them (TN_*, KEY_*).
+    tensors: dict[str, np.ndarray] = {
+        "v.patch_embd.weight": (rng.standard_normal((n_embd, 3, patch_size, patch_size))
+                                / patch_size).astype(np.float16),
+        "v.patch_embd.bias": bias(n_embd),
+        "v.position_embd.weight": (rng.standard_normal((n_patches, n_embd)) * 0.1).astype(np.float16),
+        "v.pre_ln.weight": np.ones(n_embd, np.float32), "v.pre_ln.bias": np.zeros(n_embd, np.float32),
+        # The MLP scales its output to the text embeddings' magnitude (standard normal rows), so the image
+        # weighs on the answer as much as the words do.
+        "mm.0.weight": weight(n_embd_text, n_embd), "mm.0.bias": bias(n_embd_text),
+        "mm.2.weight": weight(n_embd_text, n_embd_text, scale=2.0), "mm.2.bias": bias(n_embd_text),
+    }
+    for il in range(n_layer):
+        prefix = f"v.blk.{il}"
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            tensors[f"{prefix}.{name}.weight"] = weight(n_embd, n_embd)
+            tensors[f"{prefix}.{name}.bias"] = bias(n_embd)
+        for name in ("ln1", "ln2"):
+            tensors[f"{prefix}.{name}.weight"] = np.ones(n_embd, np.float32)
+            tensors[f"{prefix}.{name}.bias"] = np.zeros(n_embd, np.float32)
+        tensors[f"{prefix}.ffn_up.weight"], tensors[f"{prefix}.ffn_up.bias"] = weight(n_ff, n_embd), bias(n_ff)
+        tensors[f"{prefix}.ffn_down.weight"], tensors[f"{prefix}.ffn_down.bias"] = weight(n_embd, n_ff), bias(n_embd)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(path, "clip")
+    writer.add_name("edge-server synthetic projector (random weights)")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_bool("clip.use_gelu", True)
+    writer.add_uint32("clip.vision.embedding_length", n_embd)
+    writer.add_uint32("clip.vision.feed_forward_length", n_ff)
+    writer.add_uint32("clip.vision.block_count", n_layer)
+    writer.add_uint32("clip.vision.projection_dim", n_embd_text)
+    writer.add_uint32("clip.vision.attention.head_count", n_head)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_uint32("clip.vision.image_size", image_size)
+    writer.add_uint32("clip.vision.patch_size", patch_size)
+    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 # The shape of Qwen2.5-0.5B-Instruct: what `make bench` measures when no real model is given.

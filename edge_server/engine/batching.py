@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from edge_server.engine.imagebatch import text_ahead
 from edge_server.engine.prefixcache import PrefixCache
 from edge_server.engine.slots import Slot
 
@@ -52,8 +53,9 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     budget = min(PROMPT_CHUNK if batch.n_tokens else BATCH_TOKENS, BATCH_TOKENS - batch.n_tokens)
     prefilling = False
     for slot in sorted(active, key=lambda s: s.stream.submitted_at):
-        if slot.pending_prompt and budget > 0:
-            size = min(budget, cache.until_checkpoint(slot.seq) or budget)  # a checkpoint is taken where it ends
+        text = text_ahead(slot) if slot.job.images else len(slot.pending_prompt)  # images go in their own batch
+        if text and budget > 0:
+            size = min(budget, text, cache.until_checkpoint(slot.seq) or budget)  # a checkpoint is taken where it ends
             chunk, slot.pending_prompt = slot.pending_prompt[:size], slot.pending_prompt[size:]
             last = add_to_batch(batch, chunk, cache.length(slot.seq), slot.seq, logits=not slot.pending_prompt)
             slot.logits_at = -1 if slot.pending_prompt else last
@@ -64,9 +66,9 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
 
 
 def until_end(tokens: list[int], ends_generation: Callable[[int], bool]) -> list[int]:
-    """`tokens` up to (not including) the first end-of-generation token."""
+    """`tokens` up to (not including) the first end-of-generation token or image placeholder."""
     for i, token in enumerate(tokens):
-        if ends_generation(token):
+        if token < 0 or ends_generation(token):  # a negative id stands for an image token: never drafted
             return tokens[:i]
     return tokens
 

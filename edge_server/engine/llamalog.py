@@ -45,6 +45,14 @@ def route_llama_log() -> None:
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
 
 
+@functools.cache
+def route_mtmd_log() -> None:
+    """The same for llama.cpp's multimodal library (projectors: `engine/vision.py`), once per process."""
+    from llama_cpp import mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_on_log, ctypes.c_void_p(0))
+
+
 @contextlib.contextmanager
 def captured_log() -> Iterator[list[str]]:
     """Collect llama.cpp's log text while the block runs (one capture at a time: loads are serialized by it)."""

@@ -17,6 +17,7 @@ from edge_server.engine.batching import BATCH_TOKENS
 from edge_server.engine.contextsize import choose_context
 from edge_server.engine.llamalog import captured_log, route_llama_log
 from edge_server.engine.draftmodel import DraftModel
+from edge_server.engine.vision import Vision
 from edge_server.engine.partialmemory import PartialMemory, memory_kind
 from edge_server.engine.scheduler import Engine
 from edge_server.engine.speculation import SpecConfig
@@ -48,6 +49,7 @@ def load_engine(
     ctx_checkpoints: int = 8,
     ctx_checkpoint_mib: float = 512,
     swa_full: bool = False,
+    mmproj: Path | None = None,
 ) -> Engine:
     """Load a GGUF model and start the worker; raises `ModelLoadError` with a one-line reason.
 
@@ -60,6 +62,7 @@ def load_engine(
     A memory that cannot drop a suffix (recurrent, hybrid, or sliding-window layers without `swa_full`) gets
     `ctx_checkpoints` context checkpoints per slot, `ctx_checkpoint_mib` in all; speculation on a recurrent
     model rolls rejected drafts back through llama.cpp's per-token state snapshots (`n_rs_seq`).
+    `mmproj`: the model's projector GGUF, which lets it see images (`engine/vision.py`).
     """
     path = Path(path)
     check_gguf_file(path)
@@ -112,6 +115,11 @@ def load_engine(
             hint = (f" (with --cache-type-k {cache_type_k} --cache-type-v {cache_type_v}: a quantized cache needs the "
                     "model's attention head size to be a multiple of 32, and quantized values need flash attention)")
         raise ModelLoadError(f"llama.cpp failed to load {path}: {error}{hint}") from None
+    vision = None
+    if mmproj is not None:
+        check_gguf_file(Path(mmproj))
+        with captured_log():
+            vision = Vision(Path(mmproj), model, threads=threads, use_gpu=backend != "CPU" and layers != 0)
     metadata = model.metadata()
     arch = metadata.get("general.architecture", "")
     n_layer = int(metadata.get(f"{arch}.block_count", "0") or 0)
@@ -131,6 +139,7 @@ def load_engine(
         add_bos=bool(model.add_bos_token()),
         metadata=metadata,
         devices=tuple(rpc.device_shares("".join(load_log))),
+        vision=vision is not None,
     )
     if speculation and kind == "recurrent" and llama_cpp.llama_n_rs_seq(context.ctx) < speculation.n_max:
         log.warning("speculative decoding is off for %s: llama.cpp cannot roll its recurrent memory back over "
@@ -152,7 +161,7 @@ def load_engine(
     return Engine(model, context, info, parallel=parallel, max_queue=max_queue, shared_pool=kv_unified,
                   tuner=ThreadTuner(threads, adaptive=adapt_threads), fault_seed=fault_seed, speculation=speculation,
                   draft_model=draft, partial_memory=partial, checkpoints_per_slot=ctx_checkpoints,
-                  checkpoint_bytes=int(ctx_checkpoint_mib * (1 << 20)))
+                  checkpoint_bytes=int(ctx_checkpoint_mib * (1 << 20)), vision=vision)
 
 
 def read_n_ctx_train(path: Path) -> int:

@@ -13,7 +13,8 @@ from llama_cpp import _internals as internals
 
 from edge_server.engine import fatal
 from edge_server.engine.admission import Admission
-from edge_server.engine.batching import BATCH_TOKENS, Propose, fill_batch
+from edge_server.engine.batching import BATCH_TOKENS, PROMPT_CHUNK, Propose, fill_batch
+from edge_server.engine.imagebatch import fill_image_batch
 from edge_server.engine.checkpoints import Checkpoints
 from edge_server.engine.draftmodel import DraftModel
 from edge_server.engine.partialmemory import PartialMemory
@@ -22,7 +23,9 @@ from edge_server.engine.sampler import CompiledGrammar, compile_grammar
 from edge_server.engine.slots import Slot, Slots
 from edge_server.engine.speculation import SpecConfig, propose_by_lookup
 from edge_server.engine.threadtuner import ThreadTuner
-from edge_server.engine.types import BACKEND_FAILED, SHUTTING_DOWN, Finish, FinishReason, Job, ModelInfo, PromptTooLong, TokenStream
+from edge_server.engine.types import (BACKEND_FAILED, SHUTTING_DOWN, Finish, FinishReason, ImageChunk, ImageInput, Job,
+                                      ModelInfo, PromptTooLong, TokenStream)
+from edge_server.engine.vision import Vision
 from edge_server.engine.vocab import Vocabulary
 
 log = logging.getLogger("edge_server.engine")
@@ -51,8 +54,9 @@ class Engine:
                  parallel: int, max_queue: int, tuner: ThreadTuner, fault_seed: int | None = None,
                  shared_pool: bool = False, speculation: SpecConfig | None = None,
                  draft_model: DraftModel | None = None, partial_memory: PartialMemory | None = None,
-                 checkpoints_per_slot: int = 8, checkpoint_bytes: int = 512 << 20):
+                 checkpoints_per_slot: int = 8, checkpoint_bytes: int = 512 << 20, vision: Vision | None = None):
         self._ctx = context
+        self._vision = vision  # the projector (--mmproj): prompts with images
         self.model = model  # for a second context on the same weights (engine/embedder.py)
         self._vocab = Vocabulary(model.vocab)
         self.info = info
@@ -76,6 +80,9 @@ class Engine:
         self._admission = Admission(n_ctx=info.n_ctx, parallel=parallel, max_queue=max_queue,
                                     running=lambda: self.running)
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
+        self._n_embd = model.n_embd()
+        self._image_batch = None if vision is None else internals.LlamaBatch(
+            n_tokens=BATCH_TOKENS, embd=self._n_embd, n_seq_max=1, verbose=False)
         self._tuner = tuner
         self._shared_pool = shared_pool
         # Monotonic start of the step running now (decode and sampling: with RPC devices llama_decode returns
@@ -94,6 +101,15 @@ class Engine:
             # No token is longer than max_token_bytes: refused without the tokenizer's work on all of it.
             raise PromptTooLong(fewest, at_least=True)
         return self._vocab.tokenize(text, add_bos, special, max_tokens)
+
+    def tokenize_images(self, text: bytes, add_bos: bool, images: list[ImageInput],
+                        max_tokens: int | None = None) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        """Tokens of `text` with `IMAGE_MARKER` where each image goes (image tokens as negative placeholders)
+        and the images' embeddings, encoded on the calling thread; `PromptTooLong` past `max_tokens`,
+        `ImageRefused` for an image the projector cannot take. Only for a model with a projector (`info.vision`)."""
+        if self._vision is None:
+            raise ValueError("this model has no projector")
+        return self._vision.tokenize(text, add_bos, images, max_tokens)
 
     def detokenize(self, tokens: list[int]) -> bytes:
         """The bytes `tokens` stand for (safe from any thread)."""
@@ -143,6 +159,8 @@ class Engine:
         fatal.forget(self._backend_failed)
         self._admission.close()
         self._worker.join(timeout=10)
+        if self._vision is not None and not self._worker.is_alive():
+            self._vision.close()
 
     def _backend_failed(self, reason: str) -> None:
         # Called on another thread while the worker is stuck in llama.cpp (or about to abort): tell every
@@ -203,9 +221,18 @@ class Engine:
         active = [slot for slot in active if slot.job is not None]
         self._slots.resume()
         batch = self._batch.batch
+        generating = any(slot.next_token is not None for slot in active)
         decoded, prefilling = fill_batch(batch, active, self._cache, self._propose, self._vocab.ends_generation)
-        if batch.n_tokens == 0:
+        # Image rows share the prompt chunk's bound, so that an image stalls running streams no longer than text.
+        image_budget = (PROMPT_CHUNK if generating else BATCH_TOKENS) - batch.n_tokens + sum(
+            1 + len(slot.draft) for slot in active if slot.next_token is not None)
+        if batch.n_tokens and not self._decode(batch, decoded, prefilling):
             return
+        if self._vision is not None:
+            self._decode_image_rows(active, image_budget)
+
+    def _decode(self, batch: Any, decoded: list[tuple[Slot, list[int]]], prefilling: bool) -> bool:
+        """Decode the token batch and sample from it; False when nothing of it was decoded."""
         threads = self._tuner.next_step_threads()
         if threads != llama_cpp.llama_n_threads(self._ctx.ctx):
             llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
@@ -213,12 +240,12 @@ class Engine:
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if status == NO_ROOM and self._shared_pool:
             self._slots.make_room(decoded)  # nothing was decoded: free cells, try again next step
-            return
+            return False
         if status != 0:
             log.error("decoding a batch failed: llama_decode returned %d", status)
             for slot, _ in decoded:
                 self._slots.fail(slot, f"decoding failed: llama_decode returned {status}")
-            return
+            return False
         if not prefilling:  # steps with a prompt chunk take longer for reasons threads do not change
             self._tuner.record(batch.n_tokens, time.perf_counter() - started)
         for slot, tokens in decoded:
@@ -226,6 +253,24 @@ class Engine:
         for slot, _ in decoded:
             if slot.logits_at >= 0 and slot.job is not None:
                 self._slots.sample(slot)
+        return True
+
+    def _decode_image_rows(self, active: list[Slot], budget: int) -> None:
+        """Decode the next rows of one slot's image (after the token batch: its logits are read by then)."""
+        active = [slot for slot in active if slot.job is not None]
+        batch = self._image_batch.batch
+        filled = fill_image_batch(batch, self._n_embd, active, self._cache, budget)
+        if filled is None:
+            return
+        slot, placeholders = filled
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if status != 0:
+            log.error("decoding an image failed: llama_decode returned %d", status)
+            self._slots.fail(slot, f"decoding an image failed: llama_decode returned {status}")
+            return
+        self._cache.extend(slot.seq, placeholders)
+        if slot.logits_at >= 0:
+            self._slots.sample(slot)
 
 
 def copy_cells(memory: Any, source: int, destination: int) -> None:

@@ -135,7 +135,8 @@ class Slots:
             slot.sampler = make_sampler(job.sampling, self._model)
             slot.grammar = job.sampling.grammar.take() if job.sampling.grammar is not None else None
             slot.drafter = None
-            if self._speculation and job.speculative:
+            # The draft model's context would need the images too: image jobs draft from prompt lookup only.
+            if self._speculation and job.speculative and not (job.images and self._speculation.kind == "draft-simple"):
                 slot.drafter = DraftState(self._speculation) if self._speculation.kind == "draft-simple" \
                     else PromptLookup(self._speculation, job.prompt, self._shared_ngrams)
             self._prepare(slot, self._cache.plan(slot.seq, job.prompt))

@@ -6,13 +6,14 @@ No llama.cpp import here: the HTTP side and a fake engine use these types freely
 from __future__ import annotations
 
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edge_server.engine.protocol import CompiledGrammarHandle
@@ -21,6 +22,8 @@ BACKEND_FAILED = "backend_failed"  # error code: llama.cpp aborted (e.g. a lost 
 SHUTTING_DOWN = "shutting_down"  # error code: the server is stopping
 ENGINE_STOPPED = "engine_stopped"  # error code: the engine closed under a running job
 KV_CACHE_FULL = "kv_cache_full"  # error code: the shared KV pool (--kv-unified) had no room for the request
+# Where an image goes in a rendered prompt: secret per process, so that no client text can pose as an image.
+IMAGE_MARKER = f"<__image_{secrets.token_hex(8)}__>"
 
 
 class FinishReason(str, Enum):
@@ -67,6 +70,10 @@ class PromptTooLong(Exception):
         self.at_least = at_least  # counted from the text's length, without tokenizing it
 
 
+class ImageRefused(ValueError):
+    """The projector cannot take an image (llama.cpp's preprocessing refused it)."""
+
+
 class GrammarRejected(ValueError):
     """llama.cpp refused to parse a grammar."""
 
@@ -103,6 +110,31 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """A decoded, checked image: RGB pixels row by row, and a digest of them (what the prefix cache knows it by)."""
+
+    rgb: bytes
+    width: int
+    height: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ImageChunk:
+    """An image's place in a job's prompt: from `at` on, the prompt holds one placeholder id (negative, derived
+    from the image's digest) per image token; `embeddings` (n_tokens x n_embd float32) are what is decoded there."""
+
+    at: int
+    embeddings: Any
+    digest: str
+
+    @property
+    def n_tokens(self) -> int:
+        """Image tokens (placeholders in the prompt)."""
+        return len(self.embeddings)
+
+
+@dataclass(frozen=True)
 class Job:
     """One generation: prompt tokens, a completion budget that fits the context, and sampling."""
 
@@ -111,6 +143,7 @@ class Job:
     sampling: Sampling
     speculative: bool = True  # verify drafted tokens too when the server speculates (--spec-type)
     group: int = 1  # jobs its request submits together (prompts x n): admitted only if all could ever be held
+    images: tuple[ImageChunk, ...] = ()  # where the prompt holds images, in order
 
 
 @dataclass(frozen=True)
@@ -199,3 +232,4 @@ class ModelInfo:
     add_bos: bool
     metadata: dict[str, str]
     devices: tuple[DeviceShare, ...] = ()  # what each device holds (engine/rpc.py reads it from llama.cpp's log)
+    vision: bool = False  # a projector (--mmproj) lets the model see images

@@ -12,6 +12,7 @@ import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edge_server.engine.chat_templates import ChatTemplate, apply_builtin_template
+from edge_server.engine.types import ImageChunk, ImageInput
 from edge_server.generation.reasoning import prompt_opens_reasoning, template_thinks
 
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 Tokenize = Callable[[bytes, bool, bool], list[int]]
 log = logging.getLogger("edge_server")
+
+# (text with IMAGE_MARKERs, add_bos, images) -> tokens with image placeholders, and the images' chunks
+TokenizeImages = Callable[[bytes, bool, Sequence[ImageInput]], tuple[list[int], tuple[ImageChunk, ...]]]
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
@@ -90,13 +94,14 @@ class ChatPrompt:
     text: str
     tokens: list[int]
     opens_reasoning: bool
+    images: tuple[ImageChunk, ...] = ()  # where `tokens` holds images (placeholders) and their embeddings
 
 
 class PromptRenderer:
     """Render conversations with the model's chat template and tokenize them."""
 
     def __init__(self, template: ChatTemplate | str | None, *, bos_token: str, eos_token: str, add_bos: bool,
-                 tokenize: Tokenize):
+                 tokenize: Tokenize, tokenize_images: TokenizeImages | None = None):
         if not isinstance(template, ChatTemplate):
             template = ChatTemplate(label="gguf", jinja=template) if template else ChatTemplate(label="chatml-fallback")
         self.template = template
@@ -109,6 +114,7 @@ class PromptRenderer:
         )
         self._add_bos = add_bos
         self._tokenize = tokenize
+        self._tokenize_images = tokenize_images  # a model with a projector: prompts with images
 
     def chat_text(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None,
                   template_kwargs: Mapping[str, Any] | None = None) -> str:
@@ -142,11 +148,16 @@ class PromptRenderer:
             raise TemplateRefused(f"The model's chat template rejected these messages: {error}") from None
 
     def chat_prompt(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None,
-                    template_kwargs: Mapping[str, Any] | None = None) -> ChatPrompt:
-        """The rendered and tokenized prompt (control tokens of the template parsed as such)."""
+                    template_kwargs: Mapping[str, Any] | None = None, *,
+                    images: Sequence[ImageInput] = ()) -> ChatPrompt:
+        """The rendered and tokenized prompt (control tokens of the template parsed as such), with `images`
+        where the messages' image parts put them (a model with a projector only)."""
         text = self.chat_text(messages, tools, template_kwargs)
         # The template already wrote any BOS it wants; adding one again would double it.
         add_bos = self._add_bos and not self._starts_with_bos(text)
+        if images:
+            tokens, chunks = self._tokenize_images(text.encode("utf-8"), add_bos, images)
+            return ChatPrompt(text, tokens, self.thinks and prompt_opens_reasoning(text), chunks)
         tokens = self._tokenize(text.encode("utf-8"), add_bos, True)
         return ChatPrompt(text, tokens, self.thinks and prompt_opens_reasoning(text))
 

@@ -21,7 +21,7 @@ BAD_CHAT_BODIES = [
     ("empty messages", {"messages": []}, "messages"),
     ("messages not a list", {"messages": "hi"}, "messages"),
     ("unknown role", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
-    ("unknown part type", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    ("unknown part type", {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages.0.content.0"),
     ("content of wrong type", {"messages": [{"role": "user", "content": 42}]}, "messages.0.content"),
     ("temperature too high", {"messages": USER, "temperature": 2.5}, "temperature"),

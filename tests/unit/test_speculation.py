@@ -130,12 +130,12 @@ def test_a_draft_stops_before_the_end_of_generation_and_at_the_jobs_max_tokens()
             slot.draft = [10, 11, END, 12, 13][:room]
 
     for max_tokens, produced, draft, room in ((100, 3, [10, 11], 100 - 3 - 1), (6, 3, [10, 11], 2), (5, 3, [10], 1)):
-        slot = Slot(0, job=SimpleNamespace(max_tokens=max_tokens), stream=SimpleNamespace(submitted_at=0.0),
+        slot = Slot(0, job=SimpleNamespace(max_tokens=max_tokens, images=()), stream=SimpleNamespace(submitted_at=0.0),
                     next_token=7, produced=produced, drafter=object())
         fill_batch(batch.batch, [slot], cache, propose, lambda token: token == END)
         assert (slot.draft, rooms[-1]) == (draft, room)
         assert batch.batch.n_tokens == 1 + len(draft)
-    slot = Slot(0, job=SimpleNamespace(max_tokens=4), stream=SimpleNamespace(submitted_at=0.0), next_token=7,
+    slot = Slot(0, job=SimpleNamespace(max_tokens=4, images=()), stream=SimpleNamespace(submitted_at=0.0), next_token=7,
                 produced=3, drafter=object())
     fill_batch(batch.batch, [slot], cache, propose, lambda token: token == END)
     assert slot.draft == [] and len(rooms) == 3  # its next token is its last: nothing to propose

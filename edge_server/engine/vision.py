@@ -1,0 +1,129 @@
+"""A model's projector (`--mmproj`, llama.cpp's mtmd): prompts with images -> tokens and image embeddings.
+
+Tokenizing and encoding run on the calling HTTP thread, one request at a time (the mtmd context is not
+thread-safe), never on the engine's: the engine thread only decodes the embeddings into a slot, in bounded
+chunks between steps (`engine/imagebatch.py`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from llama_cpp import _internals as internals
+from llama_cpp import mtmd_cpp as mtmd
+
+from edge_server.engine.llamalog import route_mtmd_log
+from edge_server.engine.types import IMAGE_MARKER, ImageChunk, ImageInput, ImageRefused, ModelLoadError, PromptTooLong
+
+log = logging.getLogger("edge_server.engine")
+
+_PLACEHOLDER_SPAN = 1 << 60
+
+
+def placeholders(digest: str, n_tokens: int) -> list[int]:
+    """The prompt ids standing for an image's tokens: negative (never a vocabulary id) and derived from its
+    digest, so that the prefix cache matches the same image again and never a different one."""
+    base = int(digest[:15], 16)
+    return [-1 - (base + i) % _PLACEHOLDER_SPAN for i in range(n_tokens)]
+
+
+class Vision:
+    """The projector of one loaded model: checks it fits the model, turns prompts with images into chunks."""
+
+    def __init__(self, path: Path, model: internals.LlamaModel, *, threads: int, use_gpu: bool):
+        route_mtmd_log()
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.n_threads = threads
+        params.print_timings = False
+        self._marker = IMAGE_MARKER.encode()  # referenced by params while the context is made
+        params.media_marker = self._marker
+        ctx = mtmd.mtmd_init_from_file(str(path).encode(), model.model, params)
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not load the projector {path} for this model (a projector of "
+                                 f"another model, or not an mmproj GGUF: see the log above)")
+        unsupported = None
+        if not mtmd.mtmd_support_vision(ctx):
+            unsupported = "it has no vision encoder"
+        elif mtmd.mtmd_decode_use_mrope(ctx):
+            unsupported = "its model places images with M-RoPE positions (Qwen2-VL family), not supported yet"
+        elif mtmd.mtmd_decode_use_non_causal(ctx, None):
+            unsupported = "its model attends to images non-causally (Gemma 3 family), not supported yet"
+        if unsupported:
+            mtmd.mtmd_free(ctx)
+            raise ModelLoadError(f"cannot use the projector {path}: {unsupported}")
+        self.path = path
+        self._ctx = ctx
+        self._n_embd = model.n_embd()
+        self._lock = threading.Lock()
+
+    def tokenize(self, text: bytes, add_bos: bool, images: Sequence[ImageInput],
+                 max_tokens: int | None = None) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        """Prompt ids (image tokens as `placeholders`) and each image's embeddings, for `text` with one
+        `IMAGE_MARKER` per image; `PromptTooLong` past `max_tokens` (before any image is encoded),
+        `ImageRefused` when the projector cannot take one."""
+        bitmaps = [self._bitmap(image) for image in images]
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            with self._lock:
+                return self._tokenize(chunks, text, add_bos, images, bitmaps, max_tokens)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+
+    def _tokenize(self, chunks, text: bytes, add_bos: bool, images: Sequence[ImageInput], bitmaps: list,
+                  max_tokens: int | None) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        source = mtmd.mtmd_input_text(text, len(text), add_bos, True)
+        array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        status = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(source), array, len(bitmaps))
+        if status == 1:
+            raise ImageRefused(f"the prompt places {text.count(IMAGE_MARKER.encode())} images for {len(images)}")
+        if status != 0:
+            raise ImageRefused("the projector could not preprocess an image")
+        parts = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
+        total = sum(mtmd.mtmd_input_chunk_get_n_tokens(part) for part in parts)
+        if max_tokens is not None and total > max_tokens:
+            raise PromptTooLong(total)
+        tokens: list[int] = []
+        placed: list[ImageChunk] = []
+        for part in parts:
+            if mtmd.mtmd_input_chunk_get_type(part) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                count = ctypes.c_size_t()
+                ids = mtmd.mtmd_input_chunk_get_tokens_text(part, ctypes.byref(count))
+                tokens.extend(ids[:count.value])
+                continue
+            if mtmd.mtmd_input_chunk_get_type(part) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                raise ImageRefused("the projector made a chunk that is not an image")
+            image = images[len(placed)]
+            n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(part)
+            started = time.perf_counter()
+            if mtmd.mtmd_encode_chunk(self._ctx, part) != 0:
+                raise ImageRefused("the projector failed to encode an image")
+            output = mtmd.mtmd_get_output_embd(self._ctx)
+            embeddings = np.ctypeslib.as_array(output, shape=(n_tokens * self._n_embd,)).reshape(
+                n_tokens, self._n_embd).copy()
+            log.debug("image %dx%d encoded into %d tokens in %.1f ms", image.width, image.height, n_tokens,
+                      (time.perf_counter() - started) * 1000)
+            placed.append(ImageChunk(at=len(tokens), embeddings=embeddings, digest=image.digest))
+            tokens.extend(placeholders(image.digest, n_tokens))
+        return tokens, tuple(placed)
+
+    @staticmethod
+    def _bitmap(image: ImageInput):
+        pixels = (ctypes.c_uint8 * len(image.rgb)).from_buffer_copy(image.rgb)
+        bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, pixels)  # copies the pixels
+        mtmd.mtmd_bitmap_set_id(bitmap, image.digest.encode())
+        return bitmap
+
+    def close(self) -> None:
+        """Free the projector (its engine is gone)."""
+        if self._ctx:
+            mtmd.mtmd_free(self._ctx)
+            self._ctx = None
