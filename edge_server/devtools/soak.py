@@ -21,7 +21,7 @@ PROMPTS = [f"Tell me about the harbour number {i}" for i in range(8)]
 SAMPLE_TOKENS = 32
 TOOL = {"type": "function", "function": {"name": "set_mode", "parameters": {
     "type": "object", "properties": {"mode": {"enum": ["eco", "fast"]}, "on": {"type": "boolean"}},
-    "required": ["mode", "on"]}}}
+    "required": ["mode", "on"], "additionalProperties": False}}}  # closed: extra keys would be allowed, as written
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["s", "m", "l"]}},
           "required": ["ok", "size"], "additionalProperties": False}
 
