@@ -32,7 +32,8 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     decoded: list[tuple[Slot, list[int]]] = []
     generating = [slot for slot in active if slot.next_token is not None]
     pending = sum(len(slot.pending_prompt) for slot in active)
-    spare = BATCH_TOKENS - len(generating) - min(pending, PROMPT_CHUNK if generating else BATCH_TOKENS)
+    spare = BATCH_TOKENS - sum(1 + len(slot.redo) for slot in generating) \
+        - min(pending, PROMPT_CHUNK if generating else BATCH_TOKENS)
     for slot in active:
         slot.draft = []
     drafting = [(slot, min(spare // len(generating), slot.job.max_tokens - slot.produced - 1))
@@ -45,10 +46,12 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     for slot in active:
         slot.logits_at = -1
         if slot.next_token is not None:
-            tokens = [slot.next_token, *slot.draft]
+            # A recurrent memory that went back before rejected drafts decodes the accepted ones again first.
+            tokens = [*slot.redo, slot.next_token, *slot.draft]
             last = add_to_batch(batch, tokens, cache.length(slot.seq), slot.seq, logits=True,
                                 every_logit=bool(slot.draft))
             slot.logits_at = last - len(slot.draft)
+            slot.draft_decoded = tokens
             decoded.append((slot, tokens))
     budget = min(PROMPT_CHUNK if batch.n_tokens else BATCH_TOKENS, BATCH_TOKENS - batch.n_tokens)
     prefilling = False

@@ -61,7 +61,7 @@ def load_engine(
     (one share per device: the workers in order, then local GPUs).
     A memory that cannot drop a suffix (recurrent, hybrid, or sliding-window layers without `swa_full`) gets
     `ctx_checkpoints` context checkpoints per slot, `ctx_checkpoint_mib` in all; speculation on a recurrent
-    model rolls rejected drafts back through llama.cpp's per-token state snapshots (`n_rs_seq`).
+    model goes back to its state before the drafts (`Slots.keep_state_before_drafts`).
     `mmproj`: the model's projector GGUF, which lets it see images (`engine/vision.py`).
     """
     path = Path(path)
@@ -106,8 +106,6 @@ def load_engine(
         with captured_log() as load_log:
             model = internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
             kind = memory_kind(model.model, swa_full=swa_full)
-            if speculation and kind == "recurrent":
-                context_params.n_rs_seq = speculation.n_max  # rejected drafts are rolled back from these
             context = internals.LlamaContext(model=model, params=context_params, verbose=False)
     except (ValueError, RuntimeError) as error:
         hint = ""
@@ -141,10 +139,6 @@ def load_engine(
         devices=tuple(rpc.device_shares("".join(load_log))),
         vision=vision is not None,
     )
-    if speculation and kind == "recurrent" and llama_cpp.llama_n_rs_seq(context.ctx) < speculation.n_max:
-        log.warning("speculative decoding is off for %s: llama.cpp cannot roll its recurrent memory back over "
-                    "rejected drafts for this architecture", path.name)
-        speculation = None
     partial = None
     if kind != "full":
         partial = PartialMemory(context, kind, llama_cpp.llama_model_n_swa(model.model))

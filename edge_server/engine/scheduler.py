@@ -76,7 +76,7 @@ class Engine:
             self._propose = propose_by_lookup
         self.draft_model = draft_model  # held for as long as the engine
         self._slots = Slots(model, context, self._vocab, self._cache, parallel=parallel, fault_seed=fault_seed,
-                            speculation=speculation)
+                            speculation=speculation, partial_memory=partial_memory)
         self._admission = Admission(n_ctx=info.n_ctx, parallel=parallel, max_queue=max_queue,
                                     running=lambda: self.running)
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
@@ -174,8 +174,9 @@ class Engine:
     # ---- the worker thread -------------------------------------------------------------------
 
     def _history(self, slot: Slot) -> list[int]:
-        """What a generating slot's sequence is: the tokens its cells hold, then its next token."""
-        return [*self._cache.tokens(slot.seq), slot.next_token]
+        """What a generating slot's sequence is: the tokens its cells hold, then (decoded in the next step) any
+        accepted drafts to decode again and its next token."""
+        return [*self._cache.tokens(slot.seq), *slot.redo, slot.next_token]
 
     def _work(self) -> None:
         while not self._admission.closing:
@@ -236,6 +237,7 @@ class Engine:
         threads = self._tuner.next_step_threads()
         if threads != llama_cpp.llama_n_threads(self._ctx.ctx):
             llama_cpp.llama_set_n_threads(self._ctx.ctx, threads, threads)
+        self._slots.keep_state_before_drafts(decoded)
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if status == NO_ROOM and self._shared_pool:
@@ -250,6 +252,7 @@ class Engine:
             self._tuner.record(batch.n_tokens, time.perf_counter() - started)
         for slot, tokens in decoded:
             self._cache.extend(slot.seq, tokens)
+            slot.redo = []
         for slot, _ in decoded:
             if slot.logits_at >= 0 and slot.job is not None:
                 self._slots.sample(slot)

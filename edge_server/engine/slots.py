@@ -43,6 +43,11 @@ class Slot:
     awaits: tuple[Plan, TokenStream | None] | None = None  # waiting for another slot's prompt prefix (and its job)
     drafter: DraftState | None = None  # proposes tokens to verify with the next one (speculative decoding)
     draft: list[int] = field(default_factory=list)  # tokens proposed in the current step, after next_token
+    # A recurrent memory's drafts: its state before them (restored when some are rejected), and the accepted
+    # tokens to decode again from there, before next_token in the next step.
+    before_draft: Any = None
+    redo: list[int] = field(default_factory=list)
+    draft_decoded: list[int] = field(default_factory=list)  # what the step decoded for it: redo, next, draft
 
 
 PickToken = Callable[[Slot], int]  # the token a slot samples from its logits in the current batch
@@ -67,7 +72,7 @@ class Slots:
 
     def __init__(self, model: internals.LlamaModel, context: internals.LlamaContext, vocab: Vocabulary,
                  cache: PrefixCache, *, parallel: int, fault_seed: int | None = None,
-                 speculation: SpecConfig | None = None):
+                 speculation: SpecConfig | None = None, partial_memory: Any = None):
         self._model = model
         self._ctx = context
         self._vocab = vocab
@@ -80,6 +85,9 @@ class Slots:
         self._outbox: list[tuple[TokenStream, Token | Finish]] = []
         self._pick: PickToken = self._pick_token if fault_seed is None else inject_faults(self._pick_token, fault_seed)
         self._speculation = speculation
+        # Recurrent memories cannot drop rejected drafts: their state before the drafts is kept and restored.
+        self._recurrent = partial_memory if partial_memory is not None and partial_memory.kind == "recurrent" \
+            else None
         # ngram-mod: one n-gram index for every request of this model, so earlier answers are proposed too
         self._shared_ngrams = NgramIndex(SHARED_INDEX_ENTRIES) \
             if speculation is not None and speculation.kind == "ngram-mod" else None
@@ -219,12 +227,29 @@ class Slots:
         slot.next_token = token
         return True
 
+    def keep_state_before_drafts(self, decoded: list[tuple[Slot, list[int]]]) -> None:
+        """Before a step verifies drafts on a recurrent memory: keep each drafting slot's state, to go back to."""
+        if self._recurrent is None:
+            return
+        for slot, _ in decoded:
+            slot.before_draft = self._recurrent.save(slot.seq) if slot.draft else None
+
     def _drop_rejected(self, slot: Slot, rejected: int) -> None:
         """Drop the cells of drafted tokens the model rejected, when the job goes on (an ended job's cells
-        stay: they hold what those tokens are, for the prefix cache)."""
-        if slot.job is not None and rejected and not self._cache.truncate(slot.seq, self._cache.length(slot.seq)
-                                                                           - rejected):
-            self.fail(slot, "this model's memory cannot drop rejected draft tokens: turn speculation off")
+        stay: they hold what those tokens are, for the prefix cache). A recurrent memory goes back to its state
+        before the drafts instead, and the accepted tokens are decoded again in the next step (`redo`)."""
+        before, slot.before_draft = slot.before_draft, None
+        if slot.job is None or not rejected:
+            return
+        length = self._cache.length(slot.seq)
+        if before is not None:
+            start = length - len(slot.draft_decoded)
+            if self._recurrent.load(slot.seq, before) and self._cache.truncate(slot.seq, start):
+                slot.redo = slot.draft_decoded[:len(slot.draft_decoded) - rejected]
+                return
+        elif self._cache.truncate(slot.seq, length - rejected):
+            return
+        self.fail(slot, "this model's memory could not drop rejected draft tokens: turn speculation off")
 
     def _token(self, slot: Slot, token: int) -> Token:
         wanted = slot.job.sampling.logprobs
@@ -245,6 +270,8 @@ class Slots:
         slot.job = slot.stream = slot.sampler = slot.grammar = slot.drafter = None
         slot.next_token = slot.awaits = None
         slot.draft = []
+        slot.redo = []
+        slot.before_draft = None
         slot.pending_prompt = []
         self._cache.release(slot.seq, time.monotonic())
         if sampler is not None:
