@@ -247,3 +247,31 @@ def test_gemma_with_the_small_sliding_window_keeps_a_conversation_cached(start_s
     for a, b in zip(conversation(full.base_url, 3, seed=5, words=800), replies):
         assert_same_greedy_answer(answer_tokens(a), answer_tokens(b), noise=SMOLLM2_NOISE)
     assert requests.get(small.base_url + "/health", timeout=5).json()["ctx_checkpoints"]["saved"] > 0
+
+
+def test_openai_sdk_parse_gets_a_pydantic_object_from_a_real_model(smol):
+    """Structured output on a real tokenizer (SmolLM2's 49k vocabulary) through llguidance: the SDK's `.parse()`
+    with a pydantic model (optional fields, an enum, a bounded list) gets an instance that validates, greedy and
+    sampled, and the text is compact JSON in the schema's property order."""
+    from typing import Annotated, Literal
+
+    import openai
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=40)
+        country: str = Field(max_length=40)
+        size: Literal["village", "town", "city"]
+        landmarks: list[Annotated[str, Field(max_length=30)]] = Field(max_length=3)
+        population: int | None = Field(None, ge=0, le=10**9)
+
+    client = openai.OpenAI(base_url=smol.base_url + "/v1", api_key="unused")
+    for temperature in (0.0, 0.8):
+        completion = client.beta.chat.completions.parse(
+            model="smollm2", temperature=temperature, seed=7, max_tokens=200, response_format=City,
+            messages=[{"role": "user", "content": "Describe Paris as JSON."}])
+        message = completion.choices[0].message
+        assert completion.choices[0].finish_reason == "stop", message.content  # the grammar let it end
+        assert isinstance(message.parsed, City), message.content
+        keys = list(__import__("json").loads(message.content))
+        assert keys == [k for k in City.model_fields if k in keys] and ": " not in message.content
