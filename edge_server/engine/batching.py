@@ -51,7 +51,6 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
             last = add_to_batch(batch, tokens, cache.length(slot.seq), slot.seq, logits=True,
                                 every_logit=bool(slot.draft))
             slot.logits_at = last - len(slot.draft)
-            slot.draft_decoded = tokens
             decoded.append((slot, tokens))
     budget = min(PROMPT_CHUNK if batch.n_tokens else BATCH_TOKENS, BATCH_TOKENS - batch.n_tokens)
     prefilling = False

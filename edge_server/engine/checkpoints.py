@@ -18,10 +18,10 @@ oldest go first. The memory operations are handed in, so this is tested without 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 
-Save = Callable[[int], bytes | bytearray | memoryview]  # sequence -> the snapshot of its partial memory
+Save = Callable[[int], Sized]  # sequence -> the snapshot of its partial memory (its len() is its bytes)
 Load = Callable[[int, object], bool]  # (sequence, snapshot) -> whether the memory took it
 
 END_OFFSETS = (4, 4 + 512)  # checkpoints this many tokens before a prompt's end (llama-server's choice)
@@ -104,13 +104,13 @@ class Checkpoints:
         if any(cp.tokens == length for cp in sequence.checkpoints):
             return
         data = self._save(seq)
-        size = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if not size:
+        if not len(data):
             return
-        sequence.checkpoints.append(Checkpoint(length, data, size, next(self._order)))
+        checkpoint = Checkpoint(length, data, len(data), next(self._order))
+        sequence.checkpoints.append(checkpoint)
         sequence.checkpoints.sort(key=lambda cp: cp.tokens)
         self.stats.saved += 1
-        self._evict(keep=sequence.checkpoints[-1])
+        self._evict(keep=checkpoint)
 
     def _evict(self, keep: Checkpoint) -> None:
         for sequence in self._sequences:

@@ -43,11 +43,10 @@ class Slot:
     awaits: tuple[Plan, TokenStream | None] | None = None  # waiting for another slot's prompt prefix (and its job)
     drafter: DraftState | None = None  # proposes tokens to verify with the next one (speculative decoding)
     draft: list[int] = field(default_factory=list)  # tokens proposed in the current step, after next_token
-    # A recurrent memory's drafts: its state before them (restored when some are rejected), and the accepted
-    # tokens to decode again from there, before next_token in the next step.
-    before_draft: Any = None
+    # A recurrent memory's drafts: (tokens held, its state) before them, restored when some are rejected, and
+    # the accepted tokens to decode again from there, before next_token in the next step.
+    before_draft: tuple[int, Any] | None = None
     redo: list[int] = field(default_factory=list)
-    draft_decoded: list[int] = field(default_factory=list)  # what the step decoded for it: redo, next, draft
 
 
 PickToken = Callable[[Slot], int]  # the token a slot samples from its logits in the current batch
@@ -232,7 +231,7 @@ class Slots:
         if self._recurrent is None:
             return
         for slot, _ in decoded:
-            slot.before_draft = self._recurrent.save(slot.seq) if slot.draft else None
+            slot.before_draft = (self._cache.length(slot.seq), self._recurrent.save(slot.seq)) if slot.draft else None
 
     def _drop_rejected(self, slot: Slot, rejected: int) -> None:
         """Drop the cells of drafted tokens the model rejected, when the job goes on (an ended job's cells
@@ -243,9 +242,10 @@ class Slots:
             return
         length = self._cache.length(slot.seq)
         if before is not None:
-            start = length - len(slot.draft_decoded)
-            if self._recurrent.load(slot.seq, before) and self._cache.truncate(slot.seq, start):
-                slot.redo = slot.draft_decoded[:len(slot.draft_decoded) - rejected]
+            start, state = before
+            accepted = self._cache.tokens(slot.seq)[start:length - rejected]
+            if self._recurrent.load(slot.seq, state) and self._cache.truncate(slot.seq, start):
+                slot.redo = accepted
                 return
         elif self._cache.truncate(slot.seq, length - rejected):
             return
