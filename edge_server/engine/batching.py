@@ -48,7 +48,7 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
         if slot.next_token is not None:
             # A recurrent memory that went back before rejected drafts decodes the accepted ones again first.
             tokens = [*slot.redo, slot.next_token, *slot.draft]
-            last = add_to_batch(batch, tokens, cache.length(slot.seq), slot.seq, logits=True,
+            last = add_to_batch(batch, tokens, cache.position(slot.seq), slot.seq, logits=True,
                                 every_logit=bool(slot.draft))
             slot.logits_at = last - len(slot.draft)
             decoded.append((slot, tokens))
@@ -59,7 +59,7 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
         if text and budget > 0:
             size = min(budget, text, cache.until_checkpoint(slot.seq) or budget)  # a checkpoint is taken where it ends
             chunk, slot.pending_prompt = slot.pending_prompt[:size], slot.pending_prompt[size:]
-            last = add_to_batch(batch, chunk, cache.length(slot.seq), slot.seq, logits=not slot.pending_prompt)
+            last = add_to_batch(batch, chunk, cache.position(slot.seq), slot.seq, logits=not slot.pending_prompt)
             slot.logits_at = -1 if slot.pending_prompt else last
             decoded.append((slot, chunk))
             budget -= len(chunk)

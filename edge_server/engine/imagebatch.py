@@ -32,10 +32,11 @@ def next_image(slot: Slot) -> tuple[ImageChunk, int] | None:
 
 
 def fill_image_batch(batch: Any, n_embd: int, active: list[Slot], cache: PrefixCache,
-                     budget: int) -> tuple[Slot, list[int]] | None:
-    """Put up to `budget` rows of the oldest waiting image into the embeddings `batch`; returns its slot and the
-    placeholders those rows stand for (None: no slot's prompt continues with an image). The last row of a
-    prompt gets logits (`slot.logits_at`)."""
+                     budget: int) -> tuple[Slot, list[int], bool] | None:
+    """Put up to `budget` rows of the oldest waiting image into the embeddings `batch` (all of an image the model
+    sees whole); returns its slot, the placeholders those rows stand for and whether the model attends to them
+    non-causally (None: no slot's prompt continues with an image). The last row of a prompt gets logits
+    (`slot.logits_at`)."""
     batch.n_tokens = 0
     if budget <= 0:
         return None
@@ -44,13 +45,12 @@ def fill_image_batch(batch: Any, n_embd: int, active: list[Slot], cache: PrefixC
         if found is None:
             continue
         image, row = found
-        rows = min(budget, image.n_tokens - row)
+        rows = image.n_tokens - row if image.whole else min(budget, image.n_tokens - row)
         block = image.embeddings[row:row + rows]
         address = ctypes.cast(batch.embd, ctypes.c_void_p).value
         ctypes.memmove(address, block.ctypes.data, rows * n_embd * 4)
-        position = cache.length(slot.seq)
+        place_rows(batch.pos, image, row, rows, cache.position(slot.seq))
         for i in range(rows):
-            batch.pos[i] = position + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = slot.seq
             batch.logits[i] = False
@@ -58,5 +58,22 @@ def fill_image_batch(batch: Any, n_embd: int, active: list[Slot], cache: PrefixC
         slot.logits_at = -1 if slot.pending_prompt else rows - 1
         batch.logits[rows - 1] = not slot.pending_prompt
         batch.n_tokens = rows
-        return slot, placeholders
+        return slot, placeholders, image.whole
     return None
+
+
+def place_rows(pos: Any, image: ImageChunk, row: int, rows: int, position: int) -> None:
+    """Positions of `image`'s rows `row`.. `row + rows` decoded from `position` on: one each in a row, or on an
+    M-RoPE model the image's start position with each token's row and column, in llama.cpp's section-major
+    layout (all first sections, then all second ones...)."""
+    if not image.mrope_width:
+        for i in range(rows):
+            pos[i] = position + i
+        return
+    width = image.mrope_width
+    for i in range(rows):
+        token = row + i
+        pos[i] = position
+        pos[i + rows] = position + token // width
+        pos[i + 2 * rows] = position + token % width
+        pos[i + 3 * rows] = 0

@@ -117,7 +117,8 @@ def load_engine(
     if mmproj is not None:
         check_gguf_file(Path(mmproj))
         with captured_log():
-            vision = Vision(Path(mmproj), model, threads=threads, use_gpu=backend != "CPU" and layers != 0)
+            vision = Vision(Path(mmproj), model, threads=threads, use_gpu=backend != "CPU" and layers != 0,
+                            whole_limit=BATCH_TOKENS)
     metadata = model.metadata()
     arch = metadata.get("general.architecture", "")
     n_layer = int(metadata.get(f"{arch}.block_count", "0") or 0)

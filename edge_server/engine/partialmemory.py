@@ -47,7 +47,7 @@ class PartialMemory:
         return llama_cpp.llama_state_seq_set_data_ext(self._ctx, snapshot, len(snapshot), seq, PARTIAL_ONLY) > 0
 
     def kept_in_place(self, seq: int, keep: int, held: int) -> bool:
-        """Whether `seq`, holding `held` tokens, is usable after dropping all but its first `keep` in place."""
+        """Whether `seq`, holding positions up to `held`, is usable after dropping those from `keep` on in place."""
         if keep >= held:
             return True
         if self.kind == "recurrent":

@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from edge_server.engine.checkpoints import Checkpoints
+from edge_server.engine.placeholders import ends_inside_image, position_at, span, whole_images
 
 RemoveCells = Callable[[int, int], bool]  # (sequence, from position) -> whether the memory dropped them
 CopyCells = Callable[[int, int], None]  # (source, destination): the destination holds the source's cells
-# (sequence, tokens to keep, tokens held) -> whether dropping the rest in place leaves a usable state
+# (sequence, position to keep up to, position held up to) -> whether dropping the rest in place leaves a usable state
 KeptInPlace = Callable[[int, int, int], bool]
 
 log = logging.getLogger("edge_server.engine")
@@ -55,6 +56,7 @@ class PrefixCache:
     def __init__(self, n_seq: int, remove_cells: RemoveCells, copy_cells: CopyCells, *,
                  checkpoints: Checkpoints | None = None, kept_in_place: KeptInPlace | None = None):
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
+        self._positions = [0] * n_seq  # the position after each record (its length, unless it holds images)
         self._promised: list[list[int]] = [[] for _ in range(n_seq)]  # prompt tokens being evaluated
         self._last_used = [0.0] * n_seq
         self._remove_cells = remove_cells
@@ -66,7 +68,7 @@ class PrefixCache:
     def reachable(self, seq: int, tokens: int) -> int:
         """How many of the first `tokens` that `seq` holds a new prompt can keep: all of them where the memory
         drops the rest in place, else as many as the newest checkpoint at or before them holds."""
-        if self.checkpoints is None or self._kept_in_place(seq, tokens, len(self._tokens[seq])):
+        if self.checkpoints is None or self._in_place(seq, tokens):
             return tokens
         return self.checkpoints.reach(seq, tokens)
 
@@ -108,6 +110,7 @@ class PrefixCache:
         if plan.source != seq:
             self._copy_cells(plan.source, seq)
             self._tokens[seq] = self._tokens[plan.source][:]
+            self._positions[seq] = self._positions[plan.source]
             if self.checkpoints is not None:
                 self.checkpoints.copy(plan.source, seq)
         shared = min(plan.tokens, common_prefix(self._tokens[seq], prompt))
@@ -119,22 +122,24 @@ class PrefixCache:
                         len(self._tokens[seq]), held)
             if self.checkpoints is not None:
                 self.checkpoints.record_miss(held)
-        del self._tokens[seq][keep:]
+        self._cut(seq, keep)
         self.reused_tokens += keep
         return keep
 
     def _rewind(self, seq: int, keep: int) -> int:
-        """Drop `seq`'s cells past its first `keep` tokens; returns how many it still holds."""
-        held = len(self._tokens[seq])
-        if self.checkpoints is not None and not self._kept_in_place(seq, keep, held):
+        """Drop `seq`'s cells past its first `keep` tokens (fewer where that would split an image); returns how
+        many it still holds."""
+        keep = whole_images(self._tokens[seq], keep)
+        if self.checkpoints is not None and not self._in_place(seq, keep):
             restored = self.checkpoints.restore(seq, keep)
             # After a restore the unrollable part already stands at `restored`: this drops attention cells only.
-            if restored and self._remove_cells(seq, restored):
+            if restored and self._remove_cells(seq, self._position(seq, restored)):
                 return restored
             self._remove_cells(seq, 0)
             self.checkpoints.invalidate(seq, 0)
             return 0
-        if not self._remove_cells(seq, keep):
+        # Nothing past the record's end to drop (its end position may be an unfinished M-RoPE image's own).
+        if keep < len(self._tokens[seq]) and not self._remove_cells(seq, self._position(seq, keep)):
             self._remove_cells(seq, 0)
             keep = 0
         if self.checkpoints is not None:
@@ -166,31 +171,47 @@ class PrefixCache:
         return self._tokens[seq]
 
     def length(self, seq: int) -> int:
-        """Tokens `seq`'s cells hold: the position of the next token decoded into it."""
+        """Tokens `seq`'s cells hold."""
         return len(self._tokens[seq])
+
+    def position(self, seq: int) -> int:
+        """The position of the next token decoded into `seq` (its length, unless it holds M-RoPE images)."""
+        return self._positions[seq]
 
     def extend(self, seq: int, tokens: Sequence[int]) -> None:
         """Record tokens just decoded into `seq` (a promised prompt chunk or a generated token)."""
         self._tokens[seq].extend(tokens)
+        self._positions[seq] += span(tokens)
         del self._promised[seq][:len(tokens)]
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and not ends_inside_image(self._tokens[seq]):
             self.checkpoints.after_decode(seq, len(self._tokens[seq]))
 
     def truncate(self, seq: int, length: int) -> bool:
-        """Drop `seq`'s cells from position `length` on (drafted tokens the model rejected); False when the
+        """Drop `seq`'s cells past its first `length` tokens (drafted tokens the model rejected); False when the
         memory cannot drop part of a sequence."""
-        if not self._remove_cells(seq, length):
+        if not self._remove_cells(seq, self._position(seq, length)):
             return False
-        del self._tokens[seq][length:]
+        self._cut(seq, length)
         return True
 
     def forget(self, seq: int) -> None:
         """Drop every cell of `seq` (its contents are unknown after a failed step)."""
         self._remove_cells(seq, 0)
         self._tokens[seq].clear()
+        self._positions[seq] = 0
         self._promised[seq].clear()
         if self.checkpoints is not None:
             self.checkpoints.clear(seq)
+
+    def _position(self, seq: int, length: int) -> int:
+        return position_at(self._tokens[seq], length, self._positions[seq])
+
+    def _cut(self, seq: int, length: int) -> None:
+        self._positions[seq] = self._position(seq, length)
+        del self._tokens[seq][length:]
+
+    def _in_place(self, seq: int, keep: int) -> bool:
+        return self._kept_in_place(seq, self._position(seq, keep), self._positions[seq])
 
     def release(self, seq: int, now: float) -> None:
         """Note that `seq`'s job ended at `now` (for least-recently-used ties); it promises nothing more."""

@@ -81,8 +81,9 @@ class Engine:
                                     running=lambda: self.running)
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
         self._n_embd = model.n_embd()
+        # An M-RoPE model's image rows take four positions each: llama.cpp's batch holds one per token allocated.
         self._image_batch = None if vision is None else internals.LlamaBatch(
-            n_tokens=BATCH_TOKENS, embd=self._n_embd, n_seq_max=1, verbose=False)
+            n_tokens=BATCH_TOKENS * (4 if vision.mrope else 1), embd=self._n_embd, n_seq_max=1, verbose=False)
         self._tuner = tuner
         self._shared_pool = shared_pool
         # Monotonic start of the step running now (decode and sampling: with RPC devices llama_decode returns
@@ -265,8 +266,14 @@ class Engine:
         filled = fill_image_batch(batch, self._n_embd, active, self._cache, budget)
         if filled is None:
             return
-        slot, placeholders = filled
-        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        slot, placeholders, whole = filled
+        if whole:
+            llama_cpp.llama_set_causal_attn(self._ctx.ctx, False)
+        try:
+            status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        finally:
+            if whole:
+                llama_cpp.llama_set_causal_attn(self._ctx.ctx, True)
         if status != 0:
             log.error("decoding an image failed: llama_decode returned %d", status)
             self._slots.fail(slot, f"decoding an image failed: llama_decode returned {status}")

@@ -121,12 +121,14 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class ImageChunk:
-    """An image's place in a job's prompt: from `at` on, the prompt holds one placeholder id (negative, derived
-    from the image's digest) per image token; `embeddings` (n_tokens x n_embd float32) are what is decoded there."""
+    """An image's place in a job's prompt: from `at` on, the prompt holds one placeholder id per image token
+    (`engine/placeholders.py`); `embeddings` (n_tokens x n_embd float32) are what is decoded there."""
 
     at: int
     embeddings: Any
     digest: str
+    mrope_width: int = 0  # an M-RoPE image: its width in tokens (rows and columns are positions); 0: positions in a row
+    whole: bool = False  # the model attends to it non-causally: decoded in one batch, causal attention off
 
     @property
     def n_tokens(self) -> int:

@@ -19,24 +19,15 @@ from llama_cpp import _internals as internals
 from llama_cpp import mtmd_cpp as mtmd
 
 from edge_server.engine.llamalog import route_mtmd_log
+from edge_server.engine.placeholders import MAX_ADVANCE, MAX_ROWS, placeholders
 from edge_server.engine.types import IMAGE_MARKER, ImageChunk, ImageInput, ImageRefused, ModelLoadError, PromptTooLong
 
 log = logging.getLogger("edge_server.engine")
 
-_PLACEHOLDER_SPAN = 1 << 60
-
-
-def placeholders(digest: str, n_tokens: int) -> list[int]:
-    """The prompt ids standing for an image's tokens: negative (never a vocabulary id) and derived from its
-    digest, so that the prefix cache matches the same image again and never a different one."""
-    base = int(digest[:15], 16)
-    return [-1 - (base + i) % _PLACEHOLDER_SPAN for i in range(n_tokens)]
-
-
 class Vision:
     """The projector of one loaded model: checks it fits the model, turns prompts with images into chunks."""
 
-    def __init__(self, path: Path, model: internals.LlamaModel, *, threads: int, use_gpu: bool):
+    def __init__(self, path: Path, model: internals.LlamaModel, *, threads: int, use_gpu: bool, whole_limit: int):
         route_mtmd_log()
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = use_gpu
@@ -48,19 +39,14 @@ class Vision:
         if not ctx:
             raise ModelLoadError(f"llama.cpp could not load the projector {path} for this model (a projector of "
                                  f"another model, or not an mmproj GGUF: see the log above)")
-        unsupported = None
         if not mtmd.mtmd_support_vision(ctx):
-            unsupported = "it has no vision encoder"
-        elif mtmd.mtmd_decode_use_mrope(ctx):
-            unsupported = "its model places images with M-RoPE positions (Qwen2-VL family), not supported yet"
-        elif mtmd.mtmd_decode_use_non_causal(ctx, None):
-            unsupported = "its model attends to images non-causally (Gemma 3 family), not supported yet"
-        if unsupported:
             mtmd.mtmd_free(ctx)
-            raise ModelLoadError(f"cannot use the projector {path}: {unsupported}")
+            raise ModelLoadError(f"cannot use the projector {path}: it has no vision encoder")
         self.path = path
         self._ctx = ctx
+        self.mrope = bool(mtmd.mtmd_decode_use_mrope(ctx))  # Qwen2-VL to Qwen3.5: images placed in 2-D
         self._n_embd = model.n_embd()
+        self._whole_limit = whole_limit  # the most tokens of an image seen whole (one batch)
         self._lock = threading.Lock()
 
     def tokenize(self, text: bytes, add_bos: bool, images: Sequence[ImageInput],
@@ -103,6 +89,14 @@ class Vision:
                 raise ImageRefused("the projector made a chunk that is not an image")
             image = images[len(placed)]
             n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(part)
+            n_pos = mtmd.mtmd_input_chunk_get_n_pos(part)
+            whole = bool(mtmd.mtmd_decode_use_non_causal(self._ctx, part))
+            if n_tokens > MAX_ROWS or (self.mrope and n_pos > MAX_ADVANCE):
+                raise ImageRefused(f"an image of {image.width}x{image.height} pixels makes {n_tokens} tokens, more "
+                                   f"than this server takes")
+            if whole and n_tokens > self._whole_limit:
+                raise ImageRefused(f"an image of {image.width}x{image.height} pixels makes {n_tokens} tokens; this "
+                                   f"model sees an image whole, in one batch of at most {self._whole_limit}")
             started = time.perf_counter()
             if mtmd.mtmd_encode_chunk(self._ctx, part) != 0:
                 raise ImageRefused("the projector failed to encode an image")
@@ -111,8 +105,10 @@ class Vision:
                 n_tokens, self._n_embd).copy()
             log.debug("image %dx%d encoded into %d tokens in %.1f ms", image.width, image.height, n_tokens,
                       (time.perf_counter() - started) * 1000)
-            placed.append(ImageChunk(at=len(tokens), embeddings=embeddings, digest=image.digest))
-            tokens.extend(placeholders(image.digest, n_tokens))
+            width = mtmd.mtmd_image_tokens_get_nx(mtmd.mtmd_input_chunk_get_tokens_image(part)) if self.mrope else 0
+            placed.append(ImageChunk(at=len(tokens), embeddings=embeddings, digest=image.digest, mrope_width=width,
+                                     whole=whole))
+            tokens.extend(placeholders(image.digest, n_tokens, n_pos if self.mrope else None))
         return tokens, tuple(placed)
 
     @staticmethod
