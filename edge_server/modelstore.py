@@ -24,6 +24,8 @@ DEFAULT_CHOICES = (
     (6 << 30, "unsloth/Qwen3.5-2B-GGUF", "Qwen3.5-2B-Q4_K_M.gguf"),  # 1.3 GB
     (0, "unsloth/Qwen3.5-0.8B-GGUF", "Qwen3.5-0.8B-Q4_K_M.gguf"),  # 0.5 GB
 )
+DEFAULT_PROJECTOR = "mmproj-F16.gguf"  # the vision projector beside each of those models in Unsloth's repos
+PROJECTORS_DIR = "mmproj"  # under models/: models/mmproj/<model file's stem>/*.gguf is that model's projector
 HUB_HOST = "huggingface.co"
 GENERATED_DIR = "generated"  # under models/: demo and test models, never picked as "the newest GGUF"
 DEMO_FILE = "edge-demo.gguf"
@@ -42,24 +44,26 @@ class ResolvedModel:
     path: Path
     model_id: str
     demo_warning: str | None = None
+    mmproj: Path | None = None  # its projector, found in models/mmproj/<stem>/ or downloaded with the default model
 
 
 def resolve_model(spec: str | None, models_dir: Path, *, alias: str | None = None, timeout: float = 10.0) -> ResolvedModel:
     """Find or fetch the model named by `--model` (None: newest local GGUF, else default download, else demo)."""
     if spec:
         path = _local_model(spec, models_dir) or download(*split_hub_spec(spec), models_dir, timeout=timeout)
-        return ResolvedModel(path, alias or path.stem)
+        return ResolvedModel(path, alias or path.stem, mmproj=local_projector(models_dir, path))
     local = newest_gguf(models_dir)
     if local is not None:
-        return ResolvedModel(local, alias or local.stem)
+        return ResolvedModel(local, alias or local.stem, mmproj=local_projector(models_dir, local))
     repo, filename = default_model()
     log.info("no --model and no GGUF in %s: the default for %.1f GiB of memory is %s/%s (another: --model "
              "OWNER/REPO/FILE.gguf)", models_dir, total_memory() / (1 << 30), repo, filename)
     try:
         path = download(repo, filename, models_dir, timeout=timeout)
-        return ResolvedModel(path, alias or path.stem)
     except ModelLoadError as error:
         log.warning("could not download the default model: %s", error)
+    else:
+        return ResolvedModel(path, alias or path.stem, mmproj=_default_projector(repo, models_dir, path, timeout))
     return ResolvedModel(demo_model(models_dir), alias or DEMO_MODEL_ID, DEMO_WARNING)
 
 
@@ -79,6 +83,21 @@ def default_model(memory: int | None = None) -> tuple[str, str]:
         if memory >= smallest:
             return repo, filename
     return DEFAULT_CHOICES[-1][1:]
+
+
+def local_projector(models_dir: Path, model: Path) -> Path | None:
+    """The projector kept for `model` in models/mmproj/<its stem>/ (the newest GGUF there), if any."""
+    found = [p for p in (Path(models_dir) / PROJECTORS_DIR / model.stem).glob("*.gguf") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _default_projector(repo: str, models_dir: Path, model: Path, timeout: float) -> Path | None:
+    """The default model's projector, downloaded beside it; None (text only, with a warning) when it cannot be."""
+    try:
+        return download(repo, DEFAULT_PROJECTOR, Path(models_dir) / PROJECTORS_DIR / model.stem, timeout=timeout)
+    except ModelLoadError as error:
+        log.warning("serving %s without images: %s", model.name, error)
+        return None
 
 
 def newest_gguf(models_dir: Path) -> Path | None:

@@ -133,7 +133,7 @@ def resolve_models(settings: Settings) -> list[ModelSpec]:
         alias = settings.model_alias[index] if index < len(settings.model_alias) else None
         resolved = resolve_model(name, settings.models_dir, alias=alias, timeout=settings.download_timeout)
         check_gguf_file(resolved.path)
-        mmproj = _projector(settings, settings.mmproj[index]) if index < len(settings.mmproj) else None
+        mmproj = _projector(settings, settings.mmproj[index]) if index < len(settings.mmproj) else resolved.mmproj
         specs.append(ModelSpec(resolved.model_id, resolved.path, model_role(resolved.path), resolved.demo_warning,
                                mmproj=mmproj))
     for entry in read_models_file(settings.models_file) if settings.models_file else []:
@@ -145,7 +145,8 @@ def resolve_models(settings: Settings) -> list[ModelSpec]:
         resolved = resolve_model(entry.model, settings.models_dir, alias=entry.id, timeout=settings.download_timeout)
         check_gguf_file(resolved.path)
         specs.append(ModelSpec(entry.id, resolved.path, entry.role or model_role(resolved.path),
-                               options=entry.settings(), mmproj=_projector(settings, entry.mmproj) if entry.mmproj else None))
+                               options=entry.settings(),
+                               mmproj=_projector(settings, entry.mmproj) if entry.mmproj else resolved.mmproj))
     ids = [spec.id for spec in specs]
     if len(set(ids)) != len(ids):
         raise ModelLoadError(f"two models share an id ({', '.join(ids)}); name them with --model-alias")

@@ -62,11 +62,32 @@ def test_with_nothing_configured_or_local_the_default_qwen35_is_downloaded(monke
     def fake_download(repo, filename, models_dir, *, timeout=10.0):
         asked.append((repo, filename))
         target = models_dir / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(b"GGUF")
         return target
 
     monkeypatch.setattr(modelstore, "download", fake_download)
     monkeypatch.setattr(modelstore, "total_memory", lambda: 8 << 30)
     resolved = modelstore.resolve_model(None, tmp_path)
-    assert asked == [("unsloth/Qwen3.5-2B-GGUF", "Qwen3.5-2B-Q4_K_M.gguf")]
+    # The model and, beside it, its vision projector.
+    assert asked == [("unsloth/Qwen3.5-2B-GGUF", "Qwen3.5-2B-Q4_K_M.gguf"), ("unsloth/Qwen3.5-2B-GGUF", "mmproj-F16.gguf")]
     assert resolved.model_id == "Qwen3.5-2B-Q4_K_M" and resolved.demo_warning is None
+    assert resolved.mmproj == tmp_path / "mmproj" / "Qwen3.5-2B-Q4_K_M" / "mmproj-F16.gguf"
+    # Next start, offline: the local model is the newest GGUF and its projector is found beside it.
+    monkeypatch.setattr(modelstore, "download", lambda *a, **k: pytest.fail("nothing to download"))
+    again = modelstore.resolve_model(None, tmp_path)
+    assert again.path == resolved.path and again.mmproj == resolved.mmproj
+
+
+def test_a_projector_that_cannot_be_downloaded_leaves_the_default_model_text_only(monkeypatch, tmp_path, caplog):
+    def fake_download(repo, filename, models_dir, *, timeout=10.0):
+        if filename.startswith("mmproj"):
+            raise ModelLoadError(f"download of {repo}/{filename} failed: 404")
+        (models_dir / filename).write_bytes(b"GGUF")
+        return models_dir / filename
+
+    monkeypatch.setattr(modelstore, "download", fake_download)
+    monkeypatch.setattr(modelstore, "total_memory", lambda: 4 << 30)
+    resolved = modelstore.resolve_model(None, tmp_path)
+    assert resolved.path.name == "Qwen3.5-0.8B-Q4_K_M.gguf" and resolved.mmproj is None
+    assert "without images" in caplog.text
