@@ -1037,6 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the speculative decoding measurement (with --peer: llama-server's n-gram modes too)")
     parser.add_argument("--multiturn-only", action="store_true",
                         help="only the multi-turn chats (context checkpoints) and speculation on the hybrid model")
+    parser.add_argument("--vision-only", action="store_true",
+                        help="only image encode times and their effect on another stream (bench_vision.py)")
     parser.add_argument("--rpc-only", action="store_true",
                         help="only the split-over-two-loopback-workers measurement (updates its section of results.md)")
     parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
@@ -1088,6 +1090,15 @@ def main(argv: list[str] | None = None) -> int:
         text = _replace_section(text, bench_multiturn.MULTITURN_HEADING, bench_multiturn.markdown(turns))
         (args.out / "results.md").write_text(text.lstrip("\n"))
         print(bench_multiturn.markdown(turns))
+        return 0
+    if args.vision_only:
+        from edge_server.devtools import bench_vision
+
+        seen = bench_vision.vision(threads=args.threads, out=args.out, peer=peer)
+        (args.out / "results-vision.json").write_text(json.dumps(seen, indent=2) + "\n")
+        text = _replace_section(text, bench_vision.VISION_HEADING, bench_vision.markdown(seen))
+        (args.out / "results.md").write_text(text.lstrip("\n"))
+        print(bench_vision.markdown(seen))
         return 0
     if args.rpc_only:
         vocab = load_vocab(model)

@@ -69,3 +69,9 @@ def whole_images(tokens: Sequence[int], keep: int) -> int:
 def ends_inside_image(tokens: Sequence[int]) -> bool:
     """Whether `tokens` stop in the middle of an image (no checkpoint is worth taking there)."""
     return bool(tokens) and tokens[-1] < 0 and not (-1 - tokens[-1]) & _LAST
+
+
+def image_ends(tokens: Sequence[int]) -> list[int]:
+    """Where each image in `tokens` ends (the index after its last token): where the next question about the same
+    image parts from the last one."""
+    return [i + 1 for i, t in enumerate(tokens) if t < 0 and (-1 - t) & _LAST]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from edge_server.engine.checkpoints import Checkpoints
-from edge_server.engine.placeholders import ends_inside_image, position_at, span, whole_images
+from edge_server.engine.placeholders import ends_inside_image, image_ends, position_at, span, whole_images
 
 RemoveCells = Callable[[int, int], bool]  # (sequence, from position) -> whether the memory dropped them
 CopyCells = Callable[[int, int], None]  # (source, destination): the destination holds the source's cells
@@ -157,6 +157,8 @@ class PrefixCache:
         if self.checkpoints is not None:
             held = len(self._tokens[seq])
             self.checkpoints.plan_prompt(seq, held, held + len(tokens))
+            for end in image_ends(tokens):  # another question about the same image parts there
+                self.checkpoints.want(seq, held + end)
 
     def until_checkpoint(self, seq: int) -> int | None:
         """Prompt tokens `seq` may evaluate before it reaches a position to checkpoint (None: no limit)."""

@@ -103,8 +103,8 @@ class Vision:
             output = mtmd.mtmd_get_output_embd(self._ctx)
             embeddings = np.ctypeslib.as_array(output, shape=(n_tokens * self._n_embd,)).reshape(
                 n_tokens, self._n_embd).copy()
-            log.debug("image %dx%d encoded into %d tokens in %.1f ms", image.width, image.height, n_tokens,
-                      (time.perf_counter() - started) * 1000)
+            log.info("image %dx%d: %d tokens, encoded in %.0f ms", image.width, image.height, n_tokens,
+                     (time.perf_counter() - started) * 1000)
             width = mtmd.mtmd_image_tokens_get_nx(mtmd.mtmd_input_chunk_get_tokens_image(part)) if self.mrope else 0
             placed.append(ImageChunk(at=len(tokens), embeddings=embeddings, digest=image.digest, mrope_width=width,
                                      whole=whole))

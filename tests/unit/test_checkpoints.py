@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from edge_server.engine.checkpoints import END_OFFSETS, Checkpoints
+from edge_server.engine.placeholders import span
 from edge_server.engine.prefixcache import Plan, PrefixCache
 
 
@@ -28,7 +29,7 @@ class RecurrentMemory:
         if start == 0:
             self.state[seq] = []
             return True
-        return start >= len(self.state[seq])  # nothing to drop: fine; anything else: refused
+        return start >= span(self.state[seq])  # nothing to drop (positions: images may take fewer): fine; else refused
 
     def copy(self, source: int, destination: int) -> None:
         self.state[destination] = list(self.state[source])

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from edge_server.engine.placeholders import (advance, ends_inside_image, placeholders, position_at, span,
-                                             whole_images)
+from edge_server.engine.placeholders import (advance, ends_inside_image, image_ends, placeholders, position_at,
+                                             span, whole_images)
+from tests.unit.test_checkpoints import RecurrentMemory, evaluate
 from tests.unit.test_prefix_cache import Memory, filled
 
 A, B = "a" * 64, "b" * 64
@@ -76,3 +77,13 @@ def test_truncating_drafts_after_an_image_uses_positions():
     assert cache.position(0) == 1 + 2 + 3
     assert cache.truncate(0, 6)
     assert memory.removed[-1] == (0, 4) and cache.position(0) == 4 and cache.length(0) == 6
+
+
+def test_the_next_question_about_the_same_image_resumes_after_it_on_a_recurrent_memory():
+    image = placeholders(A, 6, 3)
+    assert image_ends([1, *image, 2, *placeholders(B, 2), 3]) == [7, 10]
+    memory = RecurrentMemory(1)
+    cache = memory.cache(1)
+    evaluate(cache, memory, 0, [1, 2, *image, 3, 4, 5, 6, 7, 8, 9, 9, 9], [9])
+    assert evaluate(cache, memory, 0, [1, 2, *image, 7, 7, 7], [9]) == 8  # from the checkpoint after the image
+    assert memory.loads[-1] == (0, 8)
