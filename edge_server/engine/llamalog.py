@@ -1,4 +1,4 @@
-"""llama.cpp's log into Python's logging (its errors as warnings, the rest at debug), and captured while a model
+"""llama.cpp's log into Python's logging (its warnings and errors as warnings, the rest at debug), and captured while a model
 loads (what llama.cpp alone knows: which device got which layers and buffers)."""
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import llama_cpp
 
 log = logging.getLogger("llama.cpp")
 
-GGML_LOG_LEVEL_ERROR = 3
+GGML_LOG_LEVEL_WARN = 3
 GGML_LOG_LEVEL_CONT = 5  # the rest of the previous message
+# Warnings that say nothing is wrong: an M-RoPE image's tokens share one position, which a recurrent memory
+# (Qwen3.5's) notes on every image batch.
+_EXPECTED = ("find_slot: non-consecutive token position",)
 
 _capture: list[str] | None = None
 _capture_lock = threading.Lock()
@@ -31,7 +34,7 @@ def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     captured = _capture
     if captured is not None:
         captured.append(message)
-    if level == GGML_LOG_LEVEL_ERROR:
+    if GGML_LOG_LEVEL_WARN <= level < GGML_LOG_LEVEL_CONT and not message.startswith(_EXPECTED):
         # Not ours to call errors: llama.cpp also says "error" of what it then handles (a pooling type it
         # overrides, a load that fails and is reported to the caller, who logs what it means).
         log.warning("%s", message.rstrip())
