@@ -11,6 +11,7 @@ import ctypes
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from edge_server.engine.placeholders import MAX_ADVANCE, MAX_ROWS, placeholders
 from edge_server.engine.types import IMAGE_MARKER, ImageChunk, ImageInput, ImageRefused, ModelLoadError, PromptTooLong
 
 log = logging.getLogger("edge_server.engine")
+
+ENCODED_BYTES = 256 << 20  # image embeddings kept for the next request with the same image
 
 class Vision:
     """The projector of one loaded model: checks it fits the model, turns prompts with images into chunks."""
@@ -47,6 +50,7 @@ class Vision:
         self.mrope = bool(mtmd.mtmd_decode_use_mrope(ctx))  # Qwen2-VL to Qwen3.5: images placed in 2-D
         self._n_embd = model.n_embd()
         self._whole_limit = whole_limit  # the most tokens of an image seen whole (one batch)
+        self._encoded: OrderedDict[str, np.ndarray] = OrderedDict()  # digest -> embeddings, least recent first
         self._lock = threading.Lock()
 
     def tokenize(self, text: bytes, add_bos: bool, images: Sequence[ImageInput],
@@ -97,19 +101,34 @@ class Vision:
             if whole and n_tokens > self._whole_limit:
                 raise ImageRefused(f"an image of {image.width}x{image.height} pixels makes {n_tokens} tokens; this "
                                    f"model sees an image whole, in one batch of at most {self._whole_limit}")
-            started = time.perf_counter()
-            if mtmd.mtmd_encode_chunk(self._ctx, part) != 0:
-                raise ImageRefused("the projector failed to encode an image")
-            output = mtmd.mtmd_get_output_embd(self._ctx)
-            embeddings = np.ctypeslib.as_array(output, shape=(n_tokens * self._n_embd,)).reshape(
-                n_tokens, self._n_embd).copy()
-            log.info("image %dx%d: %d tokens, encoded in %.0f ms", image.width, image.height, n_tokens,
-                     (time.perf_counter() - started) * 1000)
+            embeddings = self._embeddings(part, image, n_tokens)
             width = mtmd.mtmd_image_tokens_get_nx(mtmd.mtmd_input_chunk_get_tokens_image(part)) if self.mrope else 0
             placed.append(ImageChunk(at=len(tokens), embeddings=embeddings, digest=image.digest, mrope_width=width,
                                      whole=whole))
             tokens.extend(placeholders(image.digest, n_tokens, n_pos if self.mrope else None))
         return tokens, tuple(placed)
+
+    def _embeddings(self, part, image: ImageInput, n_tokens: int):
+        """The image's embeddings: encoded now, or kept from an earlier request (a chat sends its images again
+        every turn; encoding one can take seconds)."""
+        kept = self._encoded.get(image.digest)
+        if kept is not None and len(kept) == n_tokens:
+            self._encoded.move_to_end(image.digest)
+            log.info("image %dx%d: %d tokens, encoded earlier", image.width, image.height, n_tokens)
+            return kept
+        started = time.perf_counter()
+        if mtmd.mtmd_encode_chunk(self._ctx, part) != 0:
+            raise ImageRefused("the projector failed to encode an image")
+        output = mtmd.mtmd_get_output_embd(self._ctx)
+        embeddings = np.ctypeslib.as_array(output, shape=(n_tokens * self._n_embd,)).reshape(
+            n_tokens, self._n_embd).copy()
+        embeddings.flags.writeable = False  # shared by every job with this image
+        log.info("image %dx%d: %d tokens, encoded in %.0f ms", image.width, image.height, n_tokens,
+                 (time.perf_counter() - started) * 1000)
+        self._encoded[image.digest] = embeddings
+        while sum(e.nbytes for e in self._encoded.values()) > ENCODED_BYTES and len(self._encoded) > 1:
+            self._encoded.popitem(last=False)
+        return embeddings
 
     @staticmethod
     def _bitmap(image: ImageInput):

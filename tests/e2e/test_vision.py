@@ -71,8 +71,9 @@ def test_an_image_counts_its_tokens_in_usage(client):
     assert with_image.usage.prompt_tokens == text_only.usage.prompt_tokens + IMAGE_TOKENS
 
 
-def test_the_answer_depends_on_the_image_and_the_same_image_hits_the_cache(client):
+def test_the_answer_depends_on_the_image_and_the_same_image_hits_the_cache(vision_server, client):
     red, blue = data_url(noise(2)), data_url(noise(3))
+    logged = len(vision_server.log())
     first = ask(client, image_message(red))
     again = ask(client, image_message(red))
     other = ask(client, image_message(blue))
@@ -82,6 +83,11 @@ def test_the_answer_depends_on_the_image_and_the_same_image_hits_the_cache(clien
     assert again.usage.prompt_tokens_details.cached_tokens == prompt - 1  # all but the token sampled from
     # The blue image shares only the text before the image with the cached red one.
     assert other.usage.prompt_tokens_details.cached_tokens < prompt - IMAGE_TOKENS
+    # The red image's embeddings were kept too: encoded once for three requests.
+    ask(client, image_message(red, text="Again: " + QUESTION))
+    since = vision_server.log()[logged:]
+    assert since.count("image 64x48: 16 tokens, encoded in") == 2  # red, blue
+    assert since.count("image 64x48: 16 tokens, encoded earlier") == 2
 
 
 def test_the_same_pixels_in_another_format_are_the_same_image(client):
