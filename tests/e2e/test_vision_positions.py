@@ -86,3 +86,16 @@ def test_different_images_answer_differently_and_several_choices_agree(family):
                                            temperature=0, max_tokens=8, n=2,
                                            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert len(reply.choices) == 2 and reply.choices[0].message.content == reply.choices[1].message.content
+
+
+def test_speculation_on_the_hybrid_m_rope_model_keeps_the_greedy_image_answer(start_server):
+    """Qwen3.5's own pair (M-RoPE images, recurrent memory rolled back on rejected drafts)."""
+    model, projector = (make() for make in FAMILIES["qwen3.5"])
+    plain = start_server("--model", str(model), "--mmproj", str(projector), "--parallel", "1", "--n-ctx", "2048")
+    speculating = start_server("--model", str(model), "--mmproj", str(projector), "--parallel", "1",
+                               "--n-ctx", "2048", "--spec-type", "ngram-simple")
+    messages = image_message(data_url(noise(6, (96, 64))), text="Repeat: alpha beta gamma alpha beta gamma")
+    answers = [answer(OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120),
+                      messages, tokens=24) for server in (plain, speculating)]
+    assert answers[0][1].prompt_tokens == answers[1][1].prompt_tokens
+    assert_same_greedy_answer(answers[0][0], answers[1][0])
