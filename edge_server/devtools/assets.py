@@ -41,11 +41,17 @@ __all__ = [
     "QWEN_TEMPLATES",
     "assets_dir",
     "fetch",
+    "gemma3_model",
+    "gemma3_projector",
     "main",
+    "qwen25vl_projector",
+    "qwen2vl_model",
     "qwen35_model",
+    "qwen35_projector",
     "qwen_template",
     "qwen_vocab",
     "scripted_qwen_model",
+    "vision_projector",
 ]
 
 ENV_DIR = "EDGE_SERVER_ASSETS"
@@ -329,6 +335,66 @@ def vision_projector(*, n_embd_text: int = 64, seed: int = 0) -> Path:
     if target.is_file():
         os.utime(target)  # its mtime is when it was last used: what _prune goes by
     return cached(target, make)
+
+
+def _synthetic_vision_file(stem: str, fields: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """A cached file of `vision_models` (built once per `fields` and per version of the writers it uses)."""
+    from edge_server.devtools import synthetic, vision_models
+
+    writers = b"".join(Path(module.__file__).read_bytes() for module in (synthetic, vision_models))
+    key = json.dumps({"writer": hashlib.sha256(writers).hexdigest(), **fields}, sort_keys=True)
+    target = assets_dir() / "synthetic" / f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.gguf"
+
+    def make(out: Path) -> None:
+        _prune(target.parent, keep_days=_SCRIPTED_KEEP_DAYS)  # earlier writers' files
+        write(out)
+
+    if target.is_file():
+        os.utime(target)  # its mtime is when it was last used: what _prune goes by
+    return cached(target, make)
+
+
+def qwen2vl_model(*, seed: int = 0) -> Path:
+    """A cached `vision_models.write_qwen2vl_model`: the tiny random model as Qwen2-VL/2.5-VL's text architecture
+    (qwen2vl, M-RoPE) with the vision markers in its vocabulary."""
+    from edge_server.devtools import vision_models
+
+    return _synthetic_vision_file("qwen2vl", {"seed": seed},
+                                  lambda out: vision_models.write_qwen2vl_model(out, seed=seed))
+
+
+def qwen25vl_projector(*, seed: int = 0) -> Path:
+    """A cached `vision_models.write_qwen25vl_projector` (`qwen2.5vl_merger`) for `qwen2vl_model()`."""
+    from edge_server.devtools import vision_models
+
+    return _synthetic_vision_file("mmproj-qwen25vl", {"seed": seed},
+                                  lambda out: vision_models.write_qwen25vl_projector(out, seed=seed))
+
+
+def qwen35_projector(*, seed: int = 0) -> Path:
+    """A cached `vision_models.write_qwen3vl_projector` (`qwen3vl_merger`, the type of Qwen3.5's mmproj) as wide as
+    `qwen35_model()`'s embeddings."""
+    from edge_server.devtools import vision_models
+
+    return _synthetic_vision_file("mmproj-qwen35", {"seed": seed},
+                                  lambda out: vision_models.write_qwen3vl_projector(out, seed=seed))
+
+
+def gemma3_model(*, seed: int = 0) -> Path:
+    """A cached `vision_models.write_gemma3_model`: a tiny random-weight gemma3 text model with Gemma 3's image
+    markers."""
+    from edge_server.devtools import vision_models
+
+    return _synthetic_vision_file("gemma3", {"seed": seed},
+                                  lambda out: vision_models.write_gemma3_model(out, seed=seed))
+
+
+def gemma3_projector(*, seed: int = 0) -> Path:
+    """A cached `vision_models.write_gemma3_projector` (`gemma3`) for `gemma3_model()`."""
+    from edge_server.devtools import vision_models
+
+    return _synthetic_vision_file("mmproj-gemma3", {"seed": seed},
+                                  lambda out: vision_models.write_gemma3_projector(out, seed=seed))
 
 
 _SCRIPTED_KEEP_DAYS = 7

@@ -31,6 +31,7 @@ __all__ = [
     "render_generation_prompt",
     "segment_script",
     "tokenize",
+    "write_clip_gguf",
     "write_embedding_model",
     "write_mlp_projector",
     "write_qwen35_model",
@@ -354,8 +355,10 @@ def _base_vocab(n_merges: int = _N_MERGES) -> tuple[tuple[str, ...], tuple[str, 
     return tuple(tokens), tuple(f"{left} {right}" for left, right in merges)
 
 
-def _vocabulary(extra_pieces: Sequence[bytes] = ()) -> tuple[list[str], list[int], list[str]]:
-    """Return (tokens, token types, merges); extra pieces go before the special tokens."""
+def _vocabulary(extra_pieces: Sequence[bytes] = (), control_tokens: Sequence[str] = ()
+                ) -> tuple[list[str], list[int], list[str]]:
+    """Return (tokens, token types, merges); extra pieces go before the special tokens, `control_tokens`
+    (a projector's image markers) after them."""
     base, merges = _base_vocab()
     tokens = list(base)
     known = set(tokens)
@@ -365,7 +368,7 @@ def _vocabulary(extra_pieces: Sequence[bytes] = ()) -> tuple[list[str], list[int
             known.add(text)
             tokens.append(text)
     types = [int(gguf.TokenType.NORMAL)] * len(tokens)
-    for text, kind in SPECIAL_TOKENS:
+    for text, kind in (*SPECIAL_TOKENS, *((text, gguf.TokenType.CONTROL) for text in control_tokens)):
         tokens.append(text)
         types.append(int(kind))
     return tokens, types, list(merges)
@@ -484,11 +487,14 @@ def _random_output(rng: np.random.Generator, embeddings: np.ndarray, scales: np.
 
 
 def write_random_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-                       n_head_kv: int = 2, n_ff: int = 128, context_length: int = 4096) -> Path:
-    """Write a tiny qwen2 GGUF with random weights that babbles ordinary words."""
+                       n_head_kv: int = 2, n_ff: int = 128, context_length: int = 4096, arch: str = "qwen2",
+                       control_tokens: Sequence[str] = (),
+                       more_metadata: Callable[[gguf.GGUFWriter], None] = lambda writer: None) -> Path:
+    """Write a tiny qwen2 GGUF with random weights that babbles ordinary words (or another architecture with
+    qwen2's tensors, e.g. qwen2vl with its `more_metadata`; `control_tokens` are appended to the vocabulary)."""
     _check_shape(n_embd, n_head, n_head_kv)
     rng = np.random.default_rng(seed)
-    tokens, types, merges = _vocabulary()
+    tokens, types, merges = _vocabulary(control_tokens=control_tokens)
     embeddings = rng.standard_normal((len(tokens), n_embd))
     tensors = {"token_embd.weight": embeddings.astype(np.float16)}
     tensors.update(_random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
@@ -498,7 +504,7 @@ def write_random_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_e
     tensors["output.weight"] = output.astype(np.float16)
     return _write_gguf(Path(path), name=_RANDOM_NAME, tokens=tokens, types=types, merges=merges,
                        tensors=tensors, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                       n_ff=n_ff, context_length=context_length)
+                       n_ff=n_ff, context_length=context_length, arch=arch, more_metadata=more_metadata)
 
 
 VISION_IMAGE_SIZE = 56  # the projector's input side in pixels: (56 / 14)^2 = 16 image tokens per image
@@ -540,23 +546,37 @@ def write_mlp_projector(path: str | Path, *, n_embd_text: int = 64, seed: int = 
             tensors[f"{prefix}.{name}.bias"] = np.zeros(n_embd, np.float32)
         tensors[f"{prefix}.ffn_up.weight"], tensors[f"{prefix}.ffn_up.bias"] = weight(n_ff, n_embd), bias(n_ff)
         tensors[f"{prefix}.ffn_down.weight"], tensors[f"{prefix}.ffn_down.bias"] = weight(n_embd, n_ff), bias(n_embd)
+    return write_clip_gguf(path, "mlp", tensors, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer, n_head=n_head,
+                           n_embd_text=n_embd_text, image_size=image_size, patch_size=patch_size, eps=1e-5,
+                           activation="gelu")
+
+
+def write_clip_gguf(path: str | Path, projector_type: str, tensors: Mapping[str, np.ndarray], *, n_embd: int,
+                    n_ff: int, n_layer: int, n_head: int, n_embd_text: int, image_size: int, patch_size: int,
+                    eps: float, activation: str, image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+                    image_std: Sequence[float] = (0.5, 0.5, 0.5), more: Mapping[str, int] | None = None) -> Path:
+    """Write an mmproj GGUF (arch "clip") of llama.cpp's `projector_type` with its vision keys, as
+    tools/mtmd/clip-impl.h spells them (KEY_*); `activation` is the ViT's FFN ("gelu" or "silu"), `more` any
+    further u32 keys by full name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, "clip")
-    writer.add_name("edge-server synthetic projector (random weights)")
+    writer.add_name(f"edge-server synthetic {projector_type} projector (random weights)")
     writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_string("clip.projector_type", "mlp")
-    writer.add_bool("clip.use_gelu", True)
+    writer.add_string("clip.projector_type", projector_type)
+    writer.add_bool(f"clip.use_{activation}", True)
     writer.add_uint32("clip.vision.embedding_length", n_embd)
     writer.add_uint32("clip.vision.feed_forward_length", n_ff)
     writer.add_uint32("clip.vision.block_count", n_layer)
     writer.add_uint32("clip.vision.projection_dim", n_embd_text)
     writer.add_uint32("clip.vision.attention.head_count", n_head)
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", eps)
     writer.add_uint32("clip.vision.image_size", image_size)
     writer.add_uint32("clip.vision.patch_size", patch_size)
-    writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
-    writer.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
+    writer.add_array("clip.vision.image_mean", list(image_mean))
+    writer.add_array("clip.vision.image_std", list(image_std))
+    for key, value in (more or {}).items():
+        writer.add_uint32(key, value)
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
