@@ -99,36 +99,58 @@ def llama_server_binary() -> Path:
     return binary
 
 
-@pytest.fixture(scope="module")
-def served(llama_server_binary, start_server, tiny_model, tmp_path_factory) -> Iterator[Callable[[str], tuple]]:
-    """Factory: a pair's name -> (openai client on edge-server, on llama-server), each started once per module.
-    Started from the test itself, so that a pair the engine refuses fails that test (its xfail) and no other."""
-    log_dir = tmp_path_factory.mktemp("llama-server-logs")
-    clients: dict[str, tuple[OpenAI, OpenAI] | BaseException] = {}
-    peers: list[LlamaServer] = []
+def _client(base_url: str) -> OpenAI:
+    return OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=120)
 
-    def client(base_url: str) -> OpenAI:
-        return OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=120)
 
-    def start(name: str) -> tuple[OpenAI, OpenAI]:
-        if name not in clients:
-            pair = PAIRS[name]
-            model, projector = or_fail(pair.model, tiny_model), or_fail(pair.projector)
+def _once(start: Callable[[str], OpenAI]) -> Callable[[str], OpenAI]:
+    """`start` called once per pair name; a failure to start is kept and raised again for that pair's other tests."""
+    started: dict[str, OpenAI | BaseException] = {}
+
+    def get(name: str) -> OpenAI:
+        if name not in started:
             try:
-                ours = start_server("--model", str(model), "--mmproj", str(projector), "--parallel", "1",
-                                    "--n-ctx", str(N_CTX))
-                peers.append(LlamaServer(model, projector, log_dir))
-            except BaseException as error:  # pytest.fail's outcome: kept, so the pair's other test fails alike
-                clients[name] = error
-                raise
-            clients[name] = (client(ours.base_url), client(peers[-1].base_url))
-        if isinstance(clients[name], BaseException):
-            raise clients[name]
-        return clients[name]
+                started[name] = start(name)
+            except BaseException as error:  # pytest.fail's outcome included
+                started[name] = error
+        if isinstance(started[name], BaseException):
+            raise started[name]
+        return started[name]
 
-    yield start
-    for server in peers:
+    return get
+
+
+@pytest.fixture(scope="module")
+def pair_files(tiny_model) -> Callable[[str], tuple[Path, Path]]:
+    """A pair's name -> (text model, projector), written once into the asset cache."""
+    return lambda name: (or_fail(PAIRS[name].model, tiny_model), or_fail(PAIRS[name].projector))
+
+
+@pytest.fixture(scope="module")
+def theirs(llama_server_binary, pair_files, tmp_path_factory) -> Iterator[Callable[[str], OpenAI]]:
+    """Factory: a pair's name -> the openai SDK on llama-server serving it (started once per module)."""
+    log_dir = tmp_path_factory.mktemp("llama-server-logs")
+    servers: list[LlamaServer] = []
+
+    def start(name: str) -> OpenAI:
+        servers.append(LlamaServer(*pair_files(name), log_dir))
+        return _client(servers[-1].base_url)
+
+    yield _once(start)
+    for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def ours(start_server, pair_files) -> Callable[[str], OpenAI]:
+    """Factory: a pair's name -> the openai SDK on edge-server serving it. Started from the test itself, so that a
+    pair the engine refuses fails that test (its xfail) and no other."""
+    def start(name: str) -> OpenAI:
+        model, projector = pair_files(name)
+        return _client(start_server("--model", str(model), "--mmproj", str(projector), "--parallel", "1",
+                                    "--n-ctx", str(N_CTX)).base_url)
+
+    return _once(start)
 
 
 def ask(client: OpenAI, messages: list[dict]):
@@ -153,23 +175,28 @@ TWO_IMAGES = [{"role": "user", "content": [*ONE_IMAGE[0]["content"], {"type": "t
                                            {"type": "image_url", "image_url": {"url": data_url(SECOND)}}]}]
 
 
+@pytest.mark.parametrize("name", PAIRS)
+def test_llama_server_loads_each_pair_and_counts_its_image_tokens(theirs, name):
+    """The writers' files are what llama.cpp itself loads: 200s, and the image tokens the pair documents."""
+    client = theirs(name)
+    text, one, two = (ask(client, messages) for messages in (TEXT_ONLY, ONE_IMAGE, TWO_IMAGES))
+    assert one.usage.prompt_tokens - text.usage.prompt_tokens == PAIRS[name].first_image_tokens
+    assert two.usage.prompt_tokens > one.usage.prompt_tokens + PAIRS[name].first_image_tokens
+    assert one.choices[0].message.content != two.choices[0].message.content  # the second image changes the answer
+
+
 @pytest.mark.parametrize("name", PAIR_PARAMS)
-def test_image_tokens_count_as_llama_server_counts_them(served, name):
-    ours, theirs = served(name)
-    counts = {label: (ask(ours, messages).usage.prompt_tokens, ask(theirs, messages).usage.prompt_tokens)
+def test_image_tokens_count_as_llama_server_counts_them(ours, theirs, name):
+    mine = ours(name)  # first: a pair the engine refuses fails here, before llama-server is asked
+    counts = {label: (ask(mine, messages).usage.prompt_tokens, ask(theirs(name), messages).usage.prompt_tokens)
               for label, messages in (("text", TEXT_ONLY), ("one image", ONE_IMAGE), ("two images", TWO_IMAGES))}
-    assert all(mine == peers for mine, peers in counts.values()), counts
-    assert counts["one image"][0] - counts["text"][0] == PAIRS[name].first_image_tokens, counts
-    assert counts["two images"][0] > counts["one image"][0], counts
+    assert all(edge == peer for edge, peer in counts.values()), counts
 
 
 @pytest.mark.parametrize("name", PAIR_PARAMS)
-def test_greedy_image_answers_equal_llama_servers(served, name):
-    ours, theirs = served(name)
+def test_greedy_image_answers_equal_llama_servers(ours, theirs, name):
+    mine = ours(name)
     for messages in (ONE_IMAGE, TWO_IMAGES):
-        mine, peers = ask(ours, messages), ask(theirs, messages)
-        assert mine.usage.completion_tokens == peers.usage.completion_tokens == 16
-        assert_same_greedy_answer(greedy_tokens(mine), greedy_tokens(peers))
-    # The answers depend on the image: the second image changes what follows the first.
-    one, two = (ask(ours, messages).choices[0].message.content for messages in (ONE_IMAGE, TWO_IMAGES))
-    assert one != two
+        edge, peer = ask(mine, messages), ask(theirs(name), messages)
+        assert edge.usage.completion_tokens == peer.usage.completion_tokens == 16
+        assert_same_greedy_answer(greedy_tokens(edge), greedy_tokens(peer))
