@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 from openai import OpenAI
 
 from edge_server.devtools import assets, peer
 from edge_server.devtools.harness import free_port
 from tests.conftest import or_fail
-from tests.e2e.conftest import assert_same_greedy_answer
+from tests.e2e.conftest import ServerProcess, assert_same_greedy_answer
 from tests.e2e.test_vision import QUESTION, data_url, image_message, noise
 
 N_CTX = 4096
@@ -54,37 +52,18 @@ NOT_YET = {
 PAIR_PARAMS = [pytest.param(name, marks=NOT_YET.get(name, ()), id=name) for name in PAIRS]
 
 
-class LlamaServer:
-    """llama-server with a projector on a free port, its log captured to a file."""
+class LlamaServer(ServerProcess):
+    """llama-server with a projector on a free port, its log captured to a file (readiness, log and stop as the
+    edge-server process's: both answer GET /health 200 once loaded)."""
 
-    def __init__(self, model: Path, projector: Path, log_dir: Path):
+    def __init__(self, model: Path, projector: Path, log_dir: Path):  # another program: not ServerProcess's command
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"llama-server-{self.port}.log"
-        with self.log_path.open("wb") as log:
-            command = peer.command(model, port=self.port, threads=2, parallel=1, n_ctx=N_CTX,
-                                   extra=["--mmproj", str(projector)])
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if requests.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        pytest.fail(f"llama-server did not start:\n{self.log_path.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> None:
-        """Terminate and reap it."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self._log = self.log_path.open("wb")
+        command = peer.command(model, port=self.port, threads=2, parallel=1, n_ctx=N_CTX,
+                               extra=["--mmproj", str(projector)])
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +113,7 @@ def theirs(llama_server_binary, pair_files, tmp_path_factory) -> Iterator[Callab
 
     def start(name: str) -> OpenAI:
         servers.append(LlamaServer(*pair_files(name), log_dir))
-        return _client(servers[-1].base_url)
+        return _client(servers[-1].wait_ready().base_url)
 
     yield _once(start)
     for server in servers:
