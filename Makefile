@@ -57,7 +57,7 @@ NPM_AGENTS := @anthropic-ai/claude-code@2.1.197 @openai/codex@0.171.0 opencode-a
               @qwen-code/qwen-code@0.15.10 @continuedev/cli@1.5.47
 AIDER := aider-chat==0.86.2
 
-.PHONY: install install-test run test test-maskbench test-assets test-agents install-agents bench soak model tiny-model clean
+.PHONY: install install-test run test test-peer test-maskbench test-assets test-agents install-agents bench soak model tiny-model clean
 
 install: $(STAMP)
 
@@ -98,6 +98,13 @@ test-assets: install
 
 test: install-test tiny-model test-assets
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The comparisons with llama-server (tests/e2e/test_vision_peer.py: image token counts and greedy answers on the same
+# files) run in `make test` when llama-server is built, else skip saying so; this builds it once (10-20 minutes on 2
+# cores, cached in ~/.cache/edge-server) and requires it.
+test-peer: install-test tiny-model test-assets
+	$(PY) -m edge_server.devtools.peer build --version $(LLAMA_VERSION)
+	EDGE_REQUIRE_PEER=1 $(PY) -m pytest tests/e2e/test_vision_peer.py $(PYTEST_ARGS)
 
 # Not part of `make test`: the real agents (Claude Code, Codex, opencode, Qwen Code, Continue, aider) against the
 # server, non-interactive, with a throwaway HOME, updates and telemetry off (tests/agents). Needs npm (Node 20).

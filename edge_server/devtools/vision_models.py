@@ -176,7 +176,7 @@ def write_qwen2vl_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_
                         n_head_kv: int = 2, n_ff: int = 128, context_length: int = 4096) -> Path:
     """Write the tiny random qwen2 model as llama.cpp's `qwen2vl` architecture (Qwen2-VL and Qwen2.5-VL's text
     model: M-RoPE, `rope.dimension_sections` as Qwen2.5-VL's scaled to its head), on the same vocabulary plus
-    the vision markers; with the same seed its text-only answers equal the plain model's."""
+    the vision markers as control tokens."""
     pairs = n_embd // n_head // 2
 
     def sections(writer: gguf.GGUFWriter) -> None:
