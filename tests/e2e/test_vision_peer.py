@@ -42,14 +42,7 @@ PAIRS = {
     # Gemma 3: every image resized to 224x224, 16x16 patches pooled 4x4 -> 16 tokens + <start_of_image>, <end_of_image>.
     "gemma3": Pair(lambda tiny: assets.gemma3_model(), assets.gemma3_projector, 16 + 2),
 }
-# Temporary, until the engine places images with M-RoPE positions and decodes Gemma 3's non-causally (the integrator
-# removes these markers with that work; strict: a pair that starts passing fails here until then).
-NOT_YET = {
-    "qwen2.5vl": pytest.mark.xfail(strict=True, reason="engine: M-RoPE not yet"),
-    "qwen3.5": pytest.mark.xfail(strict=True, reason="engine: M-RoPE not yet"),
-    "gemma3": pytest.mark.xfail(strict=True, reason="engine: non-causal image batches not yet"),
-}
-PAIR_PARAMS = [pytest.param(name, marks=NOT_YET.get(name, ()), id=name) for name in PAIRS]
+PAIR_PARAMS = list(PAIRS)
 
 
 class LlamaServer(ServerProcess):
