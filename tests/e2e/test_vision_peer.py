@@ -162,13 +162,13 @@ def test_image_tokens_count_as_llama_server_counts_them(ours, theirs, name):
     mine = ours(name)  # first: a pair the engine refuses fails here, before llama-server is asked
     counts = {label: (ask(mine, messages).usage.prompt_tokens, ask(theirs(name), messages).usage.prompt_tokens)
               for label, messages in (("text", TEXT_ONLY), ("one image", ONE_IMAGE), ("two images", TWO_IMAGES))}
-    assert all(edge == peer for edge, peer in counts.values()), counts
+    assert all(edge == llama for edge, llama in counts.values()), counts
 
 
 @pytest.mark.parametrize("name", PAIR_PARAMS)
 def test_greedy_image_answers_equal_llama_servers(ours, theirs, name):
     mine = ours(name)
     for messages in (ONE_IMAGE, TWO_IMAGES):
-        edge, peer = ask(mine, messages), ask(theirs(name), messages)
-        assert edge.usage.completion_tokens == peer.usage.completion_tokens == 16
-        assert_same_greedy_answer(greedy_tokens(edge), greedy_tokens(peer))
+        edge, llama = ask(mine, messages), ask(theirs(name), messages)
+        assert edge.usage.completion_tokens == llama.usage.completion_tokens == 16
+        assert_same_greedy_answer(greedy_tokens(edge), greedy_tokens(llama))
