@@ -80,10 +80,9 @@ class Engine:
         self._admission = Admission(n_ctx=info.n_ctx, parallel=parallel, max_queue=max_queue,
                                     running=lambda: self.running)
         self._batch = internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
-        self._n_embd = model.n_embd()
         # An M-RoPE model's image rows take four positions each: llama.cpp's batch holds one per token allocated.
         self._image_batch = None if vision is None else internals.LlamaBatch(
-            n_tokens=BATCH_TOKENS * (4 if vision.mrope else 1), embd=self._n_embd, n_seq_max=1, verbose=False)
+            n_tokens=BATCH_TOKENS * (4 if vision.mrope else 1), embd=vision.n_embd, n_seq_max=1, verbose=False)
         self._tuner = tuner
         self._shared_pool = shared_pool
         # Monotonic start of the step running now (decode and sampling: with RPC devices llama_decode returns
@@ -263,7 +262,7 @@ class Engine:
         """Decode the next rows of one slot's image (after the token batch: its logits are read by then)."""
         active = [slot for slot in active if slot.job is not None]
         batch = self._image_batch.batch
-        filled = fill_image_batch(batch, self._n_embd, active, self._cache, budget)
+        filled = fill_image_batch(batch, self._vision.n_embd, active, self._cache, budget)
         if filled is None:
             return
         slot, placeholders, whole = filled

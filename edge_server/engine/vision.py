@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp import mtmd_cpp as mtmd
@@ -48,7 +49,8 @@ class Vision:
         self.path = path
         self._ctx = ctx
         self.mrope = bool(mtmd.mtmd_decode_use_mrope(ctx))  # Qwen2-VL to Qwen3.5: images placed in 2-D
-        self._n_embd = model.n_embd()
+        # An image row's width: the model's input width (Qwen3-VL's deepstack features make it wider than n_embd).
+        self.n_embd = llama_cpp.llama_model_n_embd_inp(model.model)
         self._whole_limit = whole_limit  # the most tokens of an image seen whole (one batch)
         self._encoded: OrderedDict[str, np.ndarray] = OrderedDict()  # digest -> embeddings, least recent first
         self._lock = threading.Lock()
@@ -120,8 +122,8 @@ class Vision:
         if mtmd.mtmd_encode_chunk(self._ctx, part) != 0:
             raise ImageRefused("the projector failed to encode an image")
         output = mtmd.mtmd_get_output_embd(self._ctx)
-        embeddings = np.ctypeslib.as_array(output, shape=(n_tokens * self._n_embd,)).reshape(
-            n_tokens, self._n_embd).copy()
+        embeddings = np.ctypeslib.as_array(output, shape=(n_tokens * self.n_embd,)).reshape(
+            n_tokens, self.n_embd).copy()
         embeddings.flags.writeable = False  # shared by every job with this image
         log.info("image %dx%d: %d tokens, encoded in %.0f ms", image.width, image.height, n_tokens,
                  (time.perf_counter() - started) * 1000)
