@@ -128,7 +128,7 @@ class ImageFetcher:
         connection.putheader("Accept", "image/png, image/jpeg, image/webp, image/gif")
         connection.putheader("User-Agent", "edge-server")
         connection.endheaders()
-        connection.sock.settimeout(self._left(deadline, param))
+        connection.pinned.settimeout(self._left(deadline, param))
         return connection.getresponse()
 
     def _body(self, response: http.client.HTTPResponse, connection: _PinnedConnection, param: str,
@@ -138,8 +138,7 @@ class ImageFetcher:
             raise self._too_large(param)
         chunks, size = [], 0
         while True:
-            if connection.sock is not None:
-                connection.sock.settimeout(self._left(deadline, param))
+            connection.pinned.settimeout(self._left(deadline, param))  # each read within what is left
             chunk = response.read1(_READ)
             if not chunk:
                 return b"".join(chunks)
@@ -198,9 +197,18 @@ class _PinnedConnection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, address: str, *, tls: bool, timeout: float):
         super().__init__(host, port, timeout=timeout)
         self._address, self._tls = address, tls
+        self.pinned: socket.socket | None = None  # kept: http.client lets go of `sock` once a response says close
 
     def connect(self) -> None:
         """Connect to the checked address, never to a new lookup of the host."""
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        family = socket.AF_INET6 if ":" in self._address else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)  # not create_connection: no lookup at all
+        try:
+            self.sock.settimeout(self.timeout)
+            self.sock.connect((self._address, self.port))
+        except OSError:
+            self.sock.close()
+            raise
         if self._tls:
             self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=self.host)
+        self.pinned = self.sock
