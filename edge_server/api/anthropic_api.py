@@ -176,14 +176,16 @@ def _user_turn(turn: InputMessage, i: int, messages: list[dict[str, Any]], image
         return
     parts: list[dict[str, Any]] = []
     added = len(messages)
-    for b, block in enumerate(turn.content):  # tool results become tool messages, in order, between the parts around them
+    # Tool results become tool messages, in order, between the parts around them.
+    for b, block in enumerate(turn.content):
         if block.type == "tool_result":
             if parts:
                 messages.append({"role": "user", "content": parts})
                 parts = []
             messages.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
         elif block.type == "image":
-            image_params[f"messages[{len(messages)}].content[{len(parts)}].image_url"] = f"messages.{i}.content.{b}.source"
+            chat_param = f"messages[{len(messages)}].content[{len(parts)}].image_url"
+            image_params[chat_param] = f"messages.{i}.content.{b}.source"
             parts.append({"type": "image_url", "image_url": {"url": block.url()}})
         else:
             parts.append({"type": "text", "text": block.text})

@@ -142,7 +142,8 @@ def test_anthropic_bad_image_is_a_400_naming_the_block(vision_server, block, wor
         assert response.status_code == 400, response.text
         error = response.json()
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
-        assert error["error"]["message"].startswith("messages.2.content.1.source: ") and words in error["error"]["message"]
+        message = error["error"]["message"]
+        assert message.startswith("messages.2.content.1.source: ") and words in message
 
 
 def test_anthropic_file_source_and_images_in_tool_results_are_refused(claude):

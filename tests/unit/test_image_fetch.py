@@ -62,7 +62,8 @@ def test_the_checked_address_is_the_one_connected_to(cat_server, monkeypatch):
 
 def test_a_name_with_any_private_address_is_refused(monkeypatch):
     def getaddrinfo(host, port, *args, **kwargs):
-        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port)) for address in ("93.184.216.34", "10.0.0.1")]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))
+                for address in ("93.184.216.34", "10.0.0.1")]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     with pytest.raises(APIError) as refused:
