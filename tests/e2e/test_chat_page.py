@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import requests
 
-from edge_server.devtools import assets
 from tests.conftest import ROOT, SCRIPT_TEXT
 from tests.e2e.test_vision import IMAGE_TOKENS, noise
 
@@ -90,8 +89,9 @@ def chromium_driver() -> Once:
 
 
 @pytest.fixture(scope="module")
-def page_servers(start_server, scripted_model, slow_model, tiny_model, tmp_path_factory) -> Once:
-    """Calling it starts (once) the four servers the page is tried on, side by side."""
+def page_servers(start_server, scripted_model, slow_model, tmp_path_factory, request) -> Once:
+    """Calling it starts (once) the servers the page is tried on, side by side (and the session's vision server,
+    which later modules share)."""
 
     def start():
         # The random "slow" model never stops by itself (~200 tokens/s here; the tiny one would reach the end
@@ -100,8 +100,8 @@ def page_servers(start_server, scripted_model, slow_model, tiny_model, tmp_path_
             "scripted": start_server("--model", str(scripted_model), wait=False),
             "endless": start_server("--model", str(slow_model), "--api-key", API_KEY, wait=False),
             "demo": start_server("--models-dir", str(tmp_path_factory.mktemp("no-models")), wait=False),
-            "vision": start_server("--model", str(tiny_model), "--mmproj", str(assets.vision_projector()), wait=False),
         }
+        servers["vision"] = request.getfixturevalue("vision_server")  # loads while the others do
         for server in servers.values():
             server.wait_ready()
         return servers
