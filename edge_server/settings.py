@@ -60,8 +60,8 @@ class Settings(BaseModel):
     idle_unload: float = Field(0.0, ge=0, description="unload a model after this many idle seconds (0: never)")
     allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (public addresses only, "
                                                       "8 MiB and --image-url-timeout per image)")
-    image_url_timeout: float = Field(10.0, gt=0, le=300, description="seconds one image URL may take, lookup to "
-                                                                     "last byte")
+    image_url_timeout: float = Field(10.0, gt=0, le=300, description="seconds a request's image URLs may take "
+                                                                     "together, first lookup to last byte")
     image_url_networks: tuple[str, ...] = Field((), description="tests only: networks image URLs may reach "
                                                                 "although they are not public (e.g. 127.0.0.2/32)")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)

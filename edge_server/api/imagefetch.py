@@ -48,19 +48,23 @@ class FetchedImage:
 
 
 class ImageFetcher:
-    """Fetches image URLs under the server's limits; `allowed_networks` (tests only) adds networks that may be
-    reached although they are not public."""
+    """Fetches one request's image URLs under the server's limits: `max_bytes` each, all of them within `timeout`
+    seconds (so a request's eight slow URLs hold its thread no longer than one); `allowed_networks` (tests only)
+    adds networks that may be reached although they are not public."""
 
     def __init__(self, *, max_bytes: int, timeout: float, allowed_networks: Sequence[IPNetwork] = ()):
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.allowed_networks = tuple(allowed_networks)
+        self._deadline: float | None = None  # set by the first fetch
 
     def fetch(self, url: str, param: str) -> FetchedImage:
         """The image at `url`, following at most `MAX_REDIRECTS` checked redirects; a 400 naming `param` for a
         URL that is not http(s), an address that is not public, an answer other than 200, too many bytes, or
-        a server slower than the time limit (which counts from the first lookup to the last byte)."""
-        deadline = time.monotonic() + self.timeout
+        servers slower than the time limit (from the request's first lookup to this image's last byte)."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.timeout
+        deadline = self._deadline
         for _ in range(MAX_REDIRECTS + 1):
             host, port, target, tls = self._split(url, param)
             address = self._checked_address(host, port, param, deadline)
@@ -154,7 +158,7 @@ class ImageFetcher:
         return left
 
     def _too_slow(self, param: str) -> APIError:
-        return APIError(f"The image URL did not answer within {self.timeout:g} s (--image-url-timeout).",
+        return APIError(f"The request's image URLs did not answer within {self.timeout:g} s (--image-url-timeout).",
                         param=param, code="image_url_timeout")
 
     def _too_large(self, param: str) -> APIError:

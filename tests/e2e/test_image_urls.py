@@ -21,7 +21,7 @@ from tests.e2e.test_vision import image_message, noise
 
 pytestmark = pytest.mark.e2e
 IMAGE = noise(31)
-TIMEOUT = 1.0  # the fetching server's --image-url-timeout
+TIMEOUT = 1.5  # the fetching server's --image-url-timeout
 
 
 def _png() -> bytes:
@@ -64,6 +64,16 @@ class _Images(BaseHTTPRequestHandler):
                     time.sleep(0.1)
             except OSError:
                 pass
+        elif self.path == "/slowish":  # whole after 0.8 s: within the time limit alone, not twice
+            self._send(200, None, {"Content-Type": "image/png", "Content-Length": str(len(self.png))})
+            half = len(self.png) // 2
+            try:
+                self.wfile.write(self.png[:half])
+                self.wfile.flush()
+                time.sleep(0.8)
+                self.wfile.write(self.png[half:])
+            except OSError:
+                pass
         else:
             self._send(404, b"", {"Content-Length": "0"})
 
@@ -101,16 +111,17 @@ def fetching(start_server, tiny_model) -> OpenAI:
     return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
-def ask(client: OpenAI, url: str):
-    """A greedy chat answer about the image at `url`."""
-    return client.chat.completions.create(model="tiny-test", messages=image_message(url), temperature=0, max_tokens=8)
+def ask(client: OpenAI, *urls: str):
+    """A greedy chat answer about the images at `urls`."""
+    return client.chat.completions.create(model="tiny-test", messages=image_message(*urls), temperature=0,
+                                          max_tokens=8)
 
 
-def refusal(client: OpenAI, url: str) -> dict:
-    """The 400's error object for an image at `url`."""
+def refusal(client: OpenAI, *urls: str) -> dict:
+    """The 400's error object for images at `urls`, naming the last one."""
     with pytest.raises(openai.BadRequestError) as refused:
-        ask(client, url)
-    assert refused.value.body["param"] == "messages[0].content[1].image_url", refused.value.body
+        ask(client, *urls)
+    assert refused.value.body["param"] == f"messages[0].content[{len(urls)}].image_url", refused.value.body
     return refused.value.body
 
 
@@ -165,4 +176,8 @@ def test_an_oversize_body_is_cut_off_and_a_slow_server_timed_out(fetching, image
     error = refusal(fetching, image_host + "/slow")
     assert error["code"] == "image_url_timeout" and "--image-url-timeout" in error["message"]
     assert time.monotonic() - started < TIMEOUT + 1.5
+    assert ask(fetching, image_host + "/slowish").choices  # one slowish image is in time...
+    started = time.monotonic()
+    error = refusal(fetching, image_host + "/slowish", image_host + "/slowish")  # ...two are not: one limit for all
+    assert error["code"] == "image_url_timeout" and time.monotonic() - started < TIMEOUT + 1.5
     assert ask(fetching, image_host + "/cat.png").choices  # the server is still well
