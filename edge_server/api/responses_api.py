@@ -121,9 +121,9 @@ def chat_messages(request: ResponsesRequest, image_params: dict[str, str] | None
         if isinstance(item, ReasoningItem):
             reasoning.append(item.text())
         elif isinstance(item, MessageItem):
-            if item.role == "assistant" and item.has_images():
+            if item.role != "user" and item.has_images():
                 j = next(j for j, part in enumerate(item.content) if isinstance(part, InputImage))
-                raise APIError(f"Images go in user messages; input[{k}].content[{j}] is in an assistant message.",
+                raise APIError(f"Images go in user messages; input[{k}].content[{j}] is in a {item.role!r} message.",
                                param=f"input[{k}].content[{j}]", code="invalid_image")
             if item.role == "assistant":
                 assistant_turn(item.text())
