@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from edge_server.api.errors import APIError
 
@@ -82,7 +82,7 @@ class ImageFetcher:
                     raise APIError(f"The image URL answered HTTP {response.status} {response.reason}.".rstrip(),
                                    param=param, code="image_url_failed")
                 return FetchedImage(self._body(response, connection, param, deadline), _media(response))
-            except (OSError, http.client.HTTPException) as error:
+            except (OSError, http.client.HTTPException, ValueError) as error:  # ValueError: a URL http.client refuses
                 if isinstance(error, TimeoutError | socket.timeout):
                     raise self._too_slow(param) from None
                 raise APIError(f"The image URL could not be fetched: {error}.", param=param,
@@ -106,7 +106,8 @@ class ImageFetcher:
         if not parts.hostname:
             raise APIError("The image URL has no host.", param=param, code="invalid_image")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return parts.hostname, port, target, parts.scheme == "https"
+        # Non-ASCII characters percent-encoded, as browsers send them; what is already encoded stays.
+        return parts.hostname, port, quote(target, safe="/%?=&;:@!$'()*+,~"), parts.scheme == "https"
 
     def _checked_address(self, host: str, port: int, param: str, deadline: float) -> str:
         """The address to connect to: every address the host resolves to must be allowed (a name that also

@@ -26,7 +26,10 @@ def test_only_public_unicast_addresses_are_public(address, public):
 
 
 class _Cat(BaseHTTPRequestHandler):
+    requests: list[tuple[str, str | None]] = []  # (path, X-Injected header)
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.requests.append((self.path, self.headers.get("X-Injected")))
         self.send_response(200)
         self.send_header("Content-Length", "3")
         self.send_header("Connection", "close")
@@ -69,3 +72,12 @@ def test_a_name_with_any_private_address_is_refused(monkeypatch):
     with pytest.raises(APIError) as refused:
         ImageFetcher(max_bytes=100, timeout=5).fetch("https://mixed.example/cat.png", "p")
     assert refused.value.code == "image_url_refused" and "10.0.0.1" in refused.value.message
+
+
+def test_a_non_ascii_path_is_sent_percent_encoded(cat_server):
+    fetcher = ImageFetcher(max_bytes=100, timeout=5, allowed_networks=parse_networks(["127.0.0.2/32"]))
+    _Cat.requests.clear()
+    assert fetcher.fetch(f"http://127.0.0.2:{cat_server}/chat noir/café.png?q=ü", "p").data == b"cat"
+    assert fetcher.fetch(f"http://127.0.0.2:{cat_server}/a\r\nX-Injected: 1", "p").data == b"cat"
+    # urlsplit drops CR and LF: no header can be smuggled in.
+    assert _Cat.requests == [("/chat%20noir/caf%C3%A9.png?q=%C3%BC", None), ("/aX-Injected:%201", None)]
