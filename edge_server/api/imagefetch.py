@@ -94,7 +94,10 @@ class ImageFetcher:
 
     @staticmethod
     def _split(url: str, param: str) -> tuple[str, int, str, bool]:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. an unclosed [IPv6 literal
+            raise APIError("The image URL is not a valid URL.", param=param, code="invalid_image") from None
         if parts.scheme not in ("http", "https"):
             raise APIError("Only http and https image URLs are fetched.", param=param, code="image_url_refused")
         if parts.username is not None or parts.password is not None:

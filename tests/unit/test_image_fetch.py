@@ -79,5 +79,9 @@ def test_a_non_ascii_path_is_sent_percent_encoded(cat_server):
     _Cat.requests.clear()
     assert fetcher.fetch(f"http://127.0.0.2:{cat_server}/chat noir/café.png?q=ü", "p").data == b"cat"
     assert fetcher.fetch(f"http://127.0.0.2:{cat_server}/a\r\nX-Injected: 1", "p").data == b"cat"
+    for bad in ("http://[::1/cat.png", "http://127.0.0.2:99999/cat.png", "http:///cat.png"):
+        with pytest.raises(APIError) as refused:
+            fetcher.fetch(bad, "p")
+        assert refused.value.code == "invalid_image", bad
     # urlsplit drops CR and LF: no header can be smuggled in.
     assert _Cat.requests == [("/chat%20noir/caf%C3%A9.png?q=%C3%BC", None), ("/aX-Injected:%201", None)]
