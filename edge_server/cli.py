@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--max-loaded", type=int, help="models held in memory at once; others load on first use, the least "
                                         "recently used idle one is unloaded (default: all)")
     flag("--idle-unload", type=float, help="unload a model after this many seconds without requests (default: 0, never)")
+    flag("--allow-image-urls", action="store_const", const=True,
+         help="fetch http(s) image URLs in requests (default: off, only inline data URLs): public addresses only "
+              "(never loopback, private or link-local, also after redirects), 8 MiB each, --image-url-timeout in all")
+    flag("--image-url-timeout", type=float, help="seconds a request's image URLs may take together, first lookup to "
+                                                 "last byte (default: 10)")
     flag("--max-body-bytes", type=int, help="largest request body accepted (default: 10 MiB)")
     flag("--max-connections", type=int, help="open client connections before new ones wait (default: 1000)")
     flag("--header-timeout", type=float, help="seconds a client gets to send a request's headers (default: 10)")

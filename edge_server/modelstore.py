@@ -101,9 +101,24 @@ def _default_projector(repo: str, models_dir: Path, model: Path, timeout: float)
 
 
 def newest_gguf(models_dir: Path) -> Path | None:
-    """The most recently modified `*.gguf` directly in `models_dir` (generated models excluded)."""
-    candidates = [p for p in Path(models_dir).glob("*.gguf") if p.is_file()]
+    """The most recently modified `*.gguf` directly in `models_dir` (generated models and projectors excluded)."""
+    candidates = [p for p in Path(models_dir).glob("*.gguf") if p.is_file() and not is_projector(p)]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def is_projector(path: Path) -> bool:
+    """Whether a GGUF is a projector (mmproj) rather than a model: its name says mmproj, or its `general.type`
+    does, or its architecture is `clip` (older projectors); an unreadable file is not one (loading it says what
+    is wrong)."""
+    if "mmproj" in path.name.lower():
+        return True
+    from edge_server.ggufmeta import read_gguf_metadata
+
+    try:
+        metadata = read_gguf_metadata(path, arrays=False)
+    except (ValueError, OSError):
+        return False
+    return metadata.get("general.type") == "mmproj" or metadata.get("general.architecture") == "clip"
 
 
 def demo_model(models_dir: Path) -> Path:

@@ -58,6 +58,12 @@ class Settings(BaseModel):
                                                         "n_ctx, parallel, n_gpu_layers, chat_template)")
     max_loaded: int | None = Field(None, ge=1, description="models held in memory at once (default: all of them)")
     idle_unload: float = Field(0.0, ge=0, description="unload a model after this many idle seconds (0: never)")
+    allow_image_urls: bool = Field(False, description="fetch http(s) image URLs (public addresses only, "
+                                                      "8 MiB and --image-url-timeout per image)")
+    image_url_timeout: float = Field(10.0, gt=0, le=300, description="seconds a request's image URLs may take "
+                                                                     "together, first lookup to last byte")
+    image_url_networks: tuple[str, ...] = Field((), description="tests only: networks image URLs may reach "
+                                                                "although they are not public (e.g. 127.0.0.2/32)")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_connections: int = Field(1000, ge=8, le=100_000, description="open client connections before new ones wait")
     header_timeout: float = Field(10.0, gt=0, description="seconds a client gets to send a request's headers")
@@ -98,6 +104,19 @@ class Settings(BaseModel):
         if isinstance(value, str):  # EDGE_MODEL="a.gguf,b.gguf"
             value = value.split(",")
         return tuple(item.strip() for item in value or () if item and item.strip())
+
+    @field_validator("image_url_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, str):  # EDGE_IMAGE_URL_NETWORKS="127.0.0.2/32,::1/128"
+            value = value.split(",")
+        networks = tuple(item.strip() for item in value or () if item and item.strip())
+        try:
+            for network in networks:
+                ipaddress.ip_network(network, strict=False)
+        except ValueError as error:
+            raise ValueError(f"not a network: {error}") from None
+        return networks
 
     @field_validator("rpc", mode="before")
     @classmethod

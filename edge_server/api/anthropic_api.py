@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from typing import Any
 
 from flask import Blueprint, Response
@@ -89,13 +89,14 @@ def _error_replies(*statuses: int) -> dict[int, Reply]:
 
 # ---- request -> chat ------------------------------------------------------------------------------
 
-def chat_request(request: CountTokensRequest) -> ChatCompletionRequest:
-    """The chat request that renders and runs as `request` asks; 400s in Anthropic's terms."""
+def chat_request(request: CountTokensRequest, image_params: dict[str, str] | None = None) -> ChatCompletionRequest:
+    """The chat request that renders and runs as `request` asks; 400s in Anthropic's terms. `image_params` gets
+    the chat request's name of each image part -> the Anthropic request's."""
     turns = [turn for turn in request.messages if turn.role != "system"]
     if not turns or turns[-1].role != "user":
         raise APIError("The last message must be the user's: continuing an assistant turn (prefill) is not "
                        "supported.", param="messages")
-    fields: dict[str, Any] = {"model": request.model, "messages": _chat_messages(request)}
+    fields: dict[str, Any] = {"model": request.model, "messages": _chat_messages(request, image_params)}
     if request.tools:
         fields["tools"] = [{"type": "function", "function": {
             "name": tool.name, "description": tool.description, "parameters": tool.input_schema}}
@@ -137,17 +138,19 @@ def _tool_choice(request: CountTokensRequest) -> dict[str, Any]:
             "parallel_tool_calls": not choice.disable_parallel_tool_use}
 
 
-def _chat_messages(request: CountTokensRequest) -> list[dict[str, Any]]:
+def _chat_messages(request: CountTokensRequest, image_params: dict[str, str] | None) -> list[dict[str, Any]]:
     """system + turns as chat messages: tool_use -> assistant tool_calls, tool_result -> tool messages,
-    thinking -> reasoning_content."""
+    thinking -> reasoning_content, image -> image_url parts (their names recorded in `image_params`)."""
     system = request.system_text()
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    for turn in request.messages:
+    for i, turn in enumerate(request.messages):
         if turn.role == "system":  # the template renders it in place, or prompt.py merges it into the first
             text = turn.content if isinstance(turn.content, str) else "\n\n".join(b.text for b in turn.content)
             messages.append({"role": "system", "content": text})
+        elif turn.role == "assistant":
+            messages.extend(_assistant_turn(turn))
         else:
-            messages.extend(_assistant_turn(turn) if turn.role == "assistant" else _user_turn(turn))
+            _user_turn(turn, i, messages, {} if image_params is None else image_params)
     return messages
 
 
@@ -166,22 +169,28 @@ def _assistant_turn(turn: InputMessage) -> list[dict[str, Any]]:
     return [message]
 
 
-def _user_turn(turn: InputMessage) -> list[dict[str, Any]]:
+def _user_turn(turn: InputMessage, i: int, messages: list[dict[str, Any]], image_params: dict[str, str]) -> None:
+    """Append user turn `i` to `messages`."""
     if isinstance(turn.content, str):
-        return [{"role": "user", "content": turn.content}]
-    messages: list[dict[str, Any]] = []
-    texts: list[dict[str, str]] = []
-    for block in turn.content:  # tool results become tool messages, in order, between the texts around them
+        messages.append({"role": "user", "content": turn.content})
+        return
+    parts: list[dict[str, Any]] = []
+    added = len(messages)
+    # Tool results become tool messages, in order, between the parts around them.
+    for b, block in enumerate(turn.content):
         if block.type == "tool_result":
-            if texts:
-                messages.append({"role": "user", "content": texts})
-                texts = []
+            if parts:
+                messages.append({"role": "user", "content": parts})
+                parts = []
             messages.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.text()})
+        elif block.type == "image":
+            chat_param = f"messages[{len(messages)}].content[{len(parts)}].image_url"
+            image_params[chat_param] = f"messages.{i}.content.{b}.source"
+            parts.append({"type": "image_url", "image_url": {"url": block.url()}})
         else:
-            texts.append({"type": "text", "text": block.text})
-    if texts or not messages:
-        messages.append({"role": "user", "content": texts})
-    return messages
+            parts.append({"type": "text", "text": block.text})
+    if parts or len(messages) == added:
+        messages.append({"role": "user", "content": parts})
 
 
 def _stop_reason(outcome: Outcome) -> tuple[StopReason, str | None]:
@@ -345,7 +354,9 @@ MESSAGE_EXAMPLES = {
 def create_message():
     """Anthropic `messages.create`, streamed (Anthropic's events) or whole."""
     request = parse_anthropic(MessagesRequest)
-    run = start_chat(chat_request(request), reasoning_budget=thinking_budget(request))
+    image_params: dict[str, str] = {}
+    with named_images(image_params):
+        run = start_chat(chat_request(request, image_params), reasoning_budget=thinking_budget(request))
     account = Accounting()
     if request.stream:
         heartbeat = state_of().settings.heartbeat_seconds
@@ -360,7 +371,23 @@ def create_message():
 def count_tokens():
     """The prompt tokens of a Messages request, through the same chat template; nothing is generated."""
     request = parse_anthropic(CountTokensRequest)
-    return TokenCount(input_tokens=len(render_chat(chat_request(request)).prompt.tokens)).model_dump()
+    image_params: dict[str, str] = {}
+    with named_images(image_params):
+        prompt = render_chat(chat_request(request, image_params)).prompt
+    return TokenCount(input_tokens=len(prompt.tokens)).model_dump()
+
+
+@contextmanager
+def named_images(image_params: dict[str, str]) -> Iterator[None]:
+    """An image's error names the Anthropic block (`messages.i.content.j.source`), in its message too: Anthropic's
+    envelope has no `param`."""
+    try:
+        yield
+    except APIError as error:
+        if error.param in image_params:
+            error.param = image_params[error.param]
+            error.message = f"{error.param}: {error.message}"
+        raise
 
 
 def parse_anthropic(model: type[CountTokensRequest]) -> Any:

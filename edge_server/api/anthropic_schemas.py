@@ -10,9 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from edge_server.api.schemas import MAX_STOP_CHARACTERS, MAX_TOOLS, RequestModel, whole_int
 
-# Block types a text model cannot read: a clear 400 instead of "does not match any of the expected tags".
-_NOT_READABLE = {"image": "images", "document": "documents", "search_result": "search results",
-                 "container_upload": "container uploads"}
+# Block types no model here reads: a clear 400 instead of "does not match any of the expected tags".
+_NOT_READABLE = {"document": "documents", "search_result": "search results", "container_upload": "container uploads"}
 
 
 def _refuse_unreadable_blocks(value: Any, allowed: tuple[str, ...], where: str) -> Any:
@@ -22,8 +21,11 @@ def _refuse_unreadable_blocks(value: Any, allowed: tuple[str, ...], where: str) 
         if not isinstance(kind, str) or kind in allowed:
             continue
         if kind in _NOT_READABLE:
-            raise ValueError(f"'{kind}' blocks are not supported: the served model reads text only, "
+            raise ValueError(f"'{kind}' blocks are not supported: the served models read text and images, "
                              f"not {_NOT_READABLE[kind]}")
+        if kind == "image":
+            raise ValueError(f"'image' blocks are not supported in {where}; put the image in the user "
+                             f"message's own content")
         raise ValueError(f"block type {kind!r} is not supported in {where}; use {', '.join(map(repr, allowed))}")
     return value
 
@@ -33,6 +35,44 @@ class TextBlock(RequestModel):
 
     type: Literal["text"]
     text: str
+
+
+class Base64Source(RequestModel):
+    """An image inline: base64 `data` of type `media_type` (checked against the bytes)."""
+
+    type: Literal["base64"]
+    media_type: str
+    data: str
+
+    def url(self) -> str:
+        """The image as a data URL."""
+        return f"data:{self.media_type};base64,{self.data}"
+
+
+class URLSource(RequestModel):
+    """An image by URL: fetched only by a server started with --allow-image-urls."""
+
+    type: Literal["url"]
+    url: str
+
+
+class ImageBlock(RequestModel):
+    """An image in a user turn, for a model that sees images (`base64` or `url` source; `file` is refused)."""
+
+    type: Literal["image"]
+    source: Annotated[Base64Source | URLSource, Field(discriminator="type")]
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _no_files(cls, value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") == "file":
+            raise ValueError("images by 'file' source are not supported: this server keeps no files; send a "
+                             "'base64' source")
+        return value
+
+    def url(self) -> str:
+        """The image as a data URL or the URL it names."""
+        return self.source.url() if isinstance(self.source, Base64Source) else self.source.url
 
 
 class ToolUseBlock(RequestModel):
@@ -78,16 +118,16 @@ class RedactedThinkingBlock(RequestModel):
     data: str | None = None
 
 
-USER_BLOCKS = ("text", "tool_result")
+USER_BLOCKS = ("text", "image", "tool_result")
 ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
 SYSTEM_BLOCKS = ("text",)
-ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+ContentBlock = Annotated[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
                          Field(discriminator="type")]
 
 
 class InputMessage(RequestModel):
-    """One turn: a string or content blocks (text and tool_result from the user; text, tool_use and thinking
-    from the assistant; text in a `system` message, which Claude Code sends mid-conversation)."""
+    """One turn: a string or content blocks (text, image and tool_result from the user; text, tool_use and
+    thinking from the assistant; text in a `system` message, which Claude Code sends mid-conversation)."""
 
     role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from edge_server.api.errors import APIError
+from edge_server.api.imagefetch import ImageFetcher
 from edge_server.api.schemas import ChatMessage
 from edge_server.engine.types import ImageInput
 
@@ -47,11 +48,11 @@ def find_images(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
     return found
 
 
-def decode_images(found: Sequence[tuple[str, str]]) -> list[ImageInput]:
+def decode_images(found: Sequence[tuple[str, str]], fetcher: ImageFetcher | None = None) -> list[ImageInput]:
     """Each image decoded to RGB and checked (`decode_image`), within `MAX_REQUEST_PIXELS` together."""
     images, pixels = [], 0
     for param, url in found:
-        image = decode_image(url, param)
+        image = decode_image(url, param, fetcher)
         pixels += image.width * image.height
         if pixels > MAX_REQUEST_PIXELS:
             raise APIError(f"The request's images have more than {MAX_REQUEST_PIXELS} pixels together; send "
@@ -60,17 +61,22 @@ def decode_images(found: Sequence[tuple[str, str]]) -> list[ImageInput]:
     return images
 
 
-def decode_image(url: str, param: str) -> ImageInput:
-    """A data URL's image as RGB pixels; a 400 naming `param` for a remote URL, a media type other than PNG,
-    JPEG, WebP or GIF (or other than the bytes are), bad base64, too many bytes or pixels, too small a side,
-    an animation, or a corrupt or truncated file."""
+def decode_image(url: str, param: str, fetcher: ImageFetcher | None = None) -> ImageInput:
+    """A data URL's image (or, with a `fetcher`, an http(s) URL's) as RGB pixels; a 400 naming `param` for a
+    remote URL without one, a media type other than PNG, JPEG, WebP or GIF (or other than the bytes are), bad
+    base64, too many bytes or pixels, too small a side, an animation, or a corrupt or truncated file."""
     match = _DATA_URL.match(url)
     if match is None:
-        if url.startswith(("http://", "https://")):
-            raise APIError("This server does not fetch image URLs; send the image inline as a data URL "
-                           "(data:image/png;base64,...).", param=param, code="image_url_refused")
-        raise APIError("An image must be a base64 data URL (data:image/png;base64,...).", param=param,
-                       code="invalid_image")
+        if not url.lower().startswith(("http://", "https://")):
+            raise APIError("An image must be a base64 data URL (data:image/png;base64,...) or an http(s) URL.",
+                           param=param, code="invalid_image")
+        if fetcher is None:
+            raise APIError("This server does not fetch image URLs: send the image inline as a data URL "
+                           "(data:image/png;base64,...), or start the server with --allow-image-urls.",
+                           param=param, code="image_url_refused")
+        fetched = fetcher.fetch(url, param)
+        # A server's generic type (application/octet-stream) leaves the format to the bytes.
+        return _pixels(fetched.data, fetched.media if fetched.media in FORMATS.values() else None, param)
     media = (match.group("media") or "").lower()
     if media not in FORMATS.values():
         raise APIError(f"Image media type {media or '(none)'!r} is not supported; send PNG, JPEG, WebP or GIF "
@@ -85,14 +91,14 @@ def decode_image(url: str, param: str) -> ImageInput:
     return _pixels(data, media, param)
 
 
-def _pixels(data: bytes, media: str, param: str) -> ImageInput:
+def _pixels(data: bytes, media: str | None, param: str) -> ImageInput:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=list(FORMATS)) as image:
                 kind = FORMATS[image.format]
-                if kind != media:
-                    raise APIError(f"The image is {kind}, not {media} as its data URL says.", param=param,
+                if media is not None and kind != media:
+                    raise APIError(f"The image is {kind}, not {media} as its media type says.", param=param,
                                    code="invalid_image")
                 width, height = image.size  # read from the header: nothing is decoded yet
                 if width * height > MAX_IMAGE_PIXELS:
@@ -111,7 +117,7 @@ def _pixels(data: bytes, media: str, param: str) -> ImageInput:
         raise APIError(f"The image has more than {MAX_IMAGE_PIXELS} pixels (e.g. 4096x4096).", param=param,
                        code="image_too_large") from None
     except UnidentifiedImageError:
-        raise APIError(f"The data is not a {media} image this server can read.", param=param,
+        raise APIError(f"The data is not a {media or 'PNG, JPEG, WebP or GIF'} image this server can read.", param=param,
                        code="invalid_image") from None
     except (OSError, SyntaxError, ValueError, EOFError):  # Pillow's words for corrupt and truncated files
         raise APIError("The image is corrupt or truncated.", param=param, code="invalid_image") from None

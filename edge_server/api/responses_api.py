@@ -24,6 +24,8 @@ from edge_server.api.responses_schemas import (
     FunctionCallOutputItem,
     FunctionChoice,
     IncompleteDetails,
+    InputImage,
+    InputText,
     InputTokensDetails,
     MessageItem,
     OutputFunctionCall,
@@ -59,14 +61,15 @@ log = logging.getLogger("edge_server")
 
 # ---- request -> chat request --------------------------------------------------------------------
 
-def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat request that runs `request`; a 400 for what a stateless text server cannot do."""
+def chat_request(request: ResponsesRequest, image_params: dict[str, str] | None = None) -> ChatCompletionRequest:
+    """The chat request that runs `request`; a 400 for what a stateless server cannot do. `image_params` gets
+    the chat request's name of each image part -> the Responses request's."""
     given = {**(request.model_extra or {}), **request.model_dump(include={"previous_response_id", "background"})}
     for param, reason in UNSUPPORTED.items():
         if given.get(param) not in (None, False):
             raise APIError(f"'{param}' is not supported: {reason}.", param=param, code="unsupported_parameter")
     body: dict[str, Any] = {
-        "model": request.model, "messages": chat_messages(request), "stream": request.stream,
+        "model": request.model, "messages": chat_messages(request, image_params), "stream": request.stream,
         "max_completion_tokens": request.max_output_tokens, "temperature": request.temperature,
         "top_p": request.top_p, "user": request.user, "parallel_tool_calls": request.parallel_tool_calls,
         "reasoning_effort": request.reasoning.effort if request.reasoning else None,
@@ -95,10 +98,12 @@ def chat_request(request: ResponsesRequest) -> ChatCompletionRequest:
         raise APIError(f"Invalid request: {error.errors()[0]['msg']}.", code="invalid_value") from None
 
 
-def chat_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+def chat_messages(request: ResponsesRequest, image_params: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """`instructions` and `input` as chat messages: function calls join the assistant turn before them,
-    their outputs become tool turns, and reasoning items the next assistant turn's reasoning."""
+    their outputs become tool turns, and reasoning items the next assistant turn's reasoning; images become
+    `image_url` parts (their names recorded in `image_params`)."""
     messages: list[dict[str, Any]] = []
+    image_params = {} if image_params is None else image_params
     if request.instructions:
         messages.append({"role": "system", "content": request.instructions})
     items = [MessageItem(role="user", content=request.input)] if isinstance(request.input, str) else request.input
@@ -112,12 +117,20 @@ def chat_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
         messages.append(turn)
         return turn
 
-    for item in items:
+    for k, item in enumerate(items):
         if isinstance(item, ReasoningItem):
             reasoning.append(item.text())
         elif isinstance(item, MessageItem):
+            if item.role != "user" and item.has_images():
+                j = next(j for j, part in enumerate(item.content) if isinstance(part, InputImage))
+                raise APIError(f"Images go in user messages; input[{k}].content[{j}] is in a {item.role!r} message.",
+                               param=f"input[{k}].content[{j}]", code="invalid_image")
             if item.role == "assistant":
                 assistant_turn(item.text())
+            elif item.has_images():
+                messages.append({"role": item.role, "content": [
+                    _chat_part(part, f"input[{k}].content[{j}]", f"messages[{len(messages)}].content[{j}].image_url",
+                               image_params) for j, part in enumerate(item.content)]})
             else:
                 messages.append({"role": item.role, "content": item.text()})
         elif isinstance(item, FunctionCallItem):
@@ -134,25 +147,41 @@ def chat_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
     return messages
 
 
+def _chat_part(part: InputText | InputImage, where: str, chat_param: str,
+               image_params: dict[str, str]) -> dict[str, Any]:
+    """A content part as chat's: text, or an `image_url` part (its name in chat recorded)."""
+    if isinstance(part, InputText):
+        return {"type": "text", "text": part.text}
+    if part.file_id is not None:
+        raise APIError("Images by 'file_id' are not supported: this server keeps no files; send 'image_url' as a "
+                       "data URL (data:image/png;base64,...).", param=f"{where}.file_id", code="unsupported_parameter")
+    if part.image_url is None:
+        raise APIError("An 'input_image' part needs an 'image_url'.", param=f"{where}.image_url", code="invalid_value")
+    image_params[chat_param] = f"{where}.image_url"
+    return {"type": "image_url", "image_url": {"url": part.image_url}}
+
+
 # The chat request's field names in the errors of the rooms below, as the Responses request calls them.
 _PARAMS = {"messages": "input", "response_format": "text.format",
            "response_format.json_schema.schema": "text.format.schema"}
 
 
-def _responses_param(param: str | None) -> str | None:
-    return _PARAMS.get(param, param) if param else param
+def _responses_param(param: str | None, image_params: dict[str, str]) -> str | None:
+    return image_params.get(param) or _PARAMS.get(param, param) if param else param
 
 
 @contextmanager
-def responses_params() -> Iterator[None]:
-    """Errors raised while the chat request starts, naming the Responses request's fields."""
+def responses_params(image_params: dict[str, str] | None = None) -> Iterator[None]:
+    """Errors raised while the chat request starts, naming the Responses request's fields (`image_params`: the
+    chat request's names of its images -> the Responses request's)."""
+    image_params = {} if image_params is None else image_params
     try:
         yield
     except APIError as error:
-        error.param = _responses_param(error.param)
+        error.param = _responses_param(error.param, image_params)
         raise
     except SchemaRefused as error:
-        raise APIError(error.message, param=_responses_param(error.param), code=error.code) from None
+        raise APIError(error.message, param=_responses_param(error.param, image_params), code=error.code) from None
     except TemplateRefused as error:
         raise APIError(str(error), param="input", code="invalid_input") from None
 
@@ -345,8 +374,9 @@ def create_response():
     """A response, streamed (SSE with named events) or whole, with function tools and structured output."""
     request = parse_body(ResponsesRequest, raw_request.get_data(cache=False))
     log_unknown_fields(request)
-    with responses_params():
-        run = start_chat(chat_request(request))
+    image_params: dict[str, str] = {}
+    with responses_params(image_params):
+        run = start_chat(chat_request(request, image_params))
     assembler, account = ResponseAssembler(request, run.model), Accounting()
     if request.stream:
         return event_stream(response_stream(assembler, run.generation, account,

@@ -26,8 +26,28 @@ def item_id(prefix: str) -> str:
 class InputText(RequestModel):
     """A text part of a message's content (`input_text` from users, `output_text` of earlier answers)."""
 
-    type: Literal["input_text", "output_text"] = Field(description="only text parts: this server serves text models")
+    type: Literal["input_text", "output_text"]
     text: str
+
+
+class InputImage(RequestModel):
+    """An image in a user message, for a model that sees images: `image_url` a data URL (or an http(s) URL on
+    a server started with --allow-image-urls); `file_id` is refused (no files are kept here); `detail` is
+    accepted (the projector decides the resolution)."""
+
+    type: Literal["input_image"]
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: Literal["auto", "low", "high", "original"] | None = None
+
+
+def _part_kind(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return "image_part" if kind == "input_image" else "text_part"
+
+
+ContentPart = Annotated[Union[Annotated[InputText, Tag("text_part")], Annotated[InputImage, Tag("image_part")]],
+                        Discriminator(_part_kind)]
 
 
 class MessageItem(RequestModel):
@@ -35,11 +55,17 @@ class MessageItem(RequestModel):
 
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[InputText]
+    content: str | list[ContentPart]
 
     def text(self) -> str:
-        """The content as one string."""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        """The content's text (images left out)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, InputText))
+
+    def has_images(self) -> bool:
+        """Whether the content holds an `input_image` part."""
+        return not isinstance(self.content, str) and any(isinstance(part, InputImage) for part in self.content)
 
 
 class FunctionCallItem(RequestModel):
@@ -89,7 +115,8 @@ def _item_kind(item: Any) -> str | None:
     return getattr(item, "type", None)
 
 
-_SKIPPED = ("message", "function_call", "function_call_output", "reasoning", "str")  # union tags in error paths
+_SKIPPED = ("message", "function_call", "function_call_output", "reasoning", "str", "text_part",
+            "image_part")  # union tags in error paths
 InputItem = Annotated[Union[
     Annotated[MessageItem, Tag("message")],
     Annotated[FunctionCallItem, Tag("function_call")],

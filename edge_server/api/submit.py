@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -14,9 +14,10 @@ from flask import Response, g, jsonify
 from pydantic import BaseModel
 
 from edge_server.api.errors import APIError
-from edge_server.api.images import decode_images, find_images
+from edge_server.api.imagefetch import ImageFetcher, parse_networks
+from edge_server.api.images import MAX_IMAGE_BYTES, decode_images, find_images
 from edge_server.api.observability import log_safe
-from edge_server.api.schemas import ChatCompletionRequest, GenerationRequest
+from edge_server.api.schemas import ChatCompletionRequest, ChatMessage, GenerationRequest
 from edge_server.api.registry import ModelRegistry
 from edge_server.api.state import ServedModel, client_gone, state_of
 from edge_server.api.toolplan import ToolPlan, plan_tools
@@ -96,7 +97,7 @@ def render_chat(request: ChatCompletionRequest) -> RenderedChat:
     served = served_model(request.model, role="chat")
     refuse_unfittable(rendered_characters(request), served)
     plan = plan_tools(request, served.dialect)
-    images = chat_images(request, served)
+    images = chat_images(request.messages, served)
     with context_check(served), image_check():
         prompt = served.renderer.chat_prompt(request.messages, tools=plan.template_tools,
                                              template_kwargs=request.template_kwargs(state_of().settings.reasoning),
@@ -104,14 +105,24 @@ def render_chat(request: ChatCompletionRequest) -> RenderedChat:
     return RenderedChat(served, plan, prompt)
 
 
-def chat_images(request: ChatCompletionRequest, served: ServedModel) -> list[ImageInput]:
-    """The request's images, decoded and checked; a 400 when there are any and the model cannot see them."""
-    found = find_images(request.messages)
+def chat_images(messages: Sequence[ChatMessage], served: ServedModel) -> list[ImageInput]:
+    """The messages' images, fetched (with --allow-image-urls), decoded and checked; a 400 when there are any
+    and the model cannot see them."""
+    found = find_images(messages)
     if found and not served.engine.info.vision:
         raise APIError(f"The model '{served.model_id}' cannot see images: it was started without a projector "
                        f"(--mmproj). Send text only, or ask a model whose /v1/models meta says vision.",
                        param=found[0][0], code="model_not_multimodal")
-    return decode_images(found)
+    return decode_images(found, image_fetcher())
+
+
+def image_fetcher() -> ImageFetcher | None:
+    """What fetches image URLs on this request's thread, or None without --allow-image-urls."""
+    settings = state_of().settings
+    if not settings.allow_image_urls:
+        return None
+    return ImageFetcher(max_bytes=MAX_IMAGE_BYTES, timeout=settings.image_url_timeout,
+                        allowed_networks=parse_networks(settings.image_url_networks))
 
 
 @contextmanager

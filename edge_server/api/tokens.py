@@ -12,7 +12,9 @@ from edge_server.api.errors import APIError
 from edge_server.api.schemas import (MAX_TOOLS, ChatMessage, ReasoningEffort, RequestModel, TemplateKwargs,
                                      ToolDefinition, parse_body, template_variables)
 from edge_server.api.state import state_of
-from edge_server.api.submit import context_check, refuse_unfittable, served_model
+from edge_server.api.submit import chat_images, context_check, image_check, refuse_unfittable, served_model
+
+IMAGE_TOKEN = -1  # how an image's token is shown: it has no id in the vocabulary
 
 tokens_api = Blueprint("tokens", __name__)
 
@@ -37,14 +39,15 @@ class TokenizeRequest(RequestModel):
 
 
 class TokenPiece(BaseModel):
-    """One token with its text (a list of byte values when it is not whole UTF-8 on its own)."""
+    """One token with its text (a list of byte values when it is not whole UTF-8 on its own; null for an
+    image's token, whose id is -1)."""
 
     id: int
-    piece: str | list[int]
+    piece: str | list[int] | None
 
 
 class TokenizeResponse(BaseModel):
-    """The tokens, how many, and the context a request may fill."""
+    """The tokens (an image's tokens as -1 each), how many, and the context a request may fill."""
 
     tokens: list[int] | list[TokenPiece]
     count: int
@@ -68,7 +71,7 @@ class DetokenizeResponse(BaseModel):
 @documented("tokenize", "tokens", "Tokens of a text or of chat messages rendered by the chat template",
             {200: Reply("The tokens.", TokenizeResponse)}, body=TokenizeRequest, errors=(503,))
 def tokenize():
-    """Tokenize `content` as is, or `messages` exactly as a chat request would be rendered."""
+    """Tokenize `content` as is, or `messages` exactly as a chat request would be rendered (images included)."""
     request = parse_body(TokenizeRequest, raw_request.get_data(cache=False))
     served = served_model(request.model)
     engine = served.engine
@@ -78,8 +81,11 @@ def tokenize():
         variables = template_variables(state_of().settings.reasoning, request.reasoning_effort,
                                        request.chat_template_kwargs)
         refuse_unfittable(sum(len(m.text()) for m in request.messages), served)
-        with context_check(served):
-            ids = served.renderer.chat_prompt(request.messages, tools=template_tools, template_kwargs=variables).tokens
+        images = chat_images(request.messages, served)
+        with context_check(served), image_check():
+            prompt = served.renderer.chat_prompt(request.messages, tools=template_tools, template_kwargs=variables,
+                                                 images=images)
+        ids = [IMAGE_TOKEN if token < 0 else token for token in prompt.tokens]
     else:
         refuse_unfittable(len(request.content), served)
         with context_check(served):
@@ -87,7 +93,8 @@ def tokenize():
                                   max_tokens=engine.info.n_ctx)
     tokens: list[int] | list[TokenPiece] = ids
     if request.with_pieces:
-        tokens = [TokenPiece(id=token, piece=_piece_text(engine.detokenize([token]))) for token in ids]
+        tokens = [TokenPiece(id=token, piece=None if token == IMAGE_TOKEN else _piece_text(engine.detokenize([token])))
+                  for token in ids]
     return TokenizeResponse(tokens=tokens, count=len(ids), max_model_len=engine.info.n_ctx).model_dump()
 
 

@@ -108,6 +108,14 @@ def scripted_server(start_server, scripted_model) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
+def vision_server(start_server, tiny_model) -> ServerProcess:
+    """The tiny model with the synthetic projector (--mmproj), two slots."""
+    from edge_server.devtools import assets
+
+    return start_server("--model", str(tiny_model), "--mmproj", str(assets.vision_projector()), "--parallel", "2")
+
+
+@pytest.fixture(scope="session")
 def base_url(server) -> str:
     """Base URL of the shared tiny-model server."""
     return server.base_url

@@ -7,6 +7,7 @@ installed on first use; an install that fails makes the tests FAIL with the inst
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 import requests
 
 from tests.conftest import ROOT, SCRIPT_TEXT
+from tests.e2e.test_vision import IMAGE_TOKENS, noise
 
 pytestmark = pytest.mark.e2e
 
@@ -87,8 +89,9 @@ def chromium_driver() -> Once:
 
 
 @pytest.fixture(scope="module")
-def page_servers(start_server, scripted_model, slow_model, tmp_path_factory) -> Once:
-    """Calling it starts (once) the three servers the page is tried on, side by side."""
+def page_servers(start_server, scripted_model, slow_model, tmp_path_factory, request) -> Once:
+    """Calling it starts (once) the servers the page is tried on, side by side (and the session's vision server,
+    which later modules share)."""
 
     def start():
         # The random "slow" model never stops by itself (~200 tokens/s here; the tiny one would reach the end
@@ -98,6 +101,7 @@ def page_servers(start_server, scripted_model, slow_model, tmp_path_factory) -> 
             "endless": start_server("--model", str(slow_model), "--api-key", API_KEY, wait=False),
             "demo": start_server("--models-dir", str(tmp_path_factory.mktemp("no-models")), wait=False),
         }
+        servers["vision"] = request.getfixturevalue("vision_server")  # loads while the others do
         for server in servers.values():
             server.wait_ready()
         return servers
@@ -113,8 +117,11 @@ def browser_run(chromium_driver, page_servers, tmp_path_factory) -> Once:
         node = chromium_driver()
         servers = page_servers()
         out_dir = tmp_path_factory.mktemp("chat-page")
+        image = out_dir / "picture.png"
+        noise(41, (40, 30)).save(image, "PNG")
         config = {"scripted": servers["scripted"].base_url, "tiny": servers["endless"].base_url, "apiKey": API_KEY,
-                  "demo": servers["demo"].base_url, "userDataDir": str(out_dir / "profile"), "outDir": str(out_dir)}
+                  "demo": servers["demo"].base_url, "vision": servers["vision"].base_url, "imagePath": str(image),
+                  "userDataDir": str(out_dir / "profile"), "outDir": str(out_dir)}
         started = time.monotonic()
         try:
             done = subprocess.run([node, str(BROWSER_DIR / "chat_page.js"), json.dumps(config)], cwd=BROWSER_DIR,
@@ -172,7 +179,7 @@ def test_page_is_served_as_one_self_contained_file(page_servers):
 def test_page_loads_without_console_errors_and_shows_the_model(browser_run):
     run = browser_run()
     assert run["pageErrors"] == []
-    assert _console_errors(run, "load", "chat", "history", "stop", "demo") == []
+    assert _console_errors(run, "load", "chat", "history", "stop", "demo", "vision") == []
     assert run["modelShown"] == "scripted"
     assert run["warningHiddenOnRealModel"] is True
     assert run["pageHeaders"]["content-type"] == "text/html; charset=utf-8"
@@ -270,3 +277,30 @@ def test_demo_model_warning_is_shown_prominently(browser_run):
     demo = run["demo"]
     assert demo["model"] == "edge-server-demo"
     assert demo["warningVisible"] is True and demo["warning"].startswith("OFFLINE DEMO MODEL")
+
+
+def test_an_image_is_attached_by_picker_and_paste_shown_and_sent_as_a_data_url(browser_run):
+    run = browser_run()
+    vision = run["vision"]
+    assert run["attachHiddenOnTextModel"] is True and vision["attachVisible"] is True
+    assert vision["pastedText"] == ""  # the paste attached the image instead of typing its name
+    picture = base64.b64encode((run["out_dir"] / "picture.png").read_bytes()).decode()
+    first = vision["first"]["request"]["messages"]
+    image_part = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + picture}}
+    assert first == [{"role": "user", "content": [{"type": "text", "text": "What is in these pictures?"},
+                                                  image_part, image_part]}]
+    assert vision["attachmentsAfterSend"] == 0
+    # The history keeps the images: the second request sends them again, and each user bubble shows its own.
+    second = vision["second"]["request"]["messages"]
+    assert second[:2] == [first[0], {"role": "assistant", "content": vision["first"]["text"]}]
+    assert second[2] == {"role": "user", "content": "And now?"}
+    assert vision["thumbnails"] == [[40, 40], []]
+    # The server saw both images: the same request, not streamed, costs two images' tokens more than its text.
+    base = run["servers"]["vision"].base_url
+    body = {**vision["first"]["request"], "stream": False}
+    body.pop("stream_options")
+    answer = requests.post(base + "/v1/chat/completions", json=body, timeout=30).json()
+    text_only = requests.post(base + "/v1/chat/completions", timeout=30, json={**body, "messages": [
+        {"role": "user", "content": "What is in these pictures?"}]}).json()
+    assert answer["usage"]["prompt_tokens"] == text_only["usage"]["prompt_tokens"] + 2 * IMAGE_TOKENS
+    assert answer["choices"][0]["message"]["content"] == vision["first"]["text"]

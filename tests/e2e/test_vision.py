@@ -43,12 +43,6 @@ def image_message(*urls: str, text: str = QUESTION) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def vision_server(start_server, tiny_model):
-    """The tiny model with the synthetic projector, two slots."""
-    return start_server("--model", str(tiny_model), "--mmproj", str(assets.vision_projector()), "--parallel", "2")
-
-
-@pytest.fixture(scope="module")
 def client(vision_server) -> OpenAI:
     """The openai SDK on the vision server."""
     return OpenAI(base_url=vision_server.base_url + "/v1", api_key="none", max_retries=0, timeout=60)

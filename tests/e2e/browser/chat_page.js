@@ -1,12 +1,13 @@
 // Drives Debian's headless Chromium through the chat page of real edge-server processes and prints
 // one JSON object of observations on stdout; tests/e2e/test_chat_page.py asserts on it.
 //
-//   node chat_page.js '{"scripted": URL, "tiny": URL, "apiKey": KEY, "demo": URL,
-//                       "userDataDir": DIR, "outDir": DIR}'
+//   node chat_page.js '{"scripted": URL, "tiny": URL, "apiKey": KEY, "demo": URL, "vision": URL,
+//                       "imagePath": PNG, "userDataDir": DIR, "outDir": DIR}'
 //
 // scripted: a server on the scripted model (greedy reply == SCRIPT_TEXT), no API key.
 // tiny:     a server on a random model that never stops by itself, started with --api-key KEY.
 // demo:     the offline demo server (its /v1/models carries meta.warning).
+// vision:   a server whose model sees images (--mmproj); imagePath: a PNG to attach.
 "use strict";
 const path = require("path");
 const { chromium } = require("playwright-core");
@@ -56,6 +57,7 @@ async function scriptedServer(context) {
   await page.waitForSelector("#model[data-id]");
   result.modelShown = await page.locator("#model").textContent();
   result.warningHiddenOnRealModel = await page.locator("#warning").isHidden();
+  result.attachHiddenOnTextModel = await page.locator("#attach").isHidden();
 
   // Every change to the reply's text node, with the text it had before: the states the page went through.
   await page.evaluate(() => {
@@ -149,6 +151,40 @@ async function demoServer(context) {
   await page.close();
 }
 
+async function visionServer(context) {
+  const page = await context.newPage();
+  watch(page);
+  phase = "vision";
+  await page.goto(config.vision);
+  await page.waitForSelector("#model[data-id]");
+  result.vision = { attachVisible: await page.locator("#attach").isVisible() };
+  await page.locator("#temperature").fill("0");
+  await page.locator("#max-tokens").fill("8");
+  // The file picker (the button opens it; Playwright fills it as a user's choice would)...
+  const chooser = page.waitForEvent("filechooser");
+  await page.locator("#attach").click();
+  await (await chooser).setFiles(config.imagePath);
+  await page.waitForFunction(() => document.querySelectorAll("#attachments img").length === 1);
+  // ...and a paste of the same bytes as an image file into the message box.
+  const bytes = [...require("fs").readFileSync(config.imagePath)];
+  await page.locator("#prompt").evaluate((prompt, data) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([new Uint8Array(data)], "pasted.png", { type: "image/png" }));
+    prompt.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true }));
+  }, bytes);
+  await page.waitForFunction(() => document.querySelectorAll("#attachments img").length === 2);
+  result.vision.pastedText = await page.locator("#prompt").inputValue();
+  await send(page, "What is in these pictures?");
+  result.vision.first = await waitForReply(page, 1);
+  result.vision.attachmentsAfterSend = await page.locator("#attachments img").count();
+  await send(page, "And now?");
+  result.vision.second = await waitForReply(page, 2);
+  result.vision.thumbnails = await page.locator(".msg.user").evaluateAll((nodes) => nodes.map(
+    (node) => [...node.querySelectorAll(".images img")].map((img) => img.naturalWidth)));
+  await page.screenshot({ path: path.join(config.outDir, "vision.png") });
+  await page.close();
+}
+
 (async () => {
   const context = await chromium.launchPersistentContext(config.userDataDir, {
     executablePath: "/usr/bin/chromium", headless: true, args: ARGS,
@@ -159,6 +195,7 @@ async function demoServer(context) {
     await scriptedServer(context);
     await tinyServer(context);
     await demoServer(context);
+    await visionServer(context);
   } catch (error) {
     result.fatal = `${phase}: ${error.stack || error}`;
     for (const page of context.pages()) {
