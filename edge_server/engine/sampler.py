@@ -22,16 +22,15 @@ PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp
 
 
 class CompiledGrammar:
-    """A grammar compiled by llguidance for this engine's vocabulary, on the requesting thread; the engine takes
-    its matcher over once."""
+    """A grammar compiled by llguidance for this engine's vocabulary, on the requesting thread; each job that
+    carries it (n choices, several prompts) takes a matcher of its own."""
 
     def __init__(self, matcher: Any):
         self._matcher = matcher
 
     def take(self) -> Any:
-        """The matcher; from now on it follows the caller's tokens."""
-        matcher, self._matcher = self._matcher, None
-        return matcher
+        """A fresh matcher at the grammar's start; from now on it follows the caller's tokens."""
+        return self._matcher.deep_copy()
 
 
 class ConstrainedSampler:

@@ -75,7 +75,7 @@ class ImageRefused(ValueError):
 
 
 class GrammarRejected(ValueError):
-    """llama.cpp refused to parse a grammar."""
+    """llguidance would not compile a grammar for this vocabulary."""
 
 
 @dataclass(frozen=True)
