@@ -127,7 +127,8 @@ model: install
 bench: install
 	$(PIP) install -q -e '.[bench]'
 	$(if $(PEER),$(if $(filter llama-server,$(PEER)),$(PY) -m edge_server.devtools.peer build --version $(LLAMA_VERSION)))
-	$(PY) -m edge_server.devtools.bench $(if $(MODEL),--model $(MODEL)) $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
+	$(PY) -m edge_server.devtools.bench $(if $(MODEL),--model $(MODEL)) $(if $(PEER),--peer $(PEER)) \
+	  $(if $(MASKBENCH),--maskbench $(MASKBENCH)) $(BENCH_ARGS)
 
 soak: install-test tiny-model
 	$(PY) -m edge_server.devtools.soak --seconds $(or $(SECONDS),90)

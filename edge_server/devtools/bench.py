@@ -1037,6 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the speculative decoding measurement (with --peer: llama-server's n-gram modes too)")
     parser.add_argument("--multiturn-only", action="store_true",
                         help="only the multi-turn chats (context checkpoints) and speculation on the hybrid model")
+    parser.add_argument("--structured-only", action="store_true",
+                        help="only structured output: constrained vs plain decode (with --peer: llama-server's grammar "
+                             "path too), per-step mask and compile times (devtools/bench_structured.py)")
+    parser.add_argument("--maskbench", type=Path, metavar="DIR",
+                        help="with --structured-only: MaskBench's maskbench/data, for compile and mask times over the "
+                             "test tier's sample (else a fixed set of schemas)")
     parser.add_argument("--rpc-only", action="store_true",
                         help="only the split-over-two-loopback-workers measurement (updates its section of results.md)")
     parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
@@ -1088,6 +1094,13 @@ def main(argv: list[str] | None = None) -> int:
         text = _replace_section(text, bench_multiturn.MULTITURN_HEADING, bench_multiturn.markdown(turns))
         (args.out / "results.md").write_text(text.lstrip("\n"))
         print(bench_multiturn.markdown(turns))
+        return 0
+    if args.structured_only:
+        from edge_server.devtools import bench_structured
+
+        text = bench_structured.main_structured(threads=args.threads, out=args.out, peer=peer,
+                                                maskbench=args.maskbench, text=text)
+        (args.out / "results.md").write_text(text.lstrip("\n"))
         return 0
     if args.rpc_only:
         vocab = load_vocab(model)

@@ -40,7 +40,7 @@ class ConstrainedSampler:
         self._context = context
         self._ctx = context.ctx
         self._n_vocab = n_vocab
-        self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._mask = mask_buffer(n_vocab)
 
     def sample(self, chain: internals.LlamaSampler, matcher: Any, index: int, *, keep_logits: bool) -> int:
         """Sample the next token with `chain` from what `matcher` allows, and let the matcher consume it.
@@ -50,12 +50,7 @@ class ConstrainedSampler:
         (log-probabilities are reported under the model's own distribution).
         """
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
-        matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        if matcher.is_error():
-            raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
-        allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self._n_vocab].view(bool)
-        if not allowed.any():
-            raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
+        allowed = allowed_tokens(matcher, self._mask, self._n_vocab)
         raw = logits.copy() if keep_logits else None
         np.copyto(logits, -np.inf, where=~allowed)
         token = chain.sample(self._context, index)
@@ -70,6 +65,22 @@ class ConstrainedSampler:
         if not matcher.consume_token(token):
             raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
         return token
+
+
+def mask_buffer(n_vocab: int) -> np.ndarray:
+    """A bitmask buffer for `allowed_tokens` (one bit per token, in 32-bit words)."""
+    return np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+
+
+def allowed_tokens(matcher: Any, mask: np.ndarray, n_vocab: int) -> np.ndarray:
+    """What `matcher` allows next, one bool per token, computed into `mask`; `GrammarDeadEnd` when nothing is."""
+    matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+    if matcher.is_error():
+        raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:n_vocab].view(bool)
+    if not allowed.any():
+        raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
+    return allowed
 
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
