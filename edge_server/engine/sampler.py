@@ -83,6 +83,30 @@ def allowed_tokens(matcher: Any, mask: np.ndarray, n_vocab: int) -> np.ndarray:
     return allowed
 
 
+def forced_tokens(matcher: Any, mask: np.ndarray, limit: int) -> list[int]:
+    """The tokens (at most `limit`) that `matcher` allows one at a time from its state on: each is the only
+    token its position can sample, at any settings, so feeding them as a draft changes no output. The matcher
+    is left as it was."""
+    forced: list[int] = []
+    try:
+        while len(forced) < limit:
+            matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+            words = np.flatnonzero(mask)
+            if matcher.is_error() or len(words) != 1:
+                break
+            word = int(mask[words[0]]) & 0xFFFFFFFF
+            if word & (word - 1):  # more than one bit
+                break
+            token = int(words[0]) * 32 + word.bit_length() - 1
+            if not matcher.consume_token(token):
+                break
+            forced.append(token)
+    finally:
+        if forced:
+            matcher.rollback(len(forced))
+    return forced
+
+
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 

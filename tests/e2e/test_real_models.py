@@ -320,3 +320,30 @@ def test_openai_agents_sdk_output_type_gets_a_validating_object_from_a_real_mode
                          model=model, model_settings=agents.ModelSettings(temperature=0, max_tokens=200))
     result = agents.Runner.run_sync(agent, CITY_PROMPT, max_turns=1)
     assert isinstance(result.final_output, City), result.final_output
+
+
+def forced_so_far(server) -> float:
+    metrics = requests.get(server.base_url + "/metrics", timeout=5).text
+    return float(re.search(r"^edge_forced_tokens_total (\S+)$", metrics, re.MULTILINE).group(1))
+
+
+def test_fast_forwarded_tokens_change_no_output(smol):
+    """Tokens the grammar leaves no choice about are decoded with the token before them (fast-forward): a sampled
+    answer, its tokens and their log-probabilities are the same as with fast-forward off (`speculative: false`)."""
+    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
+
+    body = {"messages": [{"role": "user", "content": ORDER_PROMPT}], "temperature": 0.8, "seed": 3,
+            "max_tokens": 40, "logprobs": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
+    answers = []
+    for speculative in (False, True):
+        before = forced_so_far(smol)
+        response = requests.post(smol.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0])
+        forced = forced_so_far(smol) - before
+        assert (forced > 0) == speculative, forced
+    assert answers[0]["message"]["content"] == answers[1]["message"]["content"]
+    assert [(t["token"], round(t["logprob"], 4)) for t in answers[0]["logprobs"]["content"]] == \
+        [(t["token"], round(t["logprob"], 4)) for t in answers[1]["logprobs"]["content"]]
