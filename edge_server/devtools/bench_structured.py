@@ -10,9 +10,10 @@
 - Compile: per schema, the limits check and the vocabulary-free compile (`schema_grammar`, on the HTTP thread
   before any prompt work) and the matcher for the vocabulary (`compile_matcher`), p50/p99/max, over the MaskBench
   sample the test tier uses when `--maskbench DIR` is given (else over `FIXED_SCHEMAS`).
-- Fast-forward: on a schema with long fixed keys, how many steps leave exactly one token (a step that could be fed
-  without sampling and stay exact) and how many bytes llguidance's forced-token view (`compute_ff_tokens`) would
-  feed; and what feeding k tokens as one batch saves over k single steps on the 0.5B-shape model.
+- Fast-forward: through ours, the JSON decode rate also with it off (`speculative: false`) and the tokens it fed;
+  on a valid order, how many steps leave exactly one token (what it feeds, exactly) and how many bytes
+  llguidance's forced view (`compute_ff_bytes`, its own tokenization) knows ahead; and what feeding k tokens as
+  one batch costs per token against k single steps on the 0.5B-shape model.
 """
 
 from __future__ import annotations
@@ -242,12 +243,26 @@ def batch_saving(model: Path, *, threads: int, sizes: tuple[int, ...] = (1, 2, 4
 
 # ---- decode through the servers -------------------------------------------------------------------------------
 
-def order_bodies(bias: dict[str, float], max_tokens: int) -> dict[str, dict]:
-    """The plain and the constrained request: the same prompt, greedy, end of turn banned."""
+def order_bodies(bias: dict[str, float], max_tokens: int, *, ours: bool) -> dict[str, dict]:
+    """The plain and the constrained request: the same prompt, greedy, end of turn banned; for ours also the
+    constrained one without fast-forward (`speculative: false`)."""
     plain = {"model": "bench", "messages": [{"role": "user", "content": ORDER_PROMPT}], "max_tokens": max_tokens,
              "temperature": 0.0, "logit_bias": bias}
-    schema = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}
-    return {"plain": plain, "constrained": {**plain, "response_format": schema}}
+    constrained = {**plain, "response_format": {"type": "json_schema", "json_schema": {"name": "order",
+                                                                                         "schema": ORDER_SCHEMA}}}
+    bodies = {"plain": plain, "constrained": constrained}
+    return {**bodies, "constrained_no_ff": {**constrained, "speculative": False}} if ours else bodies
+
+
+def forced_total(base_url: str) -> float:
+    """Our server's count of fast-forwarded tokens (0 for a server without it)."""
+    import re
+
+    import requests
+
+    found = re.search(r"^edge_forced_tokens_total (\S+)$", requests.get(base_url + "/metrics", timeout=10).text,
+                      re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def decode_side(base_url: str, bodies: dict[str, dict]) -> dict:
@@ -257,15 +272,19 @@ def decode_side(base_url: str, bodies: dict[str, dict]) -> dict:
     for body in bodies.values():
         Stream(base_url, body).run()
     runs: dict[str, list[Stream]] = {name: [] for name in bodies}
+    forced = {name: 0.0 for name in bodies}
     for _ in range(DECODE_RUNS):
         for name, body in bodies.items():
+            before = forced_total(base_url) if "constrained_no_ff" in bodies else 0.0
             runs[name].append(Stream(base_url, body).run())
+            forced[name] += (forced_total(base_url) - before) if "constrained_no_ff" in bodies else 0.0
     figures = {}
     for name, streams in runs.items():
         figures[name] = {
             "decode_tok_s": statistics.median(s.decode_rate for s in streams),
             "end_to_end_tok_s": statistics.median(s.usage["completion_tokens"] / (s.done - s.sent) for s in streams),
             "completion_tokens": statistics.median(s.usage["completion_tokens"] for s in streams),
+            "forced_tokens": forced[name] / DECODE_RUNS,
             "sample": streams[-1].text[:160]}
     return figures
 
@@ -276,9 +295,10 @@ def decode_table(models: dict[str, Path], *, threads: int, max_tokens: int, out:
 
     results: dict[str, dict] = {}
     for label, model in models.items():
-        bodies = order_bodies(end_of_turn_bias(load_vocab(model)), max_tokens)
+        bias = end_of_turn_bias(load_vocab(model))
         results[label] = {}
         for side in ("ours", "llama-server") if peer else ("ours",):
+            bodies = order_bodies(bias, max_tokens, ours=side == "ours")
             print(f"structured decode: {label}, {side} ...", flush=True)
             port = free_port()
             if side == "ours":
@@ -333,13 +353,17 @@ def markdown(results: dict) -> str:
              f"banned, {results['max_tokens']} tokens at most; medians of {DECODE_RUNS} alternated runs. *Decode only*: "
              "first token to last; *end to end*: request to `[DONE]`.", "",
              "| model | server | plain decode tok/s | JSON decode tok/s | ratio | plain end-to-end tok/s | "
-             "JSON end-to-end tok/s | ratio |", "|---|---|---|---|---|---|---|---|"]
+             "JSON end-to-end tok/s | ratio | JSON without fast-forward: decode tok/s (ratio) | fast-forwarded tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model, sides in results["decode"].items():
         for side, figures in sides.items():
-            plain, json_ = figures["plain"], figures["constrained"]
+            plain, json_, slow = figures["plain"], figures["constrained"], figures.get("constrained_no_ff")
+            no_ff = f"{slow['decode_tok_s']:.1f} ({slow['decode_tok_s'] / plain['decode_tok_s']:.2f})" if slow else "-"
+            forced = f"{json_['forced_tokens']:.0f} of {json_['completion_tokens']:.0f}" if slow else "-"
             lines.append(f"| {model} | {side} | {plain['decode_tok_s']:.1f} | {json_['decode_tok_s']:.1f} | "
                          f"**{json_['decode_tok_s'] / plain['decode_tok_s']:.2f}** | {plain['end_to_end_tok_s']:.1f} | "
-                         f"{json_['end_to_end_tok_s']:.1f} | {json_['end_to_end_tok_s'] / plain['end_to_end_tok_s']:.2f} |")
+                         f"{json_['end_to_end_tok_s']:.1f} | {json_['end_to_end_tok_s'] / plain['end_to_end_tok_s']:.2f} "
+                         f"| {no_ff} | {forced} |")
     check = results["check"]
     lines += ["", f"Constraint cost per step on the engine thread, walking the valid instances of the "
                   f"{results['schemas']} ({results['schemas_n']} schemas, {results['schemas_refused']} refused by "
