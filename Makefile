@@ -80,8 +80,14 @@ $(STAMP): setup.cfg pyproject.toml
 	@rm -f $(VENV)/.edge-installed-*
 	@touch $@
 
+# instructor pins jiter<0.15 and rich<15, which would pull openai back to 3.3 (openai 3.6x needs jiter>=0.16): it is
+# installed on its own without its pins (what it imports is already there: the openai SDK, pydantic, jiter, tenacity,
+# docstring-parser, jinja2). tests/e2e/test_real_models.py runs it against the real server.
+INSTRUCTOR := instructor==1.17.0
+
 install-test: $(STAMP)
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps '$(INSTRUCTOR)'
 
 run: install
 	$(PY) -m edge_server serve $(if $(MODEL),--model $(MODEL)) $(ARGS)
@@ -128,7 +134,8 @@ model: install
 bench: install
 	$(PIP) install -q -e '.[bench]'
 	$(if $(PEER),$(if $(filter llama-server,$(PEER)),$(PY) -m edge_server.devtools.peer build --version $(LLAMA_VERSION)))
-	$(PY) -m edge_server.devtools.bench $(if $(MODEL),--model $(MODEL)) $(if $(PEER),--peer $(PEER)) $(BENCH_ARGS)
+	$(PY) -m edge_server.devtools.bench $(if $(MODEL),--model $(MODEL)) $(if $(PEER),--peer $(PEER)) \
+	  $(if $(MASKBENCH),--maskbench $(MASKBENCH)) $(BENCH_ARGS)
 
 soak: install-test tiny-model
 	$(PY) -m edge_server.devtools.soak --seconds $(or $(SECONDS),90)

@@ -51,6 +51,8 @@ class Metrics:
                                     registry=self.registry)
         self.draft_accepted = Counter("edge_draft_accepted", "Drafted tokens the model agreed with",
                                       registry=self.registry)
+        self.forced_tokens = Counter("edge_forced_tokens", "Tokens a grammar left no choice about, decoded with the "
+                                     "token before them (fast-forward)", registry=self.registry)
         for name, key, text in (
                 ("edge_ctx_checkpoints", "count", "Context checkpoints held (recurrent, hybrid and small-window models)"),
                 ("edge_ctx_checkpoint_bytes", "bytes", "Bytes the context checkpoints hold"),
@@ -66,9 +68,11 @@ class Metrics:
         self.model_events.labels(model=model_id, event=event).inc()
 
     def observe_generation(self, prompt_tokens: int, completion_tokens: int, ttft: float | None,
-                           rate: float, draft_tokens: int = 0, draft_accepted: int = 0) -> None:
+                           rate: float, draft_tokens: int = 0, draft_accepted: int = 0,
+                           forced_tokens: int = 0) -> None:
         """Count one finished generation."""
         self.prompt_tokens.inc(prompt_tokens)
+        self.forced_tokens.inc(forced_tokens)
         self.draft_tokens.inc(draft_tokens)
         self.draft_accepted.inc(draft_accepted)
         self.completion_tokens.inc(completion_tokens)
@@ -112,13 +116,15 @@ class Accounting:
             steps = max(1, tokens - outcome.draft_accepted)  # steps that verified a draft or decoded one token
             drafts = (f" drafts={outcome.draft_accepted}/{outcome.draft_tokens} accepted "
                       f"({outcome.draft_accepted / outcome.draft_tokens:.0%}, {outcome.draft_tokens / steps:.1f}/step)")
+        if outcome.forced_tokens:
+            drafts += f" forced={outcome.forced_tokens}"
         access_log.info(
             "%s POST %s %s prompt=%d completion=%d ttft=%s rate=%.1ftok/s finish=%s cached=%d%s%s",
             self.request_id, self.route, status, outcome.prompt_tokens, tokens, ttft, rate,
             outcome.finish_reason, outcome.cached_tokens, drafts, f" error={outcome.error!r}" if outcome.error else "",
         )
         self.metrics.observe_generation(outcome.prompt_tokens, tokens, outcome.first_token_seconds, rate,
-                                        outcome.draft_tokens, outcome.draft_accepted)
+                                        outcome.draft_tokens, outcome.draft_accepted, outcome.forced_tokens)
 
 
 def register_observability(app: Flask, metrics: Metrics) -> None:

@@ -17,8 +17,10 @@ from edge_server.api.schemas import ChatCompletionRequest, CompletionRequest, Mo
 from edge_server.api.schemas import ChatCompletion, ChatCompletionChunk, TextCompletion
 from edge_server.api.registry import ModelSpec
 from edge_server.api.state import ServedModel, state_of
-from edge_server.api.submit import (context_check, event_stream, log_unknown_fields, refuse_unfittable,
-                                    served_model, serving_registry, start_chat, start_generations, whole_answer)
+from edge_server.dialects.constraints import gbnf_grammar
+from edge_server.api.submit import (compiled_grammar, context_check, event_stream, log_unknown_fields,
+                                    refuse_unfittable, served_model, serving_registry, start_chat, start_generations,
+                                    whole_answer)
 
 api = Blueprint("api", __name__)
 
@@ -157,6 +159,7 @@ def completions():
     if request.suffix:
         raise APIError("'suffix' (fill-in-the-middle) is not supported by this server.", param="suffix",
                        code="unsupported_parameter")
+    lark = gbnf_grammar(request.grammar) if request.grammar else None  # read before any prompt work
     served = served_model(request.model, role="chat")
     engine = served.engine
     prompts: list[list[int]] = []
@@ -177,7 +180,8 @@ def completions():
     if not any(prompts):
         raise APIError("'prompt' must not be empty.", param="prompt", code="invalid_value")
     echoes = echoes or [""] * (len(prompts) * request.n)
-    generations = start_generations(served, request, prompts, request.token_limit())
+    grammar = compiled_grammar(served, lark, param="grammar") if lark else None
+    generations = start_generations(served, request, prompts, request.token_limit(), grammar=grammar)
     model, account = request.model or served.model_id, Accounting()
     settings = state_of().settings
     if request.stream:

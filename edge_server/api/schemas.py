@@ -37,6 +37,7 @@ _NULL = {"type": "null"}
 
 
 MAX_CHOICES = 128  # OpenAI's limit on n; also on a legacy completion's prompts
+MAX_GRAMMAR_CHARACTERS = 65_536  # a `grammar` (GBNF) is read by a Python parser first; llama.cpp's own are ~1-5k
 TokenId = whole_int(ge=0, lt=2**31)
 _TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
 
@@ -181,6 +182,9 @@ class GenerationRequest(RequestModel):
     user: str | None = None
     speculative: bool = Field(True, description="extension: false turns speculative decoding off for this request "
                                                 "(when the server runs with --spec-type)")
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARACTERS,
+                                description="extension (llama.cpp's): a GBNF grammar (root rule `root`) the output "
+                                            "must match; not with a JSON response_format or callable tools")
 
     @field_validator("stop")
     @classmethod
@@ -351,9 +355,8 @@ def _called_function(function: Any, where: str) -> None:
 class ChatCompletionRequest(GenerationRequest):
     """Body of POST /v1/chat/completions.
 
-    A named `tool_choice` / `function_call` must name one of the request's functions;
-    `response_format.json_schema.strict` needs every object schema to list all properties as required
-    with `additionalProperties: false`."""
+    A named `tool_choice` / `function_call` must name one of the request's functions; a schema in
+    `response_format` is enforced as written, `strict` or not."""
 
     # What `_choices_name_known_functions` checks, as far as JSON Schema can say it.
     model_config = ConfigDict(json_schema_extra={"allOf": [

@@ -142,13 +142,9 @@ def start_chat(request: ChatCompletionRequest, *, reasoning_budget: int | None =
     settings = state_of().settings
     grammar = None
     if plan.grammar is not None:
-        try:
-            # A prompt that opened <think> lets the model reason before the constrained answer.
-            grammar = served.engine.compile_grammar(
-                after_reasoning(plan.grammar) if prompt.opens_reasoning else plan.grammar)
-        except GrammarRejected as error:
-            raise APIError(str(error), param="tools" if plan.callable_names else "response_format",
-                           code="invalid_grammar") from None
+        # A prompt that opened <think> lets the model reason before the constrained answer.
+        grammar = compiled_grammar(served, after_reasoning(plan.grammar) if prompt.opens_reasoning else plan.grammar,
+                                   param=plan.grammar_param)
     split_reasoning = served.renderer.thinks and settings.reasoning_format == "separate"
 
     def choice_options() -> dict:  # each choice reads its own output
@@ -164,6 +160,14 @@ def start_chat(request: ChatCompletionRequest, *, reasoning_budget: int | None =
                                     options=choice_options, budget=budget,
                                     images=prompt.images)
     return ChatRun(generations, plan, request.model or served.model_id, served.fingerprint)
+
+
+def compiled_grammar(served: ServedModel, grammar: str, *, param: str) -> CompiledGrammarHandle:
+    """`grammar` compiled for the served model's vocabulary (on this thread); a 400 naming `param` if it cannot be."""
+    try:
+        return served.engine.compile_grammar(grammar)
+    except GrammarRejected as error:
+        raise APIError(str(error), param=param, code="invalid_grammar") from None
 
 
 def thinking_budget(served: ServedModel, tokens: int | None, *, opened: bool,

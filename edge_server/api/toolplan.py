@@ -8,8 +8,8 @@ from typing import Any
 
 from edge_server.dialects.calls import CallExtractor
 from edge_server.dialects.dialect import ToolDialect
-from edge_server.dialects.constraints import any_json_object_grammar, schema_grammar
-from edge_server.dialects.schemalimits import check_schema_limits
+from edge_server.dialects.constraints import any_json_object_grammar, gbnf_grammar, schema_grammar
+from edge_server.dialects.schemalimits import SchemaRefused, check_schema_limits
 from edge_server.api.schemas import ChatCompletionRequest, FunctionDefinition, FunctionName, NamedToolChoice
 
 
@@ -27,6 +27,7 @@ class ToolPlan:
     legacy: bool = False  # answer with `function_call` instead of `tool_calls`
     grammar: str | None = None
     dialect: ToolDialect | None = None  # how the model writes calls (set whenever `functions` is)
+    grammar_param: str = "response_format"  # the request field a grammar the engine refuses came from
 
     @property
     def callable_names(self) -> frozenset[str]:
@@ -48,6 +49,11 @@ def plan_tools(request: ChatCompletionRequest, dialect: ToolDialect) -> ToolPlan
     choice = request.function_call if legacy else request.tool_choice
     param = "function_call" if legacy else "tool_choice"
     answer_schema = _answer_schema(request)
+    if request.grammar:
+        _check_grammar_alone(answer_schema, bool(functions) and choice != "none")
+        # Tools offered with tool_choice none are still listed in the prompt; nothing is extracted.
+        template_tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in functions]
+        return ToolPlan(template_tools or None, grammar=gbnf_grammar(request.grammar), grammar_param="grammar")
     if not functions or choice == "none":
         return ToolPlan(grammar=_answer_grammar(request, answer_schema))
     # A listed tool is only rendered into the prompt (bounded by the body and context limits); its schema is
@@ -61,7 +67,7 @@ def plan_tools(request: ChatCompletionRequest, dialect: ToolDialect) -> ToolPlan
         chosen = [(f.name, f.parameters) for f in functions if f.name == named]
         _check_constrained(functions, {named}, legacy)
         grammar = dialect.call_grammar(chosen, several=False, param=param)
-        return ToolPlan(template_tools, dict(chosen), 1, legacy, grammar, dialect)
+        return ToolPlan(template_tools, dict(chosen), 1, legacy, grammar, dialect, "tools")
     signatures = [(f.name, f.parameters) for f in functions]
     if choice == "required" or answer_schema is not None:
         _check_constrained(functions, {f.name for f in functions}, legacy)
@@ -73,7 +79,19 @@ def plan_tools(request: ChatCompletionRequest, dialect: ToolDialect) -> ToolPlan
                                        answer=(answer_schema, ANSWER_SCHEMA_PARAM))
     else:
         grammar = None
-    return ToolPlan(template_tools, dict(signatures), None if several else 1, legacy, grammar, dialect)
+    return ToolPlan(template_tools, dict(signatures), None if several else 1, legacy, grammar, dialect, "tools")
+
+
+def _check_grammar_alone(answer_schema: dict[str, Any] | None, callable_tools: bool) -> None:
+    """A `grammar` is the whole output's shape: a JSON answer or a tool call would be a second one (llama-server
+    refuses both too)."""
+    if answer_schema is not None:
+        raise SchemaRefused("Send either 'grammar' or a JSON 'response_format', not both: each describes the "
+                            "whole output.", param="grammar", code="invalid_value")
+    if callable_tools:
+        raise SchemaRefused("'grammar' cannot be combined with tools the model may call (the calls have a grammar "
+                            "of their own); send tool_choice 'none' or leave the tools out.", param="grammar",
+                            code="invalid_value")
 
 
 def _check_constrained(functions: list[FunctionDefinition], names: set[str], legacy: bool) -> None:

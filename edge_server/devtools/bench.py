@@ -1014,6 +1014,13 @@ def _replace_section(text: str, heading: str, body: str) -> str:
     return before.rstrip("\n") + "\n\n" + heading + "\n\n" + body + rest
 
 
+def _write_section(out: Path, text: str, name: str, results: dict, heading: str, markdown) -> None:
+    """Keep one mode's `results` in `out`/results-`name`.json and its `markdown` under `heading` in results.md."""
+    (out / f"results-{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(_replace_section(text, heading, markdown(results)).lstrip("\n"))
+    print(markdown(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --raw-worker, only the raw llama-cpp-python measurement)."""
     parser = argparse.ArgumentParser(prog="python -m edge_server.devtools.bench", description=__doc__)
@@ -1039,6 +1046,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the multi-turn chats (context checkpoints) and speculation on the hybrid model")
     parser.add_argument("--vision-only", action="store_true",
                         help="only image encode times and their effect on another stream (bench_vision.py)")
+    parser.add_argument("--structured-only", action="store_true",
+                        help="only structured output: constrained vs plain decode (with --peer: llama-server's grammar "
+                             "path too), per-step mask and compile times (devtools/bench_structured.py)")
+    parser.add_argument("--maskbench", type=Path, metavar="DIR",
+                        help="with --structured-only: MaskBench's maskbench/data, for compile and mask times over the "
+                             "test tier's sample (else a fixed set of schemas)")
     parser.add_argument("--rpc-only", action="store_true",
                         help="only the split-over-two-loopback-workers measurement (updates its section of results.md)")
     parser.add_argument("--repetitions", type=int, default=2, help="side-by-side repetitions (servers alternate)")
@@ -1086,19 +1099,20 @@ def main(argv: list[str] | None = None) -> int:
         from edge_server.devtools import bench_multiturn
 
         turns = bench_multiturn.multiturn(threads=args.threads, out=args.out, peer=peer)
-        (args.out / "results-multiturn.json").write_text(json.dumps(turns, indent=2) + "\n")
-        text = _replace_section(text, bench_multiturn.MULTITURN_HEADING, bench_multiturn.markdown(turns))
-        (args.out / "results.md").write_text(text.lstrip("\n"))
-        print(bench_multiturn.markdown(turns))
+        _write_section(args.out, text, "multiturn", turns, bench_multiturn.MULTITURN_HEADING, bench_multiturn.markdown)
         return 0
     if args.vision_only:
         from edge_server.devtools import bench_vision
 
         seen = bench_vision.vision(threads=args.threads, out=args.out, peer=peer)
-        (args.out / "results-vision.json").write_text(json.dumps(seen, indent=2) + "\n")
-        text = _replace_section(text, bench_vision.VISION_HEADING, bench_vision.markdown(seen))
+        _write_section(args.out, text, "vision", seen, bench_vision.VISION_HEADING, bench_vision.markdown)
+        return 0
+    if args.structured_only:
+        from edge_server.devtools import bench_structured
+
+        text = bench_structured.main_structured(threads=args.threads, out=args.out, peer=peer,
+                                                maskbench=args.maskbench, text=text)
         (args.out / "results.md").write_text(text.lstrip("\n"))
-        print(bench_vision.markdown(seen))
         return 0
     if args.rpc_only:
         vocab = load_vocab(model)

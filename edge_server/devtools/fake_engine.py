@@ -20,7 +20,7 @@ from edge_server.engine.types import (
 
 @dataclass
 class FakeGrammar:
-    """What `FakeEngine.compile_grammar` hands back: the GBNF it was given."""
+    """What `FakeEngine.compile_grammar` hands back: the grammar it was given."""
 
     text: str
 

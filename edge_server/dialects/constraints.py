@@ -1,4 +1,5 @@
-"""llguidance grammars (Lark with embedded JSON schemas) for structured output and forced tool calls.
+"""llguidance grammars (Lark with embedded JSON schemas) for structured output, forced tool calls and
+client GBNF (llama.cpp's `grammar` field, read by llguidance's converter).
 
 Every schema is checked against `schemalimits` first, then compiled by llguidance once on its own (no
 vocabulary needed): what llguidance cannot enforce is a 400 naming the feature, before any prompt work.
@@ -19,6 +20,7 @@ import re
 from typing import Any
 
 import llguidance
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from edge_server.dialects.calls import CLOSE_TAG, OPEN_TAG
 from edge_server.dialects.schemalimits import SchemaRefused, check_schema_limits
@@ -64,6 +66,26 @@ def schema_grammar(schema: dict[str, Any], *, param: str) -> str:
     check_schema_limits(schema, param=param)
     grammar = f"start: {json_rule(schema)}\n"
     check_grammar(grammar, param=param)
+    return grammar
+
+
+def gbnf_grammar(gbnf: str, *, param: str = "grammar") -> str:
+    """The Lark grammar for a client's GBNF (llama.cpp's syntax, root rule `root`); a 400 naming `param` when
+    llguidance cannot read or enforce it."""
+    try:
+        lark = gbnf_to_lark(gbnf)
+    except RecursionError:
+        raise SchemaRefused("Cannot read this GBNF grammar: it nests too deeply.", param=param,
+                            code="invalid_grammar") from None
+    except Exception as error:  # the converter raises bare Exceptions for unknown or missing rules
+        raise SchemaRefused(f"Cannot read this GBNF grammar: {_first_line(str(error))}.", param=param,
+                            code="invalid_grammar") from None
+    # Our own rules (tags, the reasoning prefix) are named edge_*; a client rule of that name would redefine one.
+    if reserved := re.search(r"^(edge_\w*)\s*:", lark, flags=re.MULTILINE | re.IGNORECASE):
+        raise SchemaRefused(f"Cannot use this GBNF grammar: rule names starting with 'edge' are reserved "
+                            f"(rename {reserved.group(1)!r}).", param=param, code="invalid_grammar")
+    grammar = re.sub(r"^%llguidance \{\}\n", "", lark)  # compile_matcher sets llguidance's options itself
+    check_grammar(grammar, param=param, subject="this GBNF grammar", code="invalid_grammar")
     return grammar
 
 
@@ -148,12 +170,12 @@ def after_reasoning(grammar: str) -> str:
     return f"start: {THINK_RULE} /[ \\t\\n]*/ edge_answer\n{renamed}"
 
 
-def check_grammar(grammar: str, *, param: str) -> None:
+def check_grammar(grammar: str, *, param: str, subject: str = "this JSON schema",
+                  code: str = "unsupported_schema") -> None:
     """Compile `grammar` without a vocabulary; `SchemaRefused` naming what llguidance cannot enforce."""
     error = _validation_error(grammar)
     if error:
-        raise SchemaRefused(f"Cannot constrain output to this JSON schema: {error}", param=param,
-                            code="unsupported_schema")
+        raise SchemaRefused(f"Cannot constrain output to {subject}: {error}", param=param, code=code)
 
 
 def _validation_error(grammar: str) -> str:

@@ -37,7 +37,7 @@ class ToolDialect:
 
     def call_grammar(self, signatures: Signatures, *, several: bool, param: str,
                      answer: tuple[dict[str, Any], str] | None = None) -> str:
-        """GBNF for calls in this dialect to one of `signatures` (several in a row with `several`).
+        """An llguidance grammar for calls in this dialect to one of `signatures` (several in a row with `several`).
 
         Every schema is checked against `schemalimits` first (`SchemaRefused` names `param`). With
         `answer` (a schema and the request field it came from) the output may instead be one JSON

@@ -18,7 +18,8 @@ Propose = Callable[[list[tuple[Slot, int]]], None]  # sets `slot.draft` of each 
 
 
 def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Propose | None = None,
-               ends_generation: Callable[[int], bool] = lambda token: False
+               ends_generation: Callable[[int], bool] = lambda token: False,
+               forced: Callable[[Slot, int], list[int]] | None = None
                ) -> tuple[list[tuple[Slot, list[int]]], bool]:
     """Fill `batch` for `active` slots; returns (each slot with the tokens it put in, whether a prompt did).
 
@@ -26,7 +27,9 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     none does (batched, chunked prefill). Drafted tokens get what real tokens leave, shared evenly; every
     position of a slot's draft gets logits (`slot.logits_at` is its next token's, the draft's follow).
     A draft never runs past what its job can use: its `max_tokens`, or an end-of-generation token (the
-    position before one already predicts it). A prompt chunk ends where its slot takes a context checkpoint.
+    position before one already predicts it). A slot with a grammar and no drafter drafts what `forced` says
+    its grammar leaves no choice about (fast-forward: verified like any draft, so always accepted). A prompt
+    chunk ends where its slot takes a context checkpoint.
     """
     batch.n_tokens = 0
     decoded: list[tuple[Slot, list[int]]] = []
@@ -36,13 +39,17 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
         - min(pending, PROMPT_CHUNK if generating else BATCH_TOKENS)
     for slot in active:
         slot.draft = []
-    drafting = [(slot, min(spare // len(generating), slot.job.max_tokens - slot.produced - 1))
-                for slot in generating if slot.drafter is not None]
-    drafting = [(slot, room) for slot, room in drafting if room > 0]
-    if propose is not None and drafting and spare >= len(generating):
+    rooms = [(slot, min(spare // len(generating), slot.job.max_tokens - slot.produced - 1))
+             for slot in generating] if spare >= len(generating) else []
+    drafting = [(slot, room) for slot, room in rooms if room > 0 and slot.drafter is not None]
+    if propose is not None and drafting:
         propose(drafting)
         for slot, _ in drafting:
             slot.draft = until_end(slot.draft, ends_generation)
+    if forced is not None:
+        for slot, room in rooms:
+            if room > 0 and slot.drafter is None and slot.grammar is not None and slot.job.speculative:
+                slot.draft = until_end(forced(slot, room), ends_generation)
     for slot in active:
         slot.logits_at = -1
         if slot.next_token is not None:

@@ -40,7 +40,7 @@ class EngineClient(Protocol):
         """The bytes `tokens` stand for (ids must be below `info.n_vocab`)."""
 
     def compile_grammar(self, grammar: str) -> CompiledGrammarHandle:
-        """Parse GBNF now, on the caller's thread; raises `GrammarRejected`."""
+        """Compile an llguidance grammar for this vocabulary now, on the caller's thread; raises `GrammarRejected`."""
 
     def submit(self, job: Job) -> TokenStream:
         """Queue a job and return its stream; raises `QueueFull`."""

@@ -22,16 +22,15 @@ PENALTY_WINDOW = 64  # tokens the repetition penalties look back over (llama.cpp
 
 
 class CompiledGrammar:
-    """A grammar compiled by llguidance for this engine's vocabulary, on the requesting thread; the engine takes
-    its matcher over once."""
+    """A grammar compiled by llguidance for this engine's vocabulary, on the requesting thread; each job that
+    carries it (n choices, several prompts) takes a matcher of its own."""
 
     def __init__(self, matcher: Any):
         self._matcher = matcher
 
     def take(self) -> Any:
-        """The matcher; from now on it follows the caller's tokens."""
-        matcher, self._matcher = self._matcher, None
-        return matcher
+        """A fresh matcher at the grammar's start; from now on it follows the caller's tokens."""
+        return self._matcher.deep_copy()
 
 
 class ConstrainedSampler:
@@ -41,7 +40,7 @@ class ConstrainedSampler:
         self._context = context
         self._ctx = context.ctx
         self._n_vocab = n_vocab
-        self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._mask = mask_buffer(n_vocab)
 
     def sample(self, chain: internals.LlamaSampler, matcher: Any, index: int, *, keep_logits: bool) -> int:
         """Sample the next token with `chain` from what `matcher` allows, and let the matcher consume it.
@@ -51,12 +50,7 @@ class ConstrainedSampler:
         (log-probabilities are reported under the model's own distribution).
         """
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
-        matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
-        if matcher.is_error():
-            raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
-        allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self._n_vocab].view(bool)
-        if not allowed.any():
-            raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
+        allowed = allowed_tokens(matcher, self._mask, self._n_vocab)
         raw = logits.copy() if keep_logits else None
         np.copyto(logits, -np.inf, where=~allowed)
         token = chain.sample(self._context, index)
@@ -71,6 +65,46 @@ class ConstrainedSampler:
         if not matcher.consume_token(token):
             raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
         return token
+
+
+def mask_buffer(n_vocab: int) -> np.ndarray:
+    """A bitmask buffer for `allowed_tokens` (one bit per token, in 32-bit words)."""
+    return np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+
+
+def allowed_tokens(matcher: Any, mask: np.ndarray, n_vocab: int) -> np.ndarray:
+    """What `matcher` allows next, one bool per token, computed into `mask`; `GrammarDeadEnd` when nothing is."""
+    matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+    if matcher.is_error():
+        raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:n_vocab].view(bool)
+    if not allowed.any():
+        raise GrammarDeadEnd("the output grammar allows no token of this model's vocabulary here")
+    return allowed
+
+
+def forced_tokens(matcher: Any, mask: np.ndarray, limit: int) -> list[int]:
+    """The tokens (at most `limit`) that `matcher` allows one at a time from its state on: each is the only
+    token its position can sample, at any settings, so feeding them as a draft changes no output. The matcher
+    is left as it was."""
+    forced: list[int] = []
+    try:
+        while len(forced) < limit:
+            matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+            words = np.flatnonzero(mask)
+            if matcher.is_error() or len(words) != 1:
+                break
+            word = int(mask[words[0]]) & 0xFFFFFFFF
+            if word & (word - 1):  # more than one bit
+                break
+            token = int(words[0]) * 32 + word.bit_length() - 1
+            if not matcher.consume_token(token):
+                break
+            forced.append(token)
+    finally:
+        if forced:
+            matcher.rollback(len(forced))
+    return forced
 
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])

@@ -223,7 +223,8 @@ class Engine:
         self._slots.resume()
         batch = self._batch.batch
         generating = any(slot.next_token is not None for slot in active)
-        decoded, prefilling = fill_batch(batch, active, self._cache, self._propose, self._vocab.ends_generation)
+        decoded, prefilling = fill_batch(batch, active, self._cache, self._propose, self._vocab.ends_generation,
+                                         self._slots.forced_tokens)
         # Image rows share the prompt chunk's bound, so that an image stalls running streams no longer than text.
         image_budget = (PROMPT_CHUNK if generating else BATCH_TOKENS) - batch.n_tokens + sum(
             1 + len(slot.draft) for slot in active if slot.next_token is not None)

@@ -17,7 +17,7 @@ from typing import Any
 from llama_cpp import _internals as internals
 
 from edge_server.engine.prefixcache import Plan, PrefixCache
-from edge_server.engine.sampler import ConstrainedSampler, make_sampler, token_logprobs
+from edge_server.engine.sampler import ConstrainedSampler, forced_tokens, make_sampler, mask_buffer, token_logprobs
 from edge_server.engine.speculation import SHARED_INDEX_ENTRIES, DraftState, NgramIndex, PromptLookup, SpecConfig
 from edge_server.engine.types import KV_CACHE_FULL, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
@@ -78,6 +78,7 @@ class Slots:
         self._cache = cache
         self._n_vocab = model.n_vocab()
         self._constrained = ConstrainedSampler(context, self._n_vocab)
+        self._forced_mask = mask_buffer(self._n_vocab)
         self.all = [Slot(seq) for seq in range(parallel)]
         # Events for the clients, sent together after each step (`send`): readers woken one by one
         # while the step still samples would take the interpreter from it at every llama.cpp call.
@@ -198,10 +199,13 @@ class Slots:
                     continue
                 break
         finally:
-            if draft:
+            if draft and drafter is not None:  # without a drafter, the grammar's forced tokens: always accepted
                 stream.draft_tokens += len(draft)
                 stream.draft_accepted += accepted
                 drafter.record(len(draft), accepted)
+            elif draft:
+                stream.forced_tokens += accepted
+            if draft:
                 self._drop_rejected(slot, len(draft) - accepted)
 
     def _emit(self, slot: Slot) -> bool:
@@ -225,6 +229,13 @@ class Slots:
             return False
         slot.next_token = token
         return True
+
+    def forced_tokens(self, slot: Slot, room: int) -> list[int]:
+        """Up to `room` tokens `slot`'s grammar leaves no choice about after its next token (none on a recurrent
+        memory: keeping its state before every such draft costs more than the step it saves)."""
+        if self._recurrent is not None:
+            return []
+        return forced_tokens(slot.grammar, self._forced_mask, room)
 
     def keep_state_before_drafts(self, decoded: list[tuple[Slot, list[int]]]) -> None:
         """Before a step verifies drafts on a recurrent memory: keep each drafting slot's state, to go back to."""

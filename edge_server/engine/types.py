@@ -75,7 +75,7 @@ class ImageRefused(ValueError):
 
 
 class GrammarRejected(ValueError):
-    """llama.cpp refused to parse a grammar."""
+    """llguidance would not compile a grammar for this vocabulary."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,7 @@ class TokenStream:
         self.reused_tokens = 0  # prompt tokens the prefix cache spared
         self.draft_tokens = 0  # tokens proposed by speculation and verified (engine thread writes, reader reads at end)
         self.draft_accepted = 0  # of those, the ones the model agreed with
+        self.forced_tokens = 0  # tokens the grammar left no choice about, decoded with the token before them
 
     def next(self, timeout: float | None = None) -> Token | Finish | None:
         """The next event, or None if nothing arrived within `timeout` seconds."""

@@ -40,6 +40,7 @@ class Outcome:
     first_token_seconds: float | None = None
     draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
     draft_accepted: int = 0  # of those, the ones the model agreed with
+    forced_tokens: int = 0  # tokens the grammar left no choice about, decoded with the token before them
 
     @classmethod
     def combined(cls, outcomes: list[Outcome]) -> Outcome:
@@ -58,7 +59,8 @@ class Outcome:
                    error=failed.error if failed else None, error_code=failed.error_code if failed else None,
                    first_token_seconds=min(starts) if starts else None,
                    draft_tokens=sum(o.draft_tokens for o in outcomes),
-                   draft_accepted=sum(o.draft_accepted for o in outcomes))
+                   draft_accepted=sum(o.draft_accepted for o in outcomes),
+                   forced_tokens=sum(o.forced_tokens for o in outcomes))
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ class Generation:
             self._stream.cancel()
             self.outcome.draft_tokens = self._stream.draft_tokens  # counted however it ended (a client that left too)
             self.outcome.draft_accepted = self._stream.draft_accepted
+            self.outcome.forced_tokens = self._stream.forced_tokens
 
     def cancel(self) -> None:
         """Let the engine drop this job (another choice of the request failed, or its client left)."""

@@ -18,11 +18,13 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 import llama_cpp
 import pytest
 import requests
 from llama_cpp import Llama
+from pydantic import BaseModel, Field
 
 from tests.e2e import test_spec_clients as spec
 from tests.e2e.conftest import chat, stream_chat, streamed_text
@@ -249,29 +251,99 @@ def test_gemma_with_the_small_sliding_window_keeps_a_conversation_cached(start_s
     assert requests.get(small.base_url + "/health", timeout=5).json()["ctx_checkpoints"]["saved"] > 0
 
 
+class City(BaseModel):
+    """A structured answer with optional fields, an enum and a bounded list."""
+
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+    size: Literal["village", "town", "city"]
+    landmarks: list[Annotated[str, Field(max_length=30)]] = Field(max_length=3)
+    population: int | None = Field(None, ge=0, le=10**9)
+
+
+CITY_PROMPT = "Describe Paris as JSON."
+
+
+def assert_compact_in_schema_order(text: str) -> None:
+    keys = list(json.loads(text))
+    assert keys == [k for k in City.model_fields if k in keys] and ": " not in text, text
+
+
 def test_openai_sdk_parse_gets_a_pydantic_object_from_a_real_model(smol):
     """Structured output on a real tokenizer (SmolLM2's 49k vocabulary) through llguidance: the SDK's `.parse()`
     with a pydantic model (optional fields, an enum, a bounded list) gets an instance that validates, greedy and
     sampled, and the text is compact JSON in the schema's property order."""
-    from typing import Annotated, Literal
-
     import openai
-    from pydantic import BaseModel, Field
-
-    class City(BaseModel):
-        name: str = Field(max_length=40)
-        country: str = Field(max_length=40)
-        size: Literal["village", "town", "city"]
-        landmarks: list[Annotated[str, Field(max_length=30)]] = Field(max_length=3)
-        population: int | None = Field(None, ge=0, le=10**9)
 
     client = openai.OpenAI(base_url=smol.base_url + "/v1", api_key="unused")
     for temperature in (0.0, 0.8):
         completion = client.beta.chat.completions.parse(
             model="smollm2", temperature=temperature, seed=7, max_tokens=200, response_format=City,
-            messages=[{"role": "user", "content": "Describe Paris as JSON."}])
+            messages=[{"role": "user", "content": CITY_PROMPT}])
         message = completion.choices[0].message
         assert completion.choices[0].finish_reason == "stop", message.content  # the grammar let it end
         assert isinstance(message.parsed, City), message.content
-        keys = list(__import__("json").loads(message.content))
-        assert keys == [k for k in City.model_fields if k in keys] and ": " not in message.content
+        assert_compact_in_schema_order(message.content)
+
+
+@pytest.mark.parametrize("mode", ["JSON_SCHEMA", "TOOLS"])
+def test_instructor_gets_a_validating_object_from_a_real_model(smol, mode):
+    """instructor, in its response_format mode and in its forced-tool-call mode, with no retries (a retry would
+    hide an answer that failed validation), gets a `City` from SmolLM2 (greedy; sampling: the `.parse()` test)."""
+    import instructor
+    import openai
+
+    client = instructor.from_openai(openai.OpenAI(base_url=smol.base_url + "/v1", api_key="unused"),
+                                    mode=getattr(instructor.Mode, mode))
+    city, completion = client.chat.completions.create_with_completion(
+        model="smollm2", response_model=City, max_retries=0, temperature=0, max_tokens=200,
+        messages=[{"role": "user", "content": CITY_PROMPT}])
+    assert isinstance(city, City) and city.size in ("village", "town", "city") and len(city.landmarks) <= 3
+    message = completion.choices[0].message
+    if mode == "JSON_SCHEMA":
+        assert_compact_in_schema_order(message.content)
+    else:
+        assert message.tool_calls[0].function.name == "City"
+        assert list(json.loads(message.tool_calls[0].function.arguments))[:3] == ["name", "country", "size"]
+
+
+def test_openai_agents_sdk_output_type_gets_a_validating_object_from_a_real_model(smol):
+    """The Agents SDK's `output_type` (a strict json_schema response_format) on SmolLM2: the run's final output is
+    a `City`, in one turn (greedy; the sampled path is the SDK's `.parse()` test above)."""
+    import agents
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)  # no traces leave this machine
+    model = agents.OpenAIChatCompletionsModel(model="smollm2", openai_client=AsyncOpenAI(
+        base_url=smol.base_url + "/v1", api_key="unused", max_retries=0, timeout=120))
+    agent = agents.Agent(name="geographer", instructions="Answer with the city's facts.", output_type=City,
+                         model=model, model_settings=agents.ModelSettings(temperature=0, max_tokens=200))
+    result = agents.Runner.run_sync(agent, CITY_PROMPT, max_turns=1)
+    assert isinstance(result.final_output, City), result.final_output
+
+
+def forced_so_far(server) -> float:
+    metrics = requests.get(server.base_url + "/metrics", timeout=5).text
+    return float(re.search(r"^edge_forced_tokens_total (\S+)$", metrics, re.MULTILINE).group(1))
+
+
+def test_fast_forwarded_tokens_change_no_output(smol):
+    """Tokens the grammar leaves no choice about are decoded with the token before them (fast-forward): a sampled
+    answer, its tokens and their log-probabilities are the same as with fast-forward off (`speculative: false`)."""
+    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
+
+    body = {"messages": [{"role": "user", "content": ORDER_PROMPT}], "temperature": 0.8, "seed": 3,
+            "max_tokens": 40, "logprobs": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
+    answers = []
+    for speculative in (False, True):
+        before = forced_so_far(smol)
+        response = requests.post(smol.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0])
+        forced = forced_so_far(smol) - before
+        assert (forced > 0) == speculative, forced
+    assert answers[0]["message"]["content"] == answers[1]["message"]["content"]
+    assert [(t["token"], round(t["logprob"], 4)) for t in answers[0]["logprobs"]["content"]] == \
+        [(t["token"], round(t["logprob"], 4)) for t in answers[1]["logprobs"]["content"]]

@@ -200,3 +200,62 @@ def test_bad_tool_request_is_a_400_naming_the_field(base_url, fields, param):
     response = requests.post(base_url + "/v1/chat/completions", json={"messages": ASK, **fields}, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+# ---- the legacy `grammar` field (llama.cpp's GBNF), read by llguidance -----------------------------------------
+
+YES_NO = 'root ::= answer\nanswer ::= "yes" | "no"  # a comment'
+TICKET = 'root ::= [A-Z]{2} "-" digit digit digit (" " tag)?\ndigit ::= [0-9]\ntag ::= "urgent" | "later"'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gbnf_grammar_forces_chat_and_completion_output(base_url, client, stream):
+    """Every choice (n=2, sampled hot) matches the GBNF exactly and ends by itself when the grammar is complete."""
+    import re
+    for grammar, language in ((YES_NO, r"yes|no"), (TICKET, r"[A-Z]{2}-[0-9]{3}( urgent| later)?")):
+        answer = client.chat.completions.create(model="m", messages=ASK, temperature=1.5, seed=4, n=2, max_tokens=40,
+                                                stream=stream, extra_body={"grammar": grammar})
+        chunks = list(answer) if stream else None
+        for index in range(2):
+            if stream:
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].index == index][-1]
+            else:
+                text, finish = answer.choices[index].message.content, answer.choices[index].finish_reason
+            assert re.fullmatch(language, text) and finish == "stop", (grammar, text, finish)
+    completion = client.completions.create(model="m", prompt="Ticket:", temperature=1.5, seed=4, n=2, max_tokens=40,
+                                           extra_body={"grammar": TICKET})
+    for choice in completion.choices:
+        assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}( urgent| later)?", choice.text) and choice.finish_reason == "stop"
+
+
+BAD_GRAMMARS = [
+    ({"grammar": 'root ::= "a" missing'}, "Rule 'missing' not found"),
+    ({"grammar": 'root ::= [a-'}, "Unexpected end of input"),
+    ({"grammar": 'start: "a"'}, "Expected ::="),  # Lark is not GBNF
+    ({"grammar": 'answer ::= "a"'}, "No 'root' rule"),
+    ({"grammar": 'root ::= edge-think\nedge-think ::= "x"'}, "reserved"),
+    ({"grammar": "root ::= " + "(" * 3000 + '"a"' + ")" * 3000}, "nests too deeply"),
+    ({"grammar": 'root ::= "a"' + " " * 70_000}, "65536"),
+    ({"grammar": YES_NO, "response_format": {"type": "json_object"}}, "not both"),
+    ({"grammar": YES_NO, "tools": TOOLS}, "tools"),
+    ({"grammar": YES_NO, "tools": TOOLS, "tool_choice": "required"}, "tools"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_GRAMMARS, ids=[m for _, m in BAD_GRAMMARS])
+def test_gbnf_grammar_llguidance_cannot_use_is_a_400_naming_grammar(base_url, fields, message):
+    for path, body in (("/v1/chat/completions", {"messages": ASK}), ("/v1/completions", {"prompt": "Hi"})):
+        if path == "/v1/completions" and set(fields) != {"grammar"}:
+            continue
+        response = requests.post(base_url + path, json={**body, **fields}, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "grammar" and message in error["message"], error
+
+
+def test_gbnf_grammar_with_tools_not_callable_is_served(client):
+    """tool_choice none lists the tools in the prompt but calls nothing: the grammar shapes the whole answer."""
+    answer = client.chat.completions.create(model="m", messages=ASK, tools=TOOLS, tool_choice="none", temperature=1.0,
+                                            seed=3, max_tokens=10, extra_body={"grammar": YES_NO})
+    assert answer.choices[0].message.content in ("yes", "no") and not answer.choices[0].message.tool_calls

@@ -55,4 +55,6 @@ def test_every_compiled_schema_accepts_its_valid_and_refuses_its_invalid_instanc
             if accepted != instance["valid"]:
                 wrong.append((path.name, instance["valid"], text[:80]))
     assert not wrong, wrong
-    assert compiled >= 160, compiled  # 168 of the fixed 200 with llguidance 1.9.1
+    # 175 of the fixed 200 with llguidance 1.9.1, as many as llguidance compiles on its own (the other 25 it
+    # refuses itself, one of them also past our limits).
+    assert compiled >= 175, compiled

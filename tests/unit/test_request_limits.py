@@ -13,6 +13,7 @@ from edge_server.dialects.constraints import schema_grammar, tool_call_grammar
 from edge_server.dialects.schemalimits import (
     MAX_ALTERNATIVES,
     MAX_REPETITION,
+    MAX_STRING_LENGTH,
     SchemaRefused,
     check_schema_limits,
 )
@@ -161,6 +162,16 @@ def test_schemas_at_the_limits_are_accepted():
 def test_repetition_at_the_limit_is_enforced_exactly(vocab, schema, text):
     grammar = schema_grammar(schema(MAX_REPETITION), param="p")
     assert vocab.accepts(grammar, text(MAX_REPETITION)) and not vocab.accepts(grammar, text(MAX_REPETITION + 1))
+
+
+def test_string_lengths_up_to_64k_are_enforced_exactly(vocab):
+    # Real schemas bound text columns at 65535 (MaskBench); llguidance counts characters in its lexer.
+    grammar = schema_grammar({"type": "string", "minLength": 2, "maxLength": MAX_STRING_LENGTH}, param="p")
+    text = '"' + "ab" * (MAX_STRING_LENGTH // 2) + '"'
+    assert vocab.accepts(grammar, text) and not vocab.accepts(grammar, text[:-1] + 'a"')
+    assert not vocab.accepts(grammar, '"a"')
+    error = refusal(schema_grammar, {"type": "string", "maxLength": MAX_STRING_LENGTH + 1}, param="p")
+    assert error.code == "schema_too_large" and str(MAX_STRING_LENGTH) in error.message
 
 
 def test_tools_in_auto_mode_beside_a_schema_may_call_or_answer(vocab):
