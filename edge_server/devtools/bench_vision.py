@@ -90,7 +90,8 @@ def _measure(url: str, log: Path, bias: dict) -> dict:
     for i, (width, height) in enumerate(SIZES):
         before = len(encode_times(log))
         first = streamed(url, _request("Describe the picture.", picture(width, height, i), 1, bias))[0]
-        encodes[f"{width}x{height}"] = {"encode_ms": round(sum(encode_times(log)[before:]), 0),
+        logged = encode_times(log)[before:]  # llama-server logs none at its default verbosity
+        encodes[f"{width}x{height}"] = {"encode_ms": round(sum(logged)) if logged else None,
                                         "ttft_ms": round(first * 1000, 0)}
     alone = gaps(streamed(url, _request("Write a long story about a river.", None, STREAM_TOKENS, bias)))
     times: list[float] = []
@@ -142,7 +143,8 @@ def markdown(results: dict) -> str:
              "", "| server | image | encode | TTFT |", "|---|---|---|---|"]
     for row in results["rows"]:
         for size, figures in row["encode"].items():
-            lines.append(f"| {row['server']} | {size} | {figures['encode_ms']:.0f} ms | {figures['ttft_ms']:.0f} ms |")
+            encode = "not logged" if figures["encode_ms"] is None else f"{figures['encode_ms']:.0f} ms"
+            lines.append(f"| {row['server']} | {size} | {encode} | {figures['ttft_ms']:.0f} ms |")
     lines += ["", f"A text stream of {STREAM_TOKENS} tokens, alone and while a {SIZES[-1][0]}x{SIZES[-1][1]} image "
               "request arrives after its 16th token (inter-token gaps, decode only):", "",
               "| server | alone: median / p99 / longest | with the image: median / p99 / longest | image TTFT |",
