@@ -16,6 +16,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
+from edge_server.engine.ownthread import on_own_thread
 from edge_server.engine.types import ModelInfo
 
 SEQUENCES_PER_DECODE = 8  # inputs batched into one decode (llama.cpp's n_seq_max of this context)
@@ -165,7 +166,7 @@ class Embedder:
         self._batch.reset()
         for seq, tokens in enumerate(group):
             self._batch.add_sequence(tokens, seq, True)  # every token is an output: pooling reads them all
-        status = llama_cpp.llama_decode(ctx, self._batch.batch)
+        status = on_own_thread(llama_cpp.llama_decode, ctx, self._batch.batch)  # see ownthread.py
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status} for an embedding batch")
         vectors = []

@@ -21,6 +21,7 @@ from llama_cpp import _internals as internals
 from llama_cpp import mtmd_cpp as mtmd
 
 from edge_server.engine.llamalog import route_mtmd_log
+from edge_server.engine.ownthread import on_own_thread
 from edge_server.engine.placeholders import MAX_ADVANCE, MAX_ROWS, placeholders
 from edge_server.engine.types import IMAGE_MARKER, ImageChunk, ImageInput, ImageRefused, ModelLoadError, PromptTooLong
 
@@ -119,7 +120,7 @@ class Vision:
             log.info("image %dx%d: %d tokens, encoded earlier", image.width, image.height, n_tokens)
             return kept
         started = time.perf_counter()
-        if mtmd.mtmd_encode_chunk(self._ctx, part) != 0:
+        if on_own_thread(mtmd.mtmd_encode_chunk, self._ctx, part) != 0:
             raise ImageRefused("the projector failed to encode an image")
         output = mtmd.mtmd_get_output_embd(self._ctx)
         embeddings = np.ctypeslib.as_array(output, shape=(n_tokens * self.n_embd,)).reshape(
