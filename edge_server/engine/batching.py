@@ -8,7 +8,7 @@ from typing import Any
 
 from edge_server.engine.imagebatch import text_ahead
 from edge_server.engine.prefixcache import PrefixCache
-from edge_server.engine.slots import Slot
+from edge_server.engine.slots import Slot, blind_draft
 
 BATCH_TOKENS = 512  # most tokens one decode step takes (llama.cpp's n_batch)
 PROMPT_CHUNK = 256  # prompt tokens in a step that also decodes running streams: bounds how long they stall
@@ -25,10 +25,11 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
 
     At most `PROMPT_CHUNK` prompt tokens go in while any sequence generates, up to the whole batch while
     none does (batched, chunked prefill). Drafted tokens get what real tokens leave, shared evenly; every
-    position of a slot's draft gets logits (`slot.logits_at` is its next token's, the draft's follow).
+    position of a slot's draft gets logits (`slot.logits_at` is its next token's, the draft's follow), except
+    forced tokens that need none (`blind_draft`: only the last position's, `slot.logits_at`).
     A draft never runs past what its job can use: its `max_tokens`, or an end-of-generation token (the
     position before one already predicts it). A slot with a grammar and no drafter drafts what `forced` says
-    its grammar leaves no choice about (fast-forward: verified like any draft, so always accepted). A prompt
+    its grammar leaves no choice about (fast-forward: always accepted; `forced` stops before an end of generation). A prompt
     chunk ends where its slot takes a context checkpoint.
     """
     batch.n_tokens = 0
@@ -49,15 +50,16 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     if forced is not None:
         for slot, room in rooms:
             if room > 0 and slot.drafter is None and slot.grammar is not None and slot.job.speculative:
-                slot.draft = until_end(forced(slot, room), ends_generation)
+                slot.draft = forced(slot, room)
     for slot in active:
         slot.logits_at = -1
         if slot.next_token is not None:
             # A recurrent memory that went back before rejected drafts decodes the accepted ones again first.
             tokens = [*slot.redo, slot.next_token, *slot.draft]
+            blind = blind_draft(slot, slot.draft)
             last = add_to_batch(batch, tokens, cache.position(slot.seq), slot.seq, logits=True,
-                                every_logit=bool(slot.draft))
-            slot.logits_at = last - len(slot.draft)
+                                every_logit=bool(slot.draft) and not blind)
+            slot.logits_at = last if blind else last - len(slot.draft)
             decoded.append((slot, tokens))
     budget = min(PROMPT_CHUNK if batch.n_tokens else BATCH_TOKENS, BATCH_TOKENS - batch.n_tokens)
     prefilling = False

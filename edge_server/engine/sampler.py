@@ -42,15 +42,17 @@ class ConstrainedSampler:
         self._n_vocab = n_vocab
         self._mask = mask_buffer(n_vocab)
 
-    def sample(self, chain: internals.LlamaSampler, matcher: Any, index: int, *, keep_logits: bool) -> int:
+    def sample(self, chain: internals.LlamaSampler, matcher: Any, index: int, *, keep_logits: bool,
+               computed: np.ndarray | None = None) -> int:
         """Sample the next token with `chain` from what `matcher` allows, and let the matcher consume it.
 
         The mask is computed for this position alone (llguidance: microseconds), so a constrained slot
-        costs the others in the batch nothing. With `keep_logits` the raw logits are put back afterwards
+        costs the others in the batch nothing; `computed` is the matcher's mask at its state now, when already
+        known (`forced_tokens` found it). With `keep_logits` the raw logits are put back afterwards
         (log-probabilities are reported under the model's own distribution).
         """
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
-        allowed = allowed_tokens(matcher, self._mask, self._n_vocab)
+        allowed = allowed_tokens(matcher, self._mask, self._n_vocab, computed=computed)
         raw = logits.copy() if keep_logits else None
         np.copyto(logits, -np.inf, where=~allowed)
         token = chain.sample(self._context, index)
@@ -72,9 +74,13 @@ def mask_buffer(n_vocab: int) -> np.ndarray:
     return np.zeros((n_vocab + 31) // 32, dtype=np.int32)
 
 
-def allowed_tokens(matcher: Any, mask: np.ndarray, n_vocab: int) -> np.ndarray:
-    """What `matcher` allows next, one bool per token, computed into `mask`; `GrammarDeadEnd` when nothing is."""
-    matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+def allowed_tokens(matcher: Any, mask: np.ndarray, n_vocab: int, *, computed: np.ndarray | None = None) -> np.ndarray:
+    """What `matcher` allows next, one bool per token, computed into `mask` (or read from `computed`, its mask at
+    this state); `GrammarDeadEnd` when nothing is."""
+    if computed is not None:
+        mask = computed
+    else:
+        matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
     if matcher.is_error():
         raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
     allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[:n_vocab].view(bool)
@@ -86,7 +92,8 @@ def allowed_tokens(matcher: Any, mask: np.ndarray, n_vocab: int) -> np.ndarray:
 def forced_tokens(matcher: Any, mask: np.ndarray, limit: int) -> list[int]:
     """The tokens (at most `limit`) that `matcher` allows one at a time from its state on: each is the only
     token its position can sample, at any settings, so feeding them as a draft changes no output. The matcher
-    is left as it was."""
+    is left as it was; when fewer than `limit` come back, `mask` holds its mask after them (the next free choice's,
+    so that sampling there need not compute it again)."""
     forced: list[int] = []
     try:
         while len(forced) < limit:
@@ -105,6 +112,18 @@ def forced_tokens(matcher: Any, mask: np.ndarray, limit: int) -> list[int]:
         if forced:
             matcher.rollback(len(forced))
     return forced
+
+
+def take_forced(chain: internals.LlamaSampler, matcher: Any, token: int) -> None:
+    """Let `chain` and `matcher` take `token`, the only one the grammar allows here, without its logits: the chain
+    runs on that one candidate (its random draw, penalties' history and thinking budget advance exactly as when
+    sampling it from the full row), then accepts it."""
+    candidate = llama_cpp.llama_token_data(id=token, logit=0.0, p=0.0)
+    candidates = llama_cpp.llama_token_data_array(data=ctypes.pointer(candidate), size=1, selected=-1, sorted=False)
+    llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(candidates))
+    llama_cpp.llama_sampler_accept(chain.sampler, token)
+    if not matcher.consume_token(token):
+        raise GrammarDeadEnd(f"the output grammar failed: {matcher.get_error().splitlines()[0]}")
 
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])

@@ -17,7 +17,8 @@ from typing import Any
 from llama_cpp import _internals as internals
 
 from edge_server.engine.prefixcache import Plan, PrefixCache
-from edge_server.engine.sampler import ConstrainedSampler, forced_tokens, make_sampler, mask_buffer, token_logprobs
+from edge_server.engine.sampler import (ConstrainedSampler, forced_tokens, make_sampler, mask_buffer, take_forced,
+                                        token_logprobs)
 from edge_server.engine.speculation import SHARED_INDEX_ENTRIES, DraftState, NgramIndex, PromptLookup, SpecConfig
 from edge_server.engine.types import KV_CACHE_FULL, Finish, FinishReason, Job, Token, TokenStream
 from edge_server.engine.vocab import Vocabulary
@@ -36,6 +37,8 @@ class Slot:
     stream: TokenStream | None = None
     sampler: internals.LlamaSampler | None = None
     grammar: Any = None  # the llguidance matcher of the job's grammar, following its tokens
+    mask: Any = None  # a buffer for the grammar's mask: at the next sampled position when `mask_known`
+    mask_known: bool = False  # fast-forward computed that mask already
     pending_prompt: list[int] = field(default_factory=list)  # prompt tokens not decoded yet
     next_token: int | None = None  # sampled, emitted, and to be decoded in the next step
     produced: int = 0
@@ -78,7 +81,6 @@ class Slots:
         self._cache = cache
         self._n_vocab = model.n_vocab()
         self._constrained = ConstrainedSampler(context, self._n_vocab)
-        self._forced_mask = mask_buffer(self._n_vocab)
         self.all = [Slot(seq) for seq in range(parallel)]
         # Events for the clients, sent together after each step (`send`): readers woken one by one
         # while the step still samples would take the interpreter from it at every llama.cpp call.
@@ -184,11 +186,19 @@ class Slots:
         With a draft in the batch, each drafted position is then sampled in turn, the same way, while the
         sampled token is the drafted one (its cells are already there); the first that differs becomes the
         next token and the cells of the rest are dropped. Every token is thus sampled from the model's own
-        distribution at its position, as plain decoding would.
+        distribution at its position, as plain decoding would. A grammar's forced tokens with no log-probabilities
+        wanted (`blind_draft`) had no logits computed: each is taken as the only token its position allows.
         """
         draft, slot.draft = slot.draft, []
         first, accepted, stream, drafter = slot.logits_at, 0, slot.stream, slot.drafter
         try:
+            if blind_draft(slot, draft):
+                for token in draft:
+                    if not self._take_forced(slot, token):
+                        return
+                    accepted += 1
+                self._emit(slot)
+                return
             for offset in range(len(draft) + 1):
                 slot.logits_at = first + offset
                 if not self._emit(slot):
@@ -220,22 +230,46 @@ class Slots:
         if self._vocab.ends_generation(token):
             self.end(slot, Finish(FinishReason.STOP))
             return False
+        return self._send(slot, self._token(slot, token))
+
+    def _take_forced(self, slot: Slot, token: int) -> bool:
+        """Take a forced draft token without sampling it (its position's mask allows nothing else) and send it;
+        False when that ended the job."""
+        try:
+            take_forced(slot.sampler, slot.grammar, token)
+        except Exception as error:
+            log.exception("sampling failed")
+            self.end(slot, Finish(FinishReason.ERROR, f"sampling failed: {error}"))
+            return False
+        slot.next_token = None  # decoded already, as part of the draft
+        return self._send(slot, Token(token, self._vocab.piece(token)))
+
+    def _send(self, slot: Slot, sent: Token) -> bool:
+        """Send a generated token (it becomes the next to decode); False when that ended the job."""
         slot.produced += 1
-        self._outbox.append((slot.stream, self._token(slot, token)))
+        self._outbox.append((slot.stream, sent))
         if slot.drafter is not None:
-            slot.drafter.extend([token])
+            slot.drafter.extend([sent.id])
         if slot.produced >= slot.job.max_tokens:
             self.end(slot, Finish(FinishReason.LENGTH))
             return False
-        slot.next_token = token
+        slot.next_token = sent.id
         return True
 
     def forced_tokens(self, slot: Slot, room: int) -> list[int]:
-        """Up to `room` tokens `slot`'s grammar leaves no choice about after its next token (none on a recurrent
-        memory: keeping its state before every such draft costs more than the step it saves)."""
+        """Up to `room` tokens `slot`'s grammar leaves no choice about after its next token, none that ends
+        generation (none on a recurrent memory: keeping its state before every such draft costs more than the
+        step it saves)."""
         if self._recurrent is not None:
             return []
-        return forced_tokens(slot.grammar, self._forced_mask, room)
+        if slot.mask is None:
+            slot.mask = mask_buffer(self._n_vocab)
+        forced = forced_tokens(slot.grammar, slot.mask, room)
+        complete = forced[:next((i for i, token in enumerate(forced) if self._vocab.ends_generation(token)),
+                                len(forced))]
+        # The mask left is the next sampled position's when all of them are fed and none is sampled on the way.
+        slot.mask_known = len(forced) < room and complete == forced and (not forced or blind_draft(slot, forced))
+        return complete
 
     def keep_state_before_drafts(self, decoded: list[tuple[Slot, list[int]]]) -> None:
         """Before a step verifies drafts on a recurrent memory: keep each drafting slot's state, to go back to."""
@@ -272,13 +306,16 @@ class Slots:
     def _pick_token(self, slot: Slot) -> int:
         if slot.grammar is None:
             return slot.sampler.sample(self._ctx, slot.logits_at)
+        known, slot.mask_known = slot.mask_known, False
         return self._constrained.sample(slot.sampler, slot.grammar, slot.logits_at,
-                                        keep_logits=slot.job.sampling.logprobs is not None)
+                                        keep_logits=slot.job.sampling.logprobs is not None,
+                                        computed=slot.mask if known else None)
 
     def end(self, slot: Slot, finish: Finish) -> None:
         """End `slot`'s job with `finish`, freeing the slot before the client hears of it (at `send`)."""
         stream, sampler = slot.stream, slot.sampler
         slot.job = slot.stream = slot.sampler = slot.grammar = slot.drafter = None
+        slot.mask_known = False
         slot.next_token = slot.awaits = None
         slot.draft = []
         slot.redo = []
@@ -294,3 +331,9 @@ class Slots:
         """End `slot`'s job with `error` after a failed step, dropping its cells (their contents are unknown)."""
         self._cache.forget(slot.seq)
         self.end(slot, Finish(FinishReason.ERROR, error))
+
+
+def blind_draft(slot: Slot, draft: list[int]) -> bool:
+    """Whether `draft` is `slot`'s grammar's forced tokens with no log-probabilities wanted: only the position
+    after them needs logits (sampling each would only find the one token its mask leaves)."""
+    return bool(draft) and slot.drafter is None and slot.grammar is not None and slot.job.sampling.logprobs is None

@@ -347,3 +347,28 @@ def test_fast_forwarded_tokens_change_no_output(smol):
     assert answers[0]["message"]["content"] == answers[1]["message"]["content"]
     assert [(t["token"], round(t["logprob"], 4)) for t in answers[0]["logprobs"]["content"]] == \
         [(t["token"], round(t["logprob"], 4)) for t in answers[1]["logprobs"]["content"]]
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0.8, "seed": 3},
+    {"temperature": 0.7, "seed": 11, "frequency_penalty": 0.5, "presence_penalty": 0.3, "top_k": 20},
+    {"temperature": 0},
+], ids=["sampled", "penalties", "greedy"])
+def test_forced_tokens_taken_without_logits_change_no_output(smol, settings):
+    """Without log-probabilities wanted, forced tokens are decoded without logits and taken as the only token their
+    position allows: the sampler's random draws and penalties still see each of them, so the answer equals the
+    one sampled token by token with fast-forward off, streamed or not."""
+    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
+
+    body = {"messages": [{"role": "user", "content": ORDER_PROMPT}], "max_tokens": 160, **settings,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
+    answers = []
+    for speculative in (False, True):
+        before = forced_so_far(smol)
+        response = requests.post(smol.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        answers.append(response.json()["choices"][0]["message"]["content"])
+        assert ((forced_so_far(smol) - before) > 0) == speculative
+    fields = {name: value for name, value in body.items() if name != "messages"}
+    assert answers[0] == answers[1] == streamed_text(stream_chat(smol.base_url, ORDER_PROMPT, **fields))
