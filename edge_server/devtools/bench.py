@@ -1011,7 +1011,7 @@ def _replace_section(text: str, heading: str, body: str) -> str:
     """`text` (markdown) with the section under `heading` replaced by `body` (appended when absent)."""
     before, _, after = text.partition(heading)
     rest = after[after.find("\n## "):] if "\n## " in after else ""
-    return before.rstrip("\n") + "\n\n" + heading + "\n\n" + body + rest
+    return before.rstrip("\n") + "\n\n" + heading + "\n\n" + body.rstrip("\n") + "\n" + rest
 
 
 def _write_section(out: Path, text: str, name: str, results: dict, heading: str, markdown) -> None:
