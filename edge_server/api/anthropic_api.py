@@ -373,7 +373,7 @@ def count_tokens():
     request = parse_anthropic(CountTokensRequest)
     image_params: dict[str, str] = {}
     with named_images(image_params):
-        prompt = render_chat(chat_request(request, image_params)).prompt
+        prompt = render_chat(chat_request(request, image_params), encode=False).prompt
     return TokenCount(input_tokens=len(prompt.tokens)).model_dump()
 
 

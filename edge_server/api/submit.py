@@ -91,8 +91,9 @@ class RenderedChat:
     prompt: ChatPrompt
 
 
-def render_chat(request: ChatCompletionRequest) -> RenderedChat:
-    """Pick the model, plan tools and render the prompt; raises the API's 4xx/503 errors (nothing is generated)."""
+def render_chat(request: ChatCompletionRequest, *, encode: bool = True) -> RenderedChat:
+    """Pick the model, plan tools and render the prompt; raises the API's 4xx/503 errors (nothing is generated).
+    Without `encode` images are counted, not encoded (a prompt to count)."""
     log_unknown_fields(request)
     served = served_model(request.model, role="chat")
     refuse_unfittable(rendered_characters(request), served)
@@ -101,7 +102,7 @@ def render_chat(request: ChatCompletionRequest) -> RenderedChat:
     with context_check(served), image_check():
         prompt = served.renderer.chat_prompt(request.messages, tools=plan.template_tools,
                                              template_kwargs=request.template_kwargs(state_of().settings.reasoning),
-                                             images=images)
+                                             images=images, encode=encode)
     return RenderedChat(served, plan, prompt)
 
 

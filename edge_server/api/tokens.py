@@ -84,7 +84,7 @@ def tokenize():
         images = chat_images(request.messages, served)
         with context_check(served), image_check():
             prompt = served.renderer.chat_prompt(request.messages, tools=template_tools, template_kwargs=variables,
-                                                 images=images)
+                                                 images=images, encode=False)
         ids = [IMAGE_TOKEN if token < 0 else token for token in prompt.tokens]
     else:
         refuse_unfittable(len(request.content), served)

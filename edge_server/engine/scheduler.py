@@ -102,14 +102,15 @@ class Engine:
             raise PromptTooLong(fewest, at_least=True)
         return self._vocab.tokenize(text, add_bos, special, max_tokens)
 
-    def tokenize_images(self, text: bytes, add_bos: bool, images: list[ImageInput],
-                        max_tokens: int | None = None) -> tuple[list[int], tuple[ImageChunk, ...]]:
+    def tokenize_images(self, text: bytes, add_bos: bool, images: list[ImageInput], max_tokens: int | None = None,
+                        *, encode: bool = True) -> tuple[list[int], tuple[ImageChunk, ...]]:
         """Tokens of `text` with `IMAGE_MARKER` where each image goes (image tokens as negative placeholders)
-        and the images' embeddings, encoded on the calling thread; `PromptTooLong` past `max_tokens`,
-        `ImageRefused` for an image the projector cannot take. Only for a model with a projector (`info.vision`)."""
+        and the images' embeddings, encoded for the calling thread (none without `encode`); `PromptTooLong` past
+        `max_tokens`, `ImageRefused` for an image the projector cannot take. Only for a model with a projector
+        (`info.vision`)."""
         if self._vision is None:
             raise ValueError("this model has no projector")
-        return self._vision.tokenize(text, add_bos, images, max_tokens)
+        return self._vision.tokenize(text, add_bos, images, max_tokens, encode=encode)
 
     def detokenize(self, tokens: list[int]) -> bytes:
         """The bytes `tokens` stand for (safe from any thread)."""

@@ -57,22 +57,23 @@ class Vision:
         self._lock = threading.Lock()
 
     def tokenize(self, text: bytes, add_bos: bool, images: Sequence[ImageInput],
-                 max_tokens: int | None = None) -> tuple[list[int], tuple[ImageChunk, ...]]:
-        """Prompt ids (image tokens as `placeholders`) and each image's embeddings, for `text` with one
+                 max_tokens: int | None = None, *, encode: bool = True) -> tuple[list[int], tuple[ImageChunk, ...]]:
+        """Prompt ids (image tokens as `placeholders`) and each image's embeddings (None without `encode`: the
+        tokens alone, e.g. to count them), for `text` with one
         `IMAGE_MARKER` per image; `PromptTooLong` past `max_tokens` (before any image is encoded),
         `ImageRefused` when the projector cannot take one."""
         bitmaps = [self._bitmap(image) for image in images]
         chunks = mtmd.mtmd_input_chunks_init()
         try:
             with self._lock:
-                return self._tokenize(chunks, text, add_bos, images, bitmaps, max_tokens)
+                return self._tokenize(chunks, text, add_bos, images, bitmaps, max_tokens, encode)
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
             for bitmap in bitmaps:
                 mtmd.mtmd_bitmap_free(bitmap)
 
     def _tokenize(self, chunks, text: bytes, add_bos: bool, images: Sequence[ImageInput], bitmaps: list,
-                  max_tokens: int | None) -> tuple[list[int], tuple[ImageChunk, ...]]:
+                  max_tokens: int | None, encode: bool) -> tuple[list[int], tuple[ImageChunk, ...]]:
         source = mtmd.mtmd_input_text(text, len(text), add_bos, True)
         array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
         status = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(source), array, len(bitmaps))
@@ -104,7 +105,7 @@ class Vision:
             if whole and n_tokens > self._whole_limit:
                 raise ImageRefused(f"an image of {image.width}x{image.height} pixels makes {n_tokens} tokens; this "
                                    f"model sees an image whole, in one batch of at most {self._whole_limit}")
-            embeddings = self._embeddings(part, image, n_tokens)
+            embeddings = self._embeddings(part, image, n_tokens) if encode else None
             width = mtmd.mtmd_image_tokens_get_nx(mtmd.mtmd_input_chunk_get_tokens_image(part)) if self.mrope else 0
             placed.append(ImageChunk(at=len(tokens), embeddings=embeddings, digest=image.digest, mrope_width=width,
                                      whole=whole))

@@ -31,7 +31,7 @@ Tokenize = Callable[[bytes, bool, bool], list[int]]
 log = logging.getLogger("edge_server")
 
 # (text with IMAGE_MARKERs, add_bos, images) -> tokens with image placeholders, and the images' chunks
-TokenizeImages = Callable[[bytes, bool, Sequence[ImageInput]], tuple[list[int], tuple[ImageChunk, ...]]]
+TokenizeImages = Callable[..., tuple[list[int], tuple[ImageChunk, ...]]]  # (text, add_bos, images, *, encode)
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
@@ -149,14 +149,15 @@ class PromptRenderer:
 
     def chat_prompt(self, messages: Sequence[ChatMessage], tools: list[dict[str, Any]] | None = None,
                     template_kwargs: Mapping[str, Any] | None = None, *,
-                    images: Sequence[ImageInput] = ()) -> ChatPrompt:
+                    images: Sequence[ImageInput] = (), encode: bool = True) -> ChatPrompt:
         """The rendered and tokenized prompt (control tokens of the template parsed as such), with `images`
-        where the messages' image parts put them (a model with a projector only)."""
+        where the messages' image parts put them (a model with a projector only); without `encode`, only their
+        tokens are counted (no embeddings: a prompt to count, not to run)."""
         text = self.chat_text(messages, tools, template_kwargs)
         # The template already wrote any BOS it wants; adding one again would double it.
         add_bos = self._add_bos and not self._starts_with_bos(text)
         if images:
-            tokens, chunks = self._tokenize_images(text.encode("utf-8"), add_bos, images)
+            tokens, chunks = self._tokenize_images(text.encode("utf-8"), add_bos, images, encode=encode)
             return ChatPrompt(text, tokens, self.thinks and prompt_opens_reasoning(text), chunks)
         tokens = self._tokenize(text.encode("utf-8"), add_bos, True)
         return ChatPrompt(text, tokens, self.thinks and prompt_opens_reasoning(text))

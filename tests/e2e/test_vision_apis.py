@@ -156,13 +156,26 @@ def test_anthropic_file_source_and_images_in_tool_results_are_refused(claude):
                 {"type": "tool_result", "tool_use_id": "t1", "content": [base64_block(data_url(noise(1)))]}]}])
 
 
+def test_anthropic_count_tokens_counts_an_image_without_encoding_it(vision_server, claude):
+    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, base64_block(data_url(noise(29)))]}]
+    logged = len(vision_server.log())
+    counted = claude.messages.count_tokens(model="tiny-test", messages=messages).input_tokens
+    assert "tokens, encoded" not in vision_server.log()[logged:]
+    usage = ask_claude(claude, messages).usage
+    assert counted == usage.input_tokens + usage.cache_read_input_tokens
+    assert vision_server.log()[logged:].count("tokens, encoded in") == 1
+
+
 # ---- /tokenize ------------------------------------------------------------------------------------------------
 
 def test_tokenize_messages_counts_image_tokens_as_usage_does(vision_server, chat_client):
     messages = image_message(data_url(noise(27)), data_url(noise(28)))
+    logged = len(vision_server.log())
     body = requests.post(vision_server.base_url + "/tokenize", json={"messages": messages, "with_pieces": True},
                          timeout=30).json()
+    assert "tokens, encoded" not in vision_server.log()[logged:]  # counted without running the projector
     assert body["count"] == chat_answer(chat_client, messages).usage.prompt_tokens
+    assert vision_server.log()[logged:].count("tokens, encoded in") == 2  # the chat encodes them
     images = [piece for piece in body["tokens"] if piece["id"] == -1]
     assert len(images) == 2 * IMAGE_TOKENS and all(piece["piece"] is None for piece in images)
     assert all(piece["id"] >= 0 for piece in body["tokens"] if piece not in images)
