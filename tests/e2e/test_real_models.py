@@ -327,23 +327,32 @@ def forced_so_far(server) -> float:
     return float(re.search(r"^edge_forced_tokens_total (\S+)$", metrics, re.MULTILINE).group(1))
 
 
+def order_body(**settings) -> dict:
+    """A chat request for the bench's order, constrained to its schema."""
+    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
+
+    return {"messages": [{"role": "user", "content": ORDER_PROMPT}], **settings,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
+
+
+def without_and_with_fast_forward(server, body: dict) -> list[dict]:
+    """The choice `body` gets with fast-forward off, then on; checks that only the second fed forced tokens."""
+    choices = []
+    for speculative in (False, True):
+        before = forced_so_far(server)
+        response = requests.post(server.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        choices.append(response.json()["choices"][0])
+        forced = forced_so_far(server) - before
+        assert (forced > 0) == speculative, forced
+    return choices
+
+
 def test_fast_forwarded_tokens_change_no_output(smol):
     """Tokens the grammar leaves no choice about are decoded with the token before them (fast-forward): a sampled
     answer, its tokens and their log-probabilities are the same as with fast-forward off (`speculative: false`)."""
-    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
-
-    body = {"messages": [{"role": "user", "content": ORDER_PROMPT}], "temperature": 0.8, "seed": 3,
-            "max_tokens": 40, "logprobs": True,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
-    answers = []
-    for speculative in (False, True):
-        before = forced_so_far(smol)
-        response = requests.post(smol.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
-                                 timeout=120)
-        assert response.status_code == 200, response.text
-        answers.append(response.json()["choices"][0])
-        forced = forced_so_far(smol) - before
-        assert (forced > 0) == speculative, forced
+    answers = without_and_with_fast_forward(smol, order_body(temperature=0.8, seed=3, max_tokens=40, logprobs=True))
     assert answers[0]["message"]["content"] == answers[1]["message"]["content"]
     assert [(t["token"], round(t["logprob"], 4)) for t in answers[0]["logprobs"]["content"]] == \
         [(t["token"], round(t["logprob"], 4)) for t in answers[1]["logprobs"]["content"]]
@@ -358,17 +367,8 @@ def test_forced_tokens_taken_without_logits_change_no_output(smol, settings):
     """Without log-probabilities wanted, forced tokens are decoded without logits and taken as the only token their
     position allows: the sampler's random draws and penalties still see each of them, so the answer equals the
     one sampled token by token with fast-forward off, streamed or not."""
-    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
-
-    body = {"messages": [{"role": "user", "content": ORDER_PROMPT}], "max_tokens": 160, **settings,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
-    answers = []
-    for speculative in (False, True):
-        before = forced_so_far(smol)
-        response = requests.post(smol.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
-                                 timeout=120)
-        assert response.status_code == 200, response.text
-        answers.append(response.json()["choices"][0]["message"]["content"])
-        assert ((forced_so_far(smol) - before) > 0) == speculative
+    body = order_body(max_tokens=160, **settings)
+    answers = [choice["message"]["content"] for choice in without_and_with_fast_forward(smol, body)]
     fields = {name: value for name, value in body.items() if name != "messages"}
-    assert answers[0] == answers[1] == streamed_text(stream_chat(smol.base_url, ORDER_PROMPT, **fields))
+    assert answers[0] == answers[1] == streamed_text(stream_chat(smol.base_url, body["messages"][0]["content"],
+                                                                 **fields))
