@@ -1,11 +1,13 @@
 """Remote image URLs: refused by default, and with --allow-image-urls fetched only from allowed addresses, within
 the byte and time limits. An HTTP server of the test on 127.0.0.2 serves the images; the fetching server allows
 exactly that address through its test-only EDGE_IMAGE_URL_NETWORKS, so every other loopback address (127.0.0.1,
-localhost) is still refused by the production check."""
+localhost) is still refused by the production check. HTTPS servers on the same address hold certificates of a test
+CA (trustme) that the fetching server trusts through SSL_CERT_FILE, as it would a system CA."""
 
 from __future__ import annotations
 
 import io
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anthropic
 import openai
 import pytest
+import trustme
 from openai import OpenAI
 
 from edge_server.devtools import assets
@@ -90,24 +93,60 @@ class _Images(BaseHTTPRequestHandler):
         """Quiet."""
 
 
-@pytest.fixture(scope="module")
-def image_host() -> Iterator[str]:
-    """The test's image server on 127.0.0.2 (base URL)."""
+def _serve(tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """An image server on 127.0.0.2 (its base URL), over TLS with `tls`."""
     server = ThreadingHTTPServer(("127.0.0.2", 0), _Images)
     server.daemon_threads = True
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.2:{server.server_address[1]}"
+    yield f"{'https' if tls else 'http'}://127.0.0.2:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
 
 
+def _tls(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    """A server context with a certificate from `ca` for `names`."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
 @pytest.fixture(scope="module")
-def fetching(start_server, tiny_model) -> OpenAI:
-    """A vision server with --allow-image-urls that may also reach 127.0.0.2 (the test's image server)."""
+def image_host() -> Iterator[str]:
+    """The test's image server on 127.0.0.2 (base URL)."""
+    yield from _serve()
+
+
+@pytest.fixture(scope="module")
+def trusted_ca(tmp_path_factory) -> tuple[trustme.CA, str]:
+    """A test CA and its certificate's file, which the fetching server trusts."""
+    ca = trustme.CA()
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return ca, str(path)
+
+
+@pytest.fixture(scope="module")
+def tls_hosts(trusted_ca) -> Iterator[dict[str, str]]:
+    """HTTPS image servers on 127.0.0.2: with a trusted certificate for that address, with one for another
+    name, and with one from a CA nobody trusts."""
+    ca = trusted_ca[0]
+    servers = {"trusted": _serve(_tls(ca, "127.0.0.2")), "other name": _serve(_tls(ca, "images.example")),
+               "unknown CA": _serve(_tls(trustme.CA(), "127.0.0.2"))}
+    yield {name: next(server) for name, server in servers.items()}
+    for server in servers.values():
+        next(server, None)
+
+
+@pytest.fixture(scope="module")
+def fetching(start_server, tiny_model, trusted_ca) -> OpenAI:
+    """A vision server with --allow-image-urls that may also reach 127.0.0.2 (the test's image servers) and
+    trusts the test CA."""
     server = start_server("--model", str(tiny_model), "--mmproj", str(assets.vision_projector()),
                           "--allow-image-urls", "--image-url-timeout", str(TIMEOUT),
-                          env={"EDGE_IMAGE_URL_NETWORKS": "127.0.0.2/32"})
+                          env={"EDGE_IMAGE_URL_NETWORKS": "127.0.0.2/32", "SSL_CERT_FILE": trusted_ca[1]})
     return OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
@@ -181,3 +220,17 @@ def test_an_oversize_body_is_cut_off_and_a_slow_server_timed_out(fetching, image
     error = refusal(fetching, image_host + "/slowish", image_host + "/slowish")  # ...two are not: one limit for all
     assert error["code"] == "image_url_timeout" and time.monotonic() - started < TIMEOUT + 1.5
     assert ask(fetching, image_host + "/cat.png").choices  # the server is still well
+
+
+def test_https_is_fetched_only_from_a_server_whose_certificate_names_the_host(fetching, tls_hosts):
+    from tests.e2e.test_vision import data_url
+
+    inline = ask(fetching, data_url(IMAGE))
+    fetched = ask(fetching, tls_hosts["trusted"] + "/cat.png")
+    assert fetched.choices[0].message.content == inline.choices[0].message.content
+    assert fetched.usage.prompt_tokens == inline.usage.prompt_tokens
+    for name in ("other name", "unknown CA"):
+        error = refusal(fetching, tls_hosts[name] + "/cat.png")
+        assert error["code"] == "image_url_failed" and "CERTIFICATE_VERIFY_FAILED" in error["message"], (name, error)
+    error = refusal(fetching, tls_hosts["trusted"] + "/to-loopback")  # a redirect out of https is checked too
+    assert error["code"] == "image_url_refused" and "127.0.0.1" in error["message"]
