@@ -46,6 +46,8 @@ __all__ = [
     "main",
     "qwen25vl_projector",
     "qwen2vl_model",
+    "qwen3vl_model",
+    "qwen3vl_projector",
     "qwen35_model",
     "qwen35_projector",
     "qwen_template",
@@ -369,6 +371,24 @@ def qwen25vl_projector(*, seed: int = 0) -> Path:
 
     return _synthetic_vision_file("mmproj-qwen25vl", {"seed": seed},
                                   lambda out: vision_models.write_qwen25vl_projector(out, seed=seed))
+
+
+def qwen3vl_model(*, seed: int = 0) -> Path:
+    """A cached `vision_models.write_qwen3vl_model`: the tiny random model as Qwen3-VL's text architecture (qwen3vl,
+    M-RoPE, one set of deepstack features in each image row)."""
+    from edge_server.devtools import vision_models
+
+    return _synthetic_vision_file("qwen3vl", {"seed": seed},
+                                  lambda out: vision_models.write_qwen3vl_model(out, seed=seed))
+
+
+def qwen3vl_projector(*, seed: int = 0) -> Path:
+    """A cached `vision_models.write_qwen3vl_projector` with a deepstack layer (Qwen3-VL's mmproj) for
+    `qwen3vl_model()`."""
+    from edge_server.devtools import vision_models
+
+    return _synthetic_vision_file("mmproj-qwen3vl", {"seed": seed}, lambda out: vision_models.write_qwen3vl_projector(
+        out, seed=seed, deepstack_layers=(0,)))
 
 
 def qwen35_projector(*, seed: int = 0) -> Path:

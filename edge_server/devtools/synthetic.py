@@ -406,6 +406,15 @@ def _random_layers(rng: np.random.Generator, *, n_layer: int, n_embd: int, n_hea
     return tensors
 
 
+def _qk_norm_attention(layers: dict[str, np.ndarray], n_layer: int, head_dim: int) -> dict[str, np.ndarray]:
+    """`_random_layers`' blocks with Qwen3's attention: no biases, per-head q/k norms."""
+    tensors = {name: array for name, array in layers.items() if not name.endswith(".bias")}
+    for i in range(n_layer):
+        tensors[f"blk.{i}.attn_q_norm.weight"] = np.ones(head_dim, np.float32)
+        tensors[f"blk.{i}.attn_k_norm.weight"] = np.ones(head_dim, np.float32)
+    return tensors
+
+
 def _write_gguf(path: Path, *, name: str, tokens: list[str], types: list[int], merges: list[str],
                 tensors: dict[str, np.ndarray | tuple[np.ndarray, gguf.GGMLQuantizationType]], n_layer: int,
                 n_embd: int, n_head: int, n_head_kv: int, n_ff: int, context_length: int, pre: str = "qwen2",
@@ -488,17 +497,19 @@ def _random_output(rng: np.random.Generator, embeddings: np.ndarray, scales: np.
 
 def write_random_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
                        n_head_kv: int = 2, n_ff: int = 128, context_length: int = 4096, arch: str = "qwen2",
-                       control_tokens: Sequence[str] = (),
+                       control_tokens: Sequence[str] = (), qk_norm: bool = False,
                        more_metadata: Callable[[gguf.GGUFWriter], None] = lambda writer: None) -> Path:
     """Write a tiny qwen2 GGUF with random weights that babbles ordinary words (or another architecture with
-    qwen2's tensors, e.g. qwen2vl with its `more_metadata`; `control_tokens` are appended to the vocabulary)."""
+    qwen2's tensors, e.g. qwen2vl with its `more_metadata`, or Qwen3's attention with `qk_norm`; `control_tokens`
+    are appended to the vocabulary)."""
     _check_shape(n_embd, n_head, n_head_kv)
     rng = np.random.default_rng(seed)
     tokens, types, merges = _vocabulary(control_tokens=control_tokens)
     embeddings = rng.standard_normal((len(tokens), n_embd))
     tensors = {"token_embd.weight": embeddings.astype(np.float16)}
-    tensors.update(_random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                                  n_ff=n_ff, mix=1.0))
+    layers = _random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                            mix=1.0)
+    tensors.update(_qk_norm_attention(layers, n_layer, n_embd // n_head) if qk_norm else layers)
     tensors["output_norm.weight"] = np.ones(n_embd, np.float32)
     output = _random_output(rng, embeddings, _output_row_scales(tokens, types))
     tensors["output.weight"] = output.astype(np.float16)
@@ -1099,13 +1110,8 @@ def write_embedding_model(path: str | Path, *, pooling: str = "last", seed: int 
     head_dim = n_embd // n_head
     tensors = {"token_embd.weight": rng.standard_normal((len(tokens), n_embd)).astype(np.float16),
                "output_norm.weight": np.ones(n_embd, np.float32)}
-    for name, array in _random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-                                      n_ff=n_ff, mix=1.0).items():
-        if not name.endswith(".bias"):  # qwen3 has no attention biases, but per-head q/k norms
-            tensors[name] = array
-    for i in range(n_layer):
-        tensors[f"blk.{i}.attn_q_norm.weight"] = np.ones(head_dim, np.float32)
-        tensors[f"blk.{i}.attn_k_norm.weight"] = np.ones(head_dim, np.float32)
+    tensors.update(_qk_norm_attention(_random_layers(rng, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                                     n_head_kv=n_head_kv, n_ff=n_ff, mix=1.0), n_layer, head_dim))
     endoftext = ids["<|endoftext|>"]
 
     def embedding_metadata(writer: gguf.GGUFWriter) -> None:

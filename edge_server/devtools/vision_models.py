@@ -32,6 +32,7 @@ __all__ = [
     "write_gemma3_projector",
     "write_qwen25vl_projector",
     "write_qwen2vl_model",
+    "write_qwen3vl_model",
     "write_qwen3vl_projector",
 ]
 
@@ -40,6 +41,7 @@ QWEN_VL_IMAGE_MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 GEMMA3_IMAGE_MARKERS = ("<start_of_image>", "<end_of_image>")
 
 _QWEN25VL_MROPE = (16, 24, 24)  # Qwen2.5-VL's mrope_section (temporal, height, width) over 64 rotated pairs
+_QWEN3VL_MROPE = (24, 20, 20)  # Qwen3-VL's
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2-VL / Qwen2.5-VL's preprocessor (OpenAI CLIP's)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -121,12 +123,14 @@ def write_qwen25vl_projector(path: str | Path, *, n_embd_text: int = 64, seed: i
 
 def write_qwen3vl_projector(path: str | Path, *, n_embd_text: int = 64, seed: int = 0, n_layer: int = 2,
                             n_embd: int = 32, n_head: int = 2, n_ff: int = 48, patch_size: int = 16,
-                            n_position_side: int = 4) -> Path:
+                            n_position_side: int = 4, deepstack_layers: tuple[int, ...] = ()) -> Path:
     """Write a random-weight Qwen3-VL / Qwen3.5 mmproj (`qwen3vl_merger`, what llama.cpp's converter writes for
     Qwen3_5ForConditionalGeneration): LayerNorm ViT with fused QKV and 2D M-RoPE, learned position embeddings
     (`n_position_side`^2, interpolated to the patch grid), a patch bias, GELU FFN, the 2x2 merger; no deepstack
-    layers (Qwen3.5's text model takes no deepstack features, so its n_embd_inp is its n_embd). An image becomes
-    (W' / 32) x (H' / 32) tokens, W' x H' its size rounded to multiples of 32 within [8, 4096] tokens."""
+    layers unless `deepstack_layers` names some (Qwen3.5's text model takes no deepstack features, so its n_embd_inp
+    is its n_embd; Qwen3-VL's takes one set per such ViT layer, each merged, normed and projected like the output,
+    appended to it: `write_qwen3vl_model`). An image becomes (W' / 32) x (H' / 32) tokens, W' x H' its size rounded
+    to multiples of 32 within [8, 4096] tokens."""
     if (n_embd // n_head) % 4:
         raise ValueError("the ViT's head size must split into 4 M-RoPE sections")
     w = _Weights(seed)
@@ -134,6 +138,13 @@ def write_qwen3vl_projector(path: str | Path, *, n_embd_text: int = 64, seed: in
                "v.patch_embd.bias": w.bias(n_embd), "v.position_embd.weight": w.positions(n_position_side ** 2, n_embd)}
     for il in range(n_layer):
         tensors.update(_vit_layer(w, il, n_embd, n_ff, fused_qkv=True, gated=False, norm_bias=True))
+    for il in deepstack_layers:
+        merged = 4 * n_embd
+        tensors.update(_norm(f"v.deepstack.{il}.norm", merged))
+        tensors.update({f"v.deepstack.{il}.fc1.weight": w.dense(merged, merged),
+                        f"v.deepstack.{il}.fc1.bias": w.bias(merged),
+                        f"v.deepstack.{il}.fc2.weight": w.dense(n_embd_text, merged, scale=2.0),
+                        f"v.deepstack.{il}.fc2.bias": w.bias(n_embd_text)})
     tensors.update(_norm("v.post_ln", n_embd))  # the merger's norm
     tensors.update(_merger(w, n_embd, n_embd_text))
     return write_clip_gguf(path, "qwen3vl_merger", tensors, n_embd=n_embd, n_ff=n_ff, n_layer=n_layer,
@@ -185,6 +196,23 @@ def write_qwen2vl_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_
     return write_random_model(path, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
                               n_ff=n_ff, context_length=context_length, arch="qwen2vl",
                               control_tokens=QWEN_VL_IMAGE_MARKERS, more_metadata=sections)
+
+
+def write_qwen3vl_model(path: str | Path, *, seed: int = 0, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                        n_head_kv: int = 2, n_ff: int = 128, context_length: int = 4096,
+                        n_deepstack_layers: int = 1) -> Path:
+    """Write the tiny random model as llama.cpp's `qwen3vl` architecture (Qwen3-VL's text model: Qwen3's attention,
+    M-RoPE with Qwen3-VL's sections, and `n_deepstack_layers` sets of deepstack features in each image row, added
+    to the first layers' outputs: its n_embd_inp is n_embd x (1 + n_deepstack_layers)), with the vision markers."""
+    pairs = n_embd // n_head // 2
+
+    def metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_array("qwen3vl.rope.dimension_sections", _mrope_sections(pairs, _QWEN3VL_MROPE))
+        writer.add_uint32("qwen3vl.n_deepstack_layers", n_deepstack_layers)
+
+    return write_random_model(path, seed=seed, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+                              n_ff=n_ff, context_length=context_length, arch="qwen3vl", qk_norm=True,
+                              control_tokens=QWEN_VL_IMAGE_MARKERS, more_metadata=metadata)
 
 
 _GEMMA3_NAME = "edge-server synthetic Gemma 3-architecture model (random weights, not a real LLM)"

@@ -39,6 +39,8 @@ PAIRS = {
     "qwen2.5vl": Pair(lambda tiny: assets.qwen2vl_model(), assets.qwen25vl_projector, 12 + 2),
     # Qwen3.5 (qwen3vl_merger, 16-pixel patches): 64x48 -> 128x96 -> 4x3 tokens + the two markers.
     "qwen3.5": Pair(lambda tiny: assets.qwen35_model(), assets.qwen35_projector, 12 + 2),
+    # Qwen3-VL: the same merger with a deepstack layer; each image row carries its deepstack features too.
+    "qwen3-vl": Pair(lambda tiny: assets.qwen3vl_model(), assets.qwen3vl_projector, 12 + 2),
     # Gemma 3: every image resized to 224x224, 16x16 patches pooled 4x4 -> 16 tokens + <start_of_image>, <end_of_image>.
     "gemma3": Pair(lambda tiny: assets.gemma3_model(), assets.gemma3_projector, 16 + 2),
 }

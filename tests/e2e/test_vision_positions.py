@@ -15,6 +15,7 @@ from tests.e2e.test_vision import data_url, noise
 FAMILIES = {
     "qwen2.5-vl": (assets.qwen2vl_model, assets.qwen25vl_projector),
     "qwen3.5": (assets.qwen35_model, assets.qwen35_projector),
+    "qwen3-vl": (assets.qwen3vl_model, assets.qwen3vl_projector),
     "gemma3": (assets.gemma3_model, assets.gemma3_projector),
 }
 

@@ -1,12 +1,13 @@
 """The synthetic projector pairs (devtools/vision_models.py) through the pinned llama.cpp's mtmd, in-process: each
 loads beside its text model, cuts an image into the tokens the projector type makes, encodes them into finite
-embeddings as wide as the text model's, and asks of the engine what its real family asks (M-RoPE, non-causal)."""
+embeddings as wide as the text model's input (Qwen3-VL's with its deepstack features), and asks of the engine what its real family asks (M-RoPE, non-causal)."""
 
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 from llama_cpp import _internals as internals
@@ -39,7 +40,7 @@ def encode(model_path: Path, projector: Path, width: int, height: int) -> dict:
         image = next(p for p in parts if mtmd.mtmd_input_chunk_get_type(p) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
         n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(image)
         assert mtmd.mtmd_encode_chunk(ctx, image) == 0
-        n_embd = model.n_embd()
+        n_embd = llama_cpp.llama_model_n_embd_inp(model.model)  # Qwen3-VL: its deepstack features too
         embeddings = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n_tokens * n_embd,)).copy()
         return {"tokens": n_tokens, "positions": mtmd.mtmd_input_chunk_get_n_pos(image),
                 "embeddings": embeddings.reshape(n_tokens, n_embd), "mrope": mtmd.mtmd_decode_use_mrope(ctx),
@@ -57,6 +58,7 @@ CASES = {
     "qwen2.5vl 64x48": (assets.qwen2vl_model, assets.qwen25vl_projector, (64, 48), (12, 4, True, False)),  # 112x84
     "qwen2.5vl 300x200": (assets.qwen2vl_model, assets.qwen25vl_projector, (300, 200), (77, 11, True, False)),  # 308x196
     "qwen3.5 64x48": (assets.qwen35_model, assets.qwen35_projector, (64, 48), (12, 4, True, False)),  # 128x96, 32 px
+    "qwen3-vl 64x48": (assets.qwen3vl_model, assets.qwen3vl_projector, (64, 48), (12, 4, True, False)),
     "gemma3": (assets.gemma3_model, assets.gemma3_projector, (300, 200), (16, 16, False, True)),  # any: 224x224 -> 4x4
 }
 
