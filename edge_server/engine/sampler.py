@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
@@ -216,6 +219,32 @@ def compile_grammar(tokenizer: Any, grammar: str) -> CompiledGrammar:
         return CompiledGrammar(compile_matcher(tokenizer, grammar))
     except GrammarError as error:
         raise GrammarRejected(f"The output grammar cannot be compiled for this model: {error}") from None
+
+
+class CompiledGrammars:
+    """The grammars compiled for one vocabulary, the `capacity` most recently used kept: an application sends the
+    same schema with every request, and its matcher (1.6 ms p50, up to ~25 ms for large schemas) is then built
+    once; each job takes a copy of its own."""
+
+    def __init__(self, tokenizer: Callable[[], Any], capacity: int = 64):
+        self._tokenizer = tokenizer  # llguidance's, built on first use
+        self._capacity = capacity
+        self._kept: OrderedDict[str, CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, grammar: str) -> CompiledGrammar:
+        """`grammar` compiled (on the calling thread when it is new); raises `GrammarRejected`."""
+        with self._lock:
+            kept = self._kept.get(grammar)
+            if kept is not None:
+                self._kept.move_to_end(grammar)
+                return kept
+        compiled = compile_grammar(self._tokenizer(), grammar)  # unlocked: other threads' grammars need not wait
+        with self._lock:
+            self._kept[grammar] = compiled
+            while len(self._kept) > self._capacity:
+                self._kept.popitem(last=False)
+        return compiled
 
 
 def token_logprobs(context: Any, index: int, token: int, n_vocab: int, top: int) -> tuple[float, list[tuple[int, float]]]:

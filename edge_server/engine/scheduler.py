@@ -19,7 +19,7 @@ from edge_server.engine.checkpoints import Checkpoints
 from edge_server.engine.draftmodel import DraftModel
 from edge_server.engine.partialmemory import PartialMemory
 from edge_server.engine.prefixcache import PrefixCache
-from edge_server.engine.sampler import CompiledGrammar, compile_grammar
+from edge_server.engine.sampler import CompiledGrammar, CompiledGrammars
 from edge_server.engine.slots import Slot, Slots
 from edge_server.engine.speculation import SpecConfig, propose_by_lookup
 from edge_server.engine.threadtuner import ThreadTuner
@@ -59,6 +59,7 @@ class Engine:
         self._vision = vision  # the projector (--mmproj): prompts with images
         self.model = model  # for a second context on the same weights (engine/embedder.py)
         self._vocab = Vocabulary(model.vocab)
+        self._grammars = CompiledGrammars(self._vocab.constraint_tokenizer)
         self.info = info
         self.parallel = parallel
         self.partial_memory = partial_memory
@@ -119,7 +120,7 @@ class Engine:
     def compile_grammar(self, grammar: str) -> CompiledGrammar:
         """Compile an llguidance grammar on the calling thread, never the engine's (safe from any thread); raises
         `GrammarRejected`."""
-        return compile_grammar(self._vocab.constraint_tokenizer(), grammar)
+        return self._grammars.get(grammar)
 
     def submit(self, job: Job) -> TokenStream:
         """Queue a job; returns its stream at once. Raises `QueueFull` when `--max-queue` are waiting."""
