@@ -1,8 +1,8 @@
 """`make bench BENCH_ARGS=--structured-only [PEER=llama-server]`: structured output's cost, ours beside llama-server.
 
 - Decode: one streamed request, the same prompt and model, plain and with a JSON schema (`response_format`), on the
-  generated 0.5B-shape model and on SmolLM2; tok/s decode only (first token to last) and end to end (request to
-  `[DONE]`), their ratio; llama-server (its JSON-schema -> GBNF grammar sampler) in the same run. End of turn is
+  generated 0.5B-shape model, the hybrid Qwen3.5 0.8B-shape one and SmolLM2; tok/s decode only (first token to
+  last) and end to end (request to `[DONE]`), their ratio; llama-server (its JSON-schema -> GBNF grammar sampler) in the same run. End of turn is
   banned so that plain text runs to `max_tokens`; the schema's array has no bound, so the JSON does too.
 - Per step: the constraint's cost on the engine thread, llguidance's mask alone and with it applied to a logits
   row (what `engine/sampler.py` does each step), p50/p99, walking MaskBench's valid instances token by token, on
@@ -249,7 +249,8 @@ def order_bodies(bias: dict[str, float], max_tokens: int, *, ours: bool) -> dict
     """The plain and the constrained request: the same prompt, greedy, end of turn banned; for ours also the
     constrained one without fast-forward (`speculative: false`)."""
     plain = {"model": "bench", "messages": [{"role": "user", "content": ORDER_PROMPT}], "max_tokens": max_tokens,
-             "temperature": 0.0, "logit_bias": bias}
+             "temperature": 0.0, "logit_bias": bias,
+             "chat_template_kwargs": {"enable_thinking": False}}  # Qwen3.5's template thinks first otherwise
     constrained = {**plain, "response_format": {"type": "json_schema", "json_schema": {"name": "order",
                                                                                          "schema": ORDER_SCHEMA}}}
     bodies = {"plain": plain, "constrained": constrained}
@@ -326,6 +327,7 @@ def structured(*, threads: int, out: Path, peer: Path | None = None, maskbench: 
     """Every figure of the module's docstring."""
     from edge_server.devtools.assets import fetch
     from edge_server.devtools.bench import ensure_bench_model
+    from edge_server.devtools.bench_multiturn import ensure_hybrid_bench_model
 
     bench_model, smollm2 = ensure_bench_model(), fetch("model:smollm2")
     schemas = cases(maskbench)
@@ -341,7 +343,9 @@ def structured(*, threads: int, out: Path, peer: Path | None = None, maskbench: 
                 ff = fast_forward(vocab)
         finally:
             vocab.close()
-    decode = decode_table({"0.5B shape (random weights, 152k vocab)": bench_model, "SmolLM2-135M": smollm2},
+    decode = decode_table({"0.5B shape (random weights, 152k vocab)": bench_model,
+                           "Qwen3.5 0.8B shape (hybrid, random weights, 248k vocab)": ensure_hybrid_bench_model(),
+                           "SmolLM2-135M": smollm2},
                           threads=threads, max_tokens=max_tokens, out=out, peer=peer)
     return {"threads": threads, "cores": os.cpu_count(), "max_tokens": max_tokens,
             "schemas": "MaskBench sample" if maskbench else "FIXED_SCHEMAS", "schemas_n": len(schemas),

@@ -29,8 +29,8 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
     forced tokens that need none (`blind_draft`: only the last position's, `slot.logits_at`).
     A draft never runs past what its job can use: its `max_tokens`, or an end-of-generation token (the
     position before one already predicts it). A slot with a grammar and no drafter drafts what `forced` says
-    its grammar leaves no choice about (fast-forward: always accepted; `forced` stops before an end of generation). A prompt
-    chunk ends where its slot takes a context checkpoint.
+    its grammar leaves no choice about (fast-forward: always accepted; `forced` stops before an end of
+    generation). A prompt chunk ends where its slot takes a context checkpoint.
     """
     batch.n_tokens = 0
     decoded: list[tuple[Slot, list[int]]] = []

@@ -258,10 +258,7 @@ class Slots:
 
     def forced_tokens(self, slot: Slot, room: int) -> list[int]:
         """Up to `room` tokens `slot`'s grammar leaves no choice about after its next token, none that ends
-        generation (none on a recurrent memory: keeping its state before every such draft costs more than the
-        step it saves)."""
-        if self._recurrent is not None:
-            return []
+        generation. They are always accepted: a recurrent memory need not keep its state before them."""
         if slot.mask is None:
             slot.mask = mask_buffer(self._n_vocab)
         forced = forced_tokens(slot.grammar, slot.mask, room)
@@ -272,11 +269,13 @@ class Slots:
         return complete
 
     def keep_state_before_drafts(self, decoded: list[tuple[Slot, list[int]]]) -> None:
-        """Before a step verifies drafts on a recurrent memory: keep each drafting slot's state, to go back to."""
+        """Before a step verifies drafts on a recurrent memory: keep the state of each slot whose drafter proposed
+        some (they may be rejected; a grammar's forced tokens never are), to go back to."""
         if self._recurrent is None:
             return
         for slot, _ in decoded:
-            slot.before_draft = (self._cache.length(slot.seq), self._recurrent.save(slot.seq)) if slot.draft else None
+            slot.before_draft = (self._cache.length(slot.seq), self._recurrent.save(slot.seq)) \
+                if slot.draft and slot.drafter is not None else None
 
     def _drop_rejected(self, slot: Slot, rejected: int) -> None:
         """Drop the cells of drafted tokens the model rejected, when the job goes on (an ended job's cells

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -195,3 +196,30 @@ def write_unloadable_gguf(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def forced_so_far(server) -> float:
+    metrics = requests.get(server.base_url + "/metrics", timeout=5).text
+    return float(re.search(r"^edge_forced_tokens_total (\S+)$", metrics, re.MULTILINE).group(1))
+
+
+def order_body(**settings) -> dict:
+    """A chat request for the bench's order, constrained to its schema."""
+    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
+
+    return {"messages": [{"role": "user", "content": ORDER_PROMPT}], **settings,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
+
+
+def without_and_with_fast_forward(server, body: dict) -> list[dict]:
+    """The choice `body` gets with fast-forward off, then on; checks that only the second fed forced tokens."""
+    choices = []
+    for speculative in (False, True):
+        before = forced_so_far(server)
+        response = requests.post(server.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        choices.append(response.json()["choices"][0])
+        forced = forced_so_far(server) - before
+        assert (forced > 0) == speculative, forced
+    return choices

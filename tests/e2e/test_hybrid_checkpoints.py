@@ -1,6 +1,7 @@
 """Qwen3.5's hybrid memory (Gated DeltaNet + attention) through the real server: context checkpoints keep
 multi-turn chats cached, answers equal those without checkpoints, checkpoints stay bounded, two slots and a
-cancelled prompt keep working, and speculation on the hybrid model gives the plain answers."""
+cancelled prompt keep working, and speculation and a grammar's fast-forward on the hybrid model give the plain
+answers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import requests
 
 from edge_server.devtools import assets
 from tests.conftest import or_fail
-from tests.e2e.conftest import assert_same_greedy_answer
+from tests.e2e.conftest import RANDOM_MODEL_NOISE, assert_same_greedy_answer, order_body, without_and_with_fast_forward
 
 WORDS = ("river stone lantern orchard copper meadow violet harbor signal canvas ember thistle quartz "
          "falcon mosaic juniper cobalt prairie velvet summit").split()
@@ -176,6 +177,22 @@ def test_speculation_on_the_hybrid_model_gives_the_plain_answers(start_server, q
         assert accepted < drafted / 2, (drafted, accepted)  # mostly rejected: rolled back every step
     else:
         assert accepted >= drafted * 0.8, (drafted, accepted)
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0}, {"temperature": 0.8, "seed": 5},
+                                      {"temperature": 0.8, "seed": 5, "logprobs": True}],
+                         ids=["greedy", "sampled", "logprobs"])
+def test_fast_forward_on_the_hybrid_model_gives_the_plain_answers(hybrid, settings):
+    """A grammar's forced tokens are decoded with the token before them on the recurrent memory too (never
+    rejected, so no state is kept before them): the answer, whose later tokens read the state the forced ones
+    left, equals the one decoded token by token."""
+    body = order_body(max_tokens=80, chat_template_kwargs={"enable_thinking": False}, **settings)
+    plain, fast = without_and_with_fast_forward(hybrid, body)
+    assert plain["message"]["content"] == fast["message"]["content"]
+    assert fast["message"]["content"].startswith('{"customer_reference_number":')
+    if settings.get("logprobs"):  # several tokens in one step: logits move by batch-shape noise alone
+        assert [t["logprob"] for t in plain["logprobs"]["content"]] == \
+            pytest.approx([t["logprob"] for t in fast["logprobs"]["content"]], abs=RANDOM_MODEL_NOISE)
 
 
 @pytest.mark.parametrize("pool", [(), ("--kv-unified",)], ids=["own-cells", "kv-unified"])

@@ -27,7 +27,7 @@ from llama_cpp import Llama
 from pydantic import BaseModel, Field
 
 from tests.e2e import test_spec_clients as spec
-from tests.e2e.conftest import chat, stream_chat, streamed_text
+from tests.e2e.conftest import chat, order_body, stream_chat, streamed_text, without_and_with_fast_forward
 from tests.e2e.test_spec_clients import (ERROR_HANDLING, SAMPLING, assert_stream_ended_at_done, recorded_posts,
                                          run_example)
 
@@ -320,33 +320,6 @@ def test_openai_agents_sdk_output_type_gets_a_validating_object_from_a_real_mode
                          model=model, model_settings=agents.ModelSettings(temperature=0, max_tokens=200))
     result = agents.Runner.run_sync(agent, CITY_PROMPT, max_turns=1)
     assert isinstance(result.final_output, City), result.final_output
-
-
-def forced_so_far(server) -> float:
-    metrics = requests.get(server.base_url + "/metrics", timeout=5).text
-    return float(re.search(r"^edge_forced_tokens_total (\S+)$", metrics, re.MULTILINE).group(1))
-
-
-def order_body(**settings) -> dict:
-    """A chat request for the bench's order, constrained to its schema."""
-    from edge_server.devtools.bench_structured import ORDER_PROMPT, ORDER_SCHEMA
-
-    return {"messages": [{"role": "user", "content": ORDER_PROMPT}], **settings,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER_SCHEMA}}}
-
-
-def without_and_with_fast_forward(server, body: dict) -> list[dict]:
-    """The choice `body` gets with fast-forward off, then on; checks that only the second fed forced tokens."""
-    choices = []
-    for speculative in (False, True):
-        before = forced_so_far(server)
-        response = requests.post(server.base_url + "/v1/chat/completions", json={**body, "speculative": speculative},
-                                 timeout=120)
-        assert response.status_code == 200, response.text
-        choices.append(response.json()["choices"][0])
-        forced = forced_so_far(server) - before
-        assert (forced > 0) == speculative, forced
-    return choices
 
 
 def test_fast_forwarded_tokens_change_no_output(smol):
