@@ -344,7 +344,7 @@ def structured(*, threads: int, out: Path, peer: Path | None = None, maskbench: 
         finally:
             vocab.close()
     decode = decode_table({"0.5B shape (random weights, 152k vocab)": bench_model,
-                           "Qwen3.5 0.8B shape (hybrid, random weights, 248k vocab)": ensure_hybrid_bench_model(),
+                           "Qwen3.5 0.8B shape (hybrid, random weights, 152k vocab)": ensure_hybrid_bench_model(),
                            "SmolLM2-135M": smollm2},
                           threads=threads, max_tokens=max_tokens, out=out, peer=peer)
     return {"threads": threads, "cores": os.cpu_count(), "max_tokens": max_tokens,
