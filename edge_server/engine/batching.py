@@ -40,6 +40,7 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
         - min(pending, PROMPT_CHUNK if generating else BATCH_TOKENS)
     for slot in active:
         slot.draft = []
+        slot.mask_known = False  # known again only once `forced` computes it for this step (a step may not run)
     rooms = [(slot, min(spare // len(generating), slot.job.max_tokens - slot.produced - 1))
              for slot in generating] if spare >= len(generating) else []
     drafting = [(slot, room) for slot, room in rooms if room > 0 and slot.drafter is not None]

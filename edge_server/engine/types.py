@@ -121,19 +121,16 @@ class ImageInput:
 
 @dataclass(frozen=True)
 class ImageChunk:
-    """An image's place in a job's prompt: from `at` on, the prompt holds one placeholder id per image token
-    (`engine/placeholders.py`); `embeddings` (n_tokens x n_embd float32) are what is decoded there."""
+    """An image's place in a job's prompt: from `at` on, the prompt holds `n_tokens` placeholder ids, one per image
+    token (`engine/placeholders.py`); `embeddings` (n_tokens x n_embd float32) are what is decoded there (None in a
+    prompt only counted)."""
 
     at: int
+    n_tokens: int
     embeddings: Any
     digest: str
     mrope_width: int = 0  # an M-RoPE image: its width in tokens (rows and columns are positions); 0: positions in a row
     whole: bool = False  # the model attends to it non-causally: decoded in one batch, causal attention off
-
-    @property
-    def n_tokens(self) -> int:
-        """Image tokens (placeholders in the prompt)."""
-        return len(self.embeddings)
 
 
 @dataclass(frozen=True)

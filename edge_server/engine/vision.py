@@ -107,8 +107,8 @@ class Vision:
                                    f"model sees an image whole, in one batch of at most {self._whole_limit}")
             embeddings = self._embeddings(part, image, n_tokens) if encode else None
             width = mtmd.mtmd_image_tokens_get_nx(mtmd.mtmd_input_chunk_get_tokens_image(part)) if self.mrope else 0
-            placed.append(ImageChunk(at=len(tokens), embeddings=embeddings, digest=image.digest, mrope_width=width,
-                                     whole=whole))
+            placed.append(ImageChunk(at=len(tokens), n_tokens=n_tokens, embeddings=embeddings, digest=image.digest,
+                                     mrope_width=width, whole=whole))
             tokens.extend(placeholders(image.digest, n_tokens, n_pos if self.mrope else None))
         return tokens, tuple(placed)
 
