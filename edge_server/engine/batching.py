@@ -8,7 +8,7 @@ from typing import Any
 
 from edge_server.engine.imagebatch import text_ahead
 from edge_server.engine.prefixcache import PrefixCache
-from edge_server.engine.slots import Slot, blind_draft
+from edge_server.engine.slots import Slot, blind_draft, until_end
 
 BATCH_TOKENS = 512  # most tokens one decode step takes (llama.cpp's n_batch)
 PROMPT_CHUNK = 256  # prompt tokens in a step that also decodes running streams: bounds how long they stall
@@ -75,14 +75,6 @@ def fill_batch(batch: Any, active: list[Slot], cache: PrefixCache, propose: Prop
             budget -= len(chunk)
             prefilling = True
     return decoded, prefilling
-
-
-def until_end(tokens: list[int], ends_generation: Callable[[int], bool]) -> list[int]:
-    """`tokens` up to (not including) the first end-of-generation token or image placeholder."""
-    for i, token in enumerate(tokens):
-        if token < 0 or ends_generation(token):  # a negative id stands for an image token: never drafted
-            return tokens[:i]
-    return tokens
 
 
 def add_to_batch(batch: Any, tokens: list[int], position: int, seq: int, *, logits: bool,

@@ -262,8 +262,7 @@ class Slots:
         if slot.mask is None:
             slot.mask = mask_buffer(self._n_vocab)
         forced = forced_tokens(slot.grammar, slot.mask, room)
-        complete = forced[:next((i for i, token in enumerate(forced) if self._vocab.ends_generation(token)),
-                                len(forced))]
+        complete = until_end(forced, self._vocab.ends_generation)
         # The mask left is the next sampled position's when all of them are fed and none is sampled on the way.
         slot.mask_known = len(forced) < room and complete == forced and (not forced or blind_draft(slot, forced))
         return complete
@@ -336,3 +335,11 @@ def blind_draft(slot: Slot, draft: list[int]) -> bool:
     """Whether `draft` is `slot`'s grammar's forced tokens with no log-probabilities wanted: only the position
     after them needs logits (sampling each would only find the one token its mask leaves)."""
     return bool(draft) and slot.drafter is None and slot.grammar is not None and slot.job.sampling.logprobs is None
+
+
+def until_end(tokens: list[int], ends_generation: Callable[[int], bool]) -> list[int]:
+    """`tokens` up to (not including) the first end-of-generation token or image placeholder."""
+    for i, token in enumerate(tokens):
+        if token < 0 or ends_generation(token):  # a negative id stands for an image token: never drafted
+            return tokens[:i]
+    return tokens

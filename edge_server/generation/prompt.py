@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jinja2
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -30,8 +30,14 @@ if TYPE_CHECKING:
 Tokenize = Callable[[bytes, bool, bool], list[int]]
 log = logging.getLogger("edge_server")
 
-# (text with IMAGE_MARKERs, add_bos, images) -> tokens with image placeholders, and the images' chunks
-TokenizeImages = Callable[..., tuple[list[int], tuple[ImageChunk, ...]]]  # (text, add_bos, images, *, encode)
+
+
+class TokenizeImages(Protocol):
+    """(text with IMAGE_MARKERs, add_bos, images) -> tokens with image placeholders, and the images' chunks
+    (their embeddings too unless `encode` is False)."""
+
+    def __call__(self, text: bytes, add_bos: bool, images: Sequence[ImageInput], *,
+                 encode: bool = True) -> tuple[list[int], tuple[ImageChunk, ...]]: ...
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
