@@ -31,7 +31,6 @@ Tokenize = Callable[[bytes, bool, bool], list[int]]
 log = logging.getLogger("edge_server")
 
 
-
 class TokenizeImages(Protocol):
     """(text with IMAGE_MARKERs, add_bos, images) -> tokens with image placeholders, and the images' chunks
     (their embeddings too unless `encode` is False)."""
